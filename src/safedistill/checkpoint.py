@@ -1,0 +1,81 @@
+"""Checkpoints a run can resume from, losing at most the current step. Everything is safetensors
+or JSON: nothing here unpickles, so a checkpoint from elsewhere cannot run code."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .files import atomic_write_text
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
+    """Writes to `path.partial` then renames, so a kill mid-write leaves the previous one intact."""
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    meta = {
+        "step": step,
+        "param_groups": opt["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+        "python_random": _encode_random(random.getstate()),
+        "extra": extra or {},
+    }
+    atomic_write_text(tmp / "state.json", json.dumps(meta))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restores weights, optimizer, scheduler and RNG; returns the saved metadata."""
+    meta = json.loads((path / "state.json").read_text())
+    params = dict(model.named_parameters())
+    for name, value in load_file(path / "trainable.safetensors").items():
+        params[name].data.copy_(value)
+    tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["optimizer_scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    random.setstate(_decode_random(meta["python_random"]))
+    return meta
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _encode_random(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _decode_random(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])

@@ -1,0 +1,164 @@
+"""`safedistill` command line. Bad input exits 2 with one line naming the problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data.sources import load_prompts
+    from .evaluate import EvalSettings, evaluate
+    from .files import write_json, write_jsonl
+    from .judges import load_judge
+    from .models import load_model, resolve_device
+    from .report import eval_report
+
+    torch.manual_seed(args.seed)
+    settings = EvalSettings(
+        harmful=args.harmful,
+        overrefusal=args.overrefusal,
+        limit=args.limit,
+        seed=args.seed,
+        judge=args.judge,
+    )
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    for source in (args.harmful, args.overrefusal):  # bad data fails before the model is loaded
+        load_prompts(source)
+    model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
+    judge = load_judge(args.judge)
+    results, generations = evaluate(model, tok, judge, settings, model_name=args.model, adapter=args.adapter)
+    out = Path(args.out)
+    write_jsonl(out / "generations.jsonl", generations)
+    write_json(out / "eval.json", results)
+    (out / "report.md").write_text(eval_report(results))
+    print(eval_report(results).split("\n## Data")[0])
+    print(f"wrote {out}/eval.json, generations.jsonl, report.md")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .report import before_after, safety_tax
+    from .trainer import train
+
+    cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, f"model={args.model}"])
+    result = train(cfg, Path(args.out), resume=args.resume)
+    if result["base"] and result["final"]:
+        print("\n".join(before_after(result["base"], result["final"])))
+        tax, err = safety_tax(result["base"], result["final"])
+        print(f"safety tax (capability lost): {tax:+.3f} ± {err:.3f}")
+    print(f"wrote {args.out}/report.md")
+
+
+def _flip_rate(args: argparse.Namespace) -> None:
+    from .data.sources import load_prompts
+    from .data.splits import split_records, take
+    from .files import write_json
+    from .judges import load_judge
+    from .methods.opsa import flip_rates, load_contexts
+    from .models import load_model, resolve_device
+
+    contexts = load_contexts(args.contexts)
+    harmful = take(split_records(load_prompts(args.harmful), seed=0)[0], args.limit, seed=args.seed)
+    benign = take(
+        split_records(load_prompts("benign"), seed=0)[0],
+        max(4, args.limit // 2),
+        seed=args.seed + 1,
+    )
+    model, tok = load_model(args.model, device=resolve_device("auto"))
+    rows = flip_rates(model, tok, load_judge(args.judge), harmful, benign, contexts)
+    write_json(Path(args.out) / "flip_rates.json", rows)
+    print("| context | flip rate | conditional | benign refusal | framing | length |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['id']} | {r['flip_rate']:.2f} | {r['conditional_flip_rate']:.2f} | "
+            f"{r['benign_refusal_rate']:.2f} | {r.get('framing', '')} | {r.get('length', '')} |"
+        )
+    print(f"wrote {args.out}/flip_rates.json")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare, compare_report
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise UserError("--seeds needs at least one seed")
+    summary = compare(
+        args.presets,
+        model=args.model,
+        out=Path(args.out),
+        seeds=seeds,
+        config_file=args.config,
+        overrides=args.set,
+    )
+    print(compare_report(summary))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safedistill", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="measure a model's safety and capability side by side")
+    e.add_argument("--model", required=True, help="HF id, local directory, or smollm2-135m-instruct")
+    e.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
+    e.add_argument("--out", required=True, help="directory for eval.json, generations.jsonl, report.md")
+    e.add_argument("--limit", type=int, help="at most N prompts per axis")
+    e.add_argument("--judge", default="keyword", help="keyword, or an HF classifier id/path")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--harmful", default="advbench", help="source name or JSONL path of harmful prompts")
+    e.add_argument("--overrefusal", default="overrefusal", help="source name or JSONL path")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    e.set_defaults(func=_eval)
+
+    r = sub.add_parser("run", help="train with a preset, evaluate before and after, write a report")
+    r.add_argument("preset", help="opsa, sft, offpolicy-sd, external-kd (configs/*.yaml)")
+    r.add_argument("--model", default="smollm2-135m-instruct")
+    r.add_argument("--out", required=True)
+    r.add_argument("--config", help="a YAML file overriding the preset")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.set_defaults(func=_run)
+
+    f = sub.add_parser("flip-rate", help="rank candidate safety contexts by teacher flip rate")
+    f.add_argument("--model", default="smollm2-135m-instruct")
+    f.add_argument("--out", required=True)
+    f.add_argument("--contexts", default="builtin", help="builtin or a JSONL file (id, text, side)")
+    f.add_argument("--harmful", default="advbench", help="harmful source (its train split is used)")
+    f.add_argument("--limit", type=int, default=32, help="harmful prompts to decode")
+    f.add_argument("--judge", default="keyword")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_flip_rate)
+
+    c = sub.add_parser("compare", help="several presets over several seeds: one table and one plot")
+    c.add_argument("presets", nargs="+")
+    c.add_argument("--model", default="smollm2-135m-instruct")
+    c.add_argument("--out", required=True)
+    c.add_argument("--seeds", default="0,1,2")
+    c.add_argument("--config", help="a YAML file applied to every preset")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"safedistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safedistill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

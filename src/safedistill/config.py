@@ -1,0 +1,223 @@
+"""The run configuration: one dataclass, every knob named and documented; YAML presets in
+`configs/`, overridden by a user YAML and then by `--set key=value`, validated with messages that
+name the file or flag and the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run reads. Defaults are ours; presets set the published ones."""
+
+    # --- what to run
+    preset: str = "opsa"  # a name from configs/ (opsa, sft, offpolicy-sd, external-kd)
+    trainer: str = "onpolicy"  # onpolicy (distillation on rollouts) or sft (fixed targets)
+    model: str = "smollm2-135m-instruct"  # HF id, local directory or bundled alias
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
+    seed: int = 0  # rollouts, data order, LoRA init; the same seed gives the same numbers on CPU
+
+    # --- training data
+    harmful_source: str = "advbench"  # train split of this source
+    benign_source: str = "benign"  # train split; OPSA trains on benign prompts too
+    n_harmful: int = 64  # training prompts taken from the harmful train split
+    n_benign: int = 32  # training prompts taken from the benign train split
+    split_seed: int = 0  # same split as the evaluation, so eval prompts are never trained on
+    targets: str = "demonstrations"  # sft trainer: demonstrations | teacher (its generations) | external
+    demonstrations: str = "builtin:safety_demos"  # targets=demonstrations: builtin:NAME or JSONL
+
+    # --- teacher
+    teacher: str = "context"  # context | none (sft) ; more kinds come with their methods
+    context: str = "auto"  # harmful-side context: a built-in id, literal text, or auto (best flip rate)
+    benign_context: str | None = "ctx-b01"  # teacher context on benign prompts (None: no context)
+    contexts: str = "builtin"  # candidate library for auto: builtin or a JSONL file (id, text, side)
+    context_search_prompts: int = 8  # harmful train prompts used to rank contexts when context=auto (CPU budget)
+    context_search_tokens: int = 24  # greedy tokens per answer in the search; refusals show early
+    external_model: str | None = None  # external-kd: the model whose generations are the targets
+    keep_only_safe: bool = True  # offpolicy-sd/external-kd: keep harmful-prompt targets the judge calls safe
+
+    # --- rollouts
+    rollouts_per_prompt: int = 1
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+
+    # --- loss
+    divergence: str = "mixture"  # reverse_kl | forward_kl | jsd | mixture | sampled
+    alpha: float = 0.5  # mixture: alpha * forward KL + (1 - alpha) * reverse KL
+    beta: float = 0.5  # jsd interpolation (0 forward KL, 1 reverse KL)
+    top_k: int | None = 512  # teacher's top-k support plus a tail bucket; None: full vocabulary
+    token_mask: str = "all"  # all | first_k | top_fraction
+    mask_k: int = 10  # first_k: response positions kept
+    mask_fraction: float = 0.2  # top_fraction: share of positions with the largest divergence
+
+    # --- optimisation
+    lora: bool = True  # LoRA on CPU; the papers train all parameters
+    lora_r: int = 16
+    lora_alpha: int = 32
+    learning_rate: float = 2e-4
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8  # prompts per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = 24  # optimizer steps
+
+    # --- bookkeeping
+    save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
+    eval: bool = True  # evaluate base and trained model
+    eval_limit: int | None = 40  # prompts per eval axis
+    judge: str = "keyword"
+    notes: str = ""  # free text carried into the report (e.g. where defaults come from)
+
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+CHOICES = {
+    "trainer": {"onpolicy", "sft"},
+    "divergence": {"reverse_kl", "forward_kl", "jsd", "mixture", "sampled"},
+    "token_mask": {"all", "first_k", "top_fraction"},
+    "lr_schedule": {"cosine", "constant"},
+    "teacher": {"context", "none"},
+    "targets": {"demonstrations", "teacher", "external"},
+}
+
+
+def _field_types(name: str) -> tuple:
+    hint = typing.get_type_hints(RunConfig)[name]
+    return typing.get_args(hint) or (hint,)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    hint = typing.get_type_hints(RunConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: field '{name}' cannot be null")
+    origin = typing.get_origin(base) or base
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in {"true", "1", "yes"}:
+                return True
+            if str(value).lower() in {"false", "0", "no"}:
+                return False
+            raise ValueError
+        if origin is int and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if origin is float and not isinstance(value, bool):
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin is dict and isinstance(value, dict):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"{where}: field '{name}' expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _apply(cfg: dict, updates: dict, where: str) -> None:
+    for key, value in updates.items():
+        if key not in FIELDS:
+            raise UserError(f"{where}: unknown field '{key}'")
+        cfg[key] = _coerce(key, value, where)
+        if key in CHOICES and cfg[key] not in CHOICES[key]:
+            raise UserError(f"{where}: field '{key}' must be one of {sorted(CHOICES[key])}, got {value!r}")
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{where}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of field: value")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("safedistill.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(preset: str, *, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Preset YAML, then the user's YAML, then `--set key=value` (values parsed as YAML)."""
+    if preset not in preset_names():
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})")
+    cfg: dict = {}
+    text = resources.files("safedistill.configs").joinpath(f"{preset}.yaml").read_text()
+    _apply(cfg, _read_yaml(text, f"configs/{preset}.yaml"), f"configs/{preset}.yaml")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"{config_file}: no such config file")
+        _apply(cfg, _read_yaml(path.read_text(), config_file), config_file)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected key=value")
+        key = key.strip()
+        # Text fields take the value verbatim (a context may contain ': ' or read "no"); others parse as YAML.
+        verbatim = key in FIELDS and str in _field_types(key) and raw.strip() not in {"null", "~"}
+        value = raw if verbatim else _read_yaml(f"v: {raw}", f"--set {item}")["v"]
+        _apply(cfg, {key: value}, f"--set {key}")
+    cfg["preset"] = preset
+    config = RunConfig(**cfg)
+    validate(config)
+    return config
+
+
+def validate(c: RunConfig) -> None:
+    checks = [
+        (c.steps >= 1, "steps", "must be at least 1"),
+        (c.batch_size >= 1, "batch_size", "must be at least 1"),
+        (c.grad_accum >= 1, "grad_accum", "must be at least 1"),
+        (c.learning_rate > 0, "learning_rate", "must be positive"),
+        (0 <= c.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
+        (c.temperature >= 0, "temperature", "must be >= 0"),
+        (c.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+        (
+            c.n_harmful + c.n_benign >= 1,
+            "n_harmful",
+            "no training prompts (n_harmful + n_benign = 0)",
+        ),
+        (c.rollouts_per_prompt >= 1, "rollouts_per_prompt", "must be at least 1"),
+        (c.top_k is None or c.top_k >= 1, "top_k", "must be at least 1 or null"),
+        (0 <= c.alpha <= 1, "alpha", "must be in [0, 1]"),
+        (0 <= c.beta <= 1, "beta", "must be in [0, 1]"),
+        (c.save_every >= 1, "save_every", "must be at least 1"),
+    ]
+    checks.append(
+        (
+            c.targets != "external" or c.external_model is not None,
+            "external_model",
+            "must be set when targets=external (--set external_model=HF_ID_OR_DIR)",
+        )
+    )
+    for ok, name, msg in checks:
+        if not ok:
+            raise UserError(f"config field '{name}' {msg} (got {getattr(c, name)!r})")
+
+
+def to_yaml(c: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Prompt and demonstration sources, splits and the packaged benchmark provenance."""

@@ -1,0 +1,232 @@
+"""Per-token divergences between a student and a teacher over the response tokens.
+
+Everything is computed in float32 (bf16 log-softmax over a 150k vocabulary loses the small
+differences a distillation loss lives on). Shapes: logits [B, T, V], per-token outputs [B, T];
+reduce them with `masked_mean` over the response mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "mixture", "sampled")
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p||q) = sum_v p (log p - log q) over the last dim.
+
+    Log-probs are clamped to the float32 minimum so that 0 * log 0 gives 0 (not NaN) in both
+    the value and the gradient, e.g. for an empty tail bucket or -inf teacher logits.
+    """
+    tiny = torch.finfo(logp.dtype).min
+    logp, logq = logp.clamp(min=tiny), logq.clamp(min=tiny)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD in TRL's GKD convention (beta=0: forward KL, beta=1: reverse KL).
+
+    In between: m = beta*p_T + (1-beta)*p_S and JSD = beta*KL(p_T||m) + (1-beta)*KL(p_S||m).
+    The endpoints are special-cased as in TRL: the mixture formula itself tends to 0 there.
+    """
+    if beta == 0.0:
+        return _kl(lt, ls)
+    if beta == 1.0:
+        return _kl(ls, lt)
+    logm = torch.logsumexp(torch.stack([ls + math.log(1.0 - beta), lt + math.log(beta)]), dim=0)
+    return beta * _kl(lt, logm) + (1.0 - beta) * _kl(ls, logm)
+
+
+def _top_k_with_tail(ls: torch.Tensor, lt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Restrict both log-distributions to the teacher's top-k entries plus one tail bucket.
+
+    The tail holds the rest of each distribution's mass, so the result is again a proper
+    distribution over k+1 outcomes (the divergence is a lower bound of the full one).
+    """
+    idx = lt.topk(k, dim=-1).indices
+    # log of the remaining mass, as a logsumexp over the complement: exact even when tiny
+    tail_s = ls.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    tail_t = lt.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    ls_k = torch.cat([ls.gather(-1, idx), tail_s], dim=-1)
+    lt_k = torch.cat([lt.gather(-1, idx), tail_t], dim=-1)
+    return ls_k, lt_k
+
+
+def _check_bt(name: str, x: torch.Tensor | None, shape: torch.Size) -> None:
+    if x is not None and x.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def _gather_tokens(
+    ls: torch.Tensor, lt: torch.Tensor, tokens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the sampled tokens under student and teacher, each [B, T]."""
+    if tokens is None:
+        raise ValueError("kind='sampled' needs tokens (the sampled token ids, [B, T])")
+    _check_bt("tokens", tokens, ls.shape[:2])
+    if tokens.dtype != torch.long:
+        raise ValueError(f"tokens must be a LongTensor, got {tokens.dtype}")
+    idx = tokens.to(ls.device).unsqueeze(-1)
+    return ls.gather(-1, idx).squeeze(-1), lt.gather(-1, idx).squeeze(-1)
+
+
+def per_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    *,
+    tokens: torch.Tensor | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.5,
+    top_k: int | None = None,
+    vocab_ids: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ratio_clip: float | None = None,
+) -> torch.Tensor:
+    """Per-token loss [B, T] (float32) between student and teacher logits [B, T, V].
+
+    kind:
+      reverse_kl  sum_v p_S (log p_S - log p_T)  (mode-seeking; the on-policy distillation loss)
+      forward_kl  sum_v p_T (log p_T - log p_S)  (mass-covering)
+      jsd         generalized JSD, TRL GKD convention: beta=0 forward KL, beta=1 reverse KL
+      mixture     alpha * forward KL + (1 - alpha) * reverse KL
+      sampled     score-function surrogate on the sampled tokens y_t: r_t * log p_S(y_t) with
+                  r_t = stopgrad(log p_S(y_t) - log p_T(y_t)); its gradient equals that of reverse
+                  KL in expectation over y_t ~ p_S, but its value is not a KL (log `sampled_kl`).
+                  With old_logprobs the reward is weighted by the (detached) importance ratio
+                  exp(log p_S(y_t) - old_logprobs), capped at ratio_clip if given.
+    top_k: teacher's top-k entries plus one tail bucket per distribution (not for "sampled").
+    vocab_ids: reverse_kl only: sum over v in vocab_ids of p_S(v)(log p_S(v) - log p_T(v)) with
+      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCES}")
+    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must both be [B, T, V] with the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if vocab_ids is not None and kind != "reverse_kl":
+        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl', not {kind!r}")
+    if vocab_ids is not None and top_k is not None:
+        raise ValueError("vocab_ids and top_k cannot be combined")
+    if kind != "sampled" and (old_logprobs is not None or ratio_clip is not None):
+        raise ValueError("old_logprobs and ratio_clip are only used with kind='sampled'")
+    bt = student_logits.shape[:2]
+
+    ls = F.log_softmax(student_logits.float(), dim=-1)
+    lt = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+
+    if kind == "sampled":
+        if top_k is not None:
+            raise ValueError("top_k is not supported with kind='sampled'")
+        if ratio_clip is not None and old_logprobs is None:
+            raise ValueError("ratio_clip needs old_logprobs")
+        logp_s, logp_t = _gather_tokens(ls, lt, tokens)
+        reward = (logp_s - logp_t).detach()
+        if old_logprobs is not None:
+            _check_bt("old_logprobs", old_logprobs, bt)
+            ratio = (logp_s - old_logprobs.float()).exp().detach()
+            if ratio_clip is not None:
+                ratio = ratio.clamp(max=ratio_clip)
+            reward = reward * ratio
+        return reward * logp_s
+
+    if vocab_ids is not None:
+        if vocab_ids.dim() != 1 or vocab_ids.dtype != torch.long:
+            raise ValueError("vocab_ids must be a 1-D LongTensor of token ids")
+        V = ls.shape[-1]
+        if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
+            raise ValueError(f"vocab_ids must lie in [0, {V})")
+        vocab_ids = vocab_ids.to(ls.device)
+        return _kl(ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids))
+
+    if top_k is not None and top_k < ls.shape[-1]:
+        ls, lt = _top_k_with_tail(ls, lt, top_k)
+
+    if kind == "reverse_kl":
+        return _kl(ls, lt)
+    if kind == "forward_kl":
+        return _kl(lt, ls)
+    if kind == "jsd":
+        return _jsd(ls, lt, beta)
+    return alpha * _kl(lt, ls) + (1.0 - alpha) * _kl(ls, lt)  # mixture
+
+
+def sampled_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Detached per-token estimate log p_S(y_t) - log p_T(y_t) [B, T] (unbiased for reverse KL
+    when y_t ~ p_S); for logging next to the "sampled" surrogate, whose value is not a KL."""
+    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
+        raise ValueError("student_logits and teacher_logits must both be [B, T, V], same shape")
+    with torch.no_grad():
+        ls = F.log_softmax(student_logits.float(), dim=-1)
+        lt = F.log_softmax(teacher_logits.float(), dim=-1)
+        logp_s, logp_t = _gather_tokens(ls, lt, tokens)
+        return logp_s - logp_t
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(m*v)/sum(m); returns 0 (keeping the graph) when the mask is empty.
+
+    Masked-out values are zeroed with `where` first, so NaN/inf at padding cannot leak in.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
+    m = mask.float()
+    v = torch.where(m != 0, values.float(), 0.0)
+    return (v * m).sum() / m.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def top_fraction_mask(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    fraction: float | None = None,
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Position mask selecting, within `mask`, the positions whose score (e.g. per-token
+    teacher-student divergence, detached) is above `threshold`, or in the top `fraction` of each
+    sequence's valid positions (at least one per non-empty sequence). Returns a float mask [B,T].
+
+    Used to spend the distillation signal on the few tokens where student and teacher disagree.
+    Ties at the cut-off are broken by position (earlier first). Exactly one option must be set.
+    """
+    if (fraction is None) == (threshold is None):
+        raise ValueError("give exactly one of fraction or threshold")
+    if scores.shape != mask.shape or scores.dim() != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and mask {tuple(mask.shape)} must be [B, T]")
+    valid = mask != 0
+    scores = scores.detach().float()
+    if threshold is not None:
+        return (valid & (scores > threshold)).float()
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n = valid.sum(dim=1, keepdim=True)
+    k = torch.ceil(n.double() * fraction - 1e-9).clamp(min=1)  # epsilon: 0.07 * 100 != 7 in fp
+    lo = torch.finfo(torch.float32).min  # valid NaN/-inf scores still rank above padding
+    ranked = scores.nan_to_num(nan=lo, neginf=lo).masked_fill(~valid, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return (valid & (rank < k)).float()
+
+
+def first_k_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep only the first k valid (mask==1) positions of each row. Returns a float mask.
+
+    The earliest response tokens decide whether a reply starts to comply or refuse.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    valid = mask != 0
+    return (valid & (valid.long().cumsum(dim=-1) <= k)).float()

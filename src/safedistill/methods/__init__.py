@@ -1,0 +1,27 @@
+"""One small module per method: its extra step (context search, target generation, ...).
+
+`prepare` is the only entry point the trainer calls: it returns what the chosen trainer needs,
+{"items", "contexts"} for on-policy runs or {"targets"} for SFT runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import RunConfig
+from ..data.packaged import Manifest
+
+
+def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress: bool = True) -> dict:
+    from ..trainer import training_items
+    from . import baselines, opsa
+
+    if cfg.trainer == "sft" and cfg.targets == "demonstrations":
+        return {"targets": baselines.demonstration_targets(cfg, manifest)}
+    items = training_items(cfg, manifest)
+    contexts = {}
+    if cfg.teacher == "context":
+        contexts = opsa.choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)
+    if cfg.trainer == "onpolicy":
+        return {"items": items, "contexts": contexts}
+    return {"targets": baselines.generated_targets(cfg, model, tok, judge, items, contexts, out, progress=progress)}

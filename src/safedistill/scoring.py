@@ -1,0 +1,68 @@
+"""Forward passes that return logits at the response positions only, aligned across a batch.
+
+Sequences are right-padded (scoring needs no generation, so positions stay contiguous) and the
+logits predicting response token j land at column j, so student and teacher line up even when
+their prompts differ in length (the teacher's carries a privileged context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+def response_logits(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    prefix_cache: DynamicCache | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, T, V], mask [B, T]) with T the longest response. With `prefix_cache`, every
+    sequence continues the same cached prefix (batch 1), which is expanded to the batch."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    t_max = max(1, max(len(r) for r in responses))
+    device = next(model.parameters()).device
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
+    kwargs = {}
+    offset = 0
+    if prefix_cache is not None:
+        offset = prefix_cache.get_seq_length()
+        kwargs = {
+            "past_key_values": expand_cache(prefix_cache, len(prompts)),
+            "attention_mask": torch.ones(len(prompts), offset + width, dtype=torch.long, device=device),
+        }
+    logits = model(input_ids=ids.to(device), use_cache=prefix_cache is not None, **kwargs).logits
+    # Gather, per row, the positions len(prompt)-1 ... len(prompt)+len(response)-2.
+    index = torch.zeros(len(prompts), t_max, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t_max)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n = len(r)
+        index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        index[i, n:] = max(len(p) - 1, 0)
+        mask[i, :n] = 1
+    index = index.to(device)
+    out = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+    return out, mask.to(device)
+
+
+def expand_cache(prefix_cache: DynamicCache, batch: int) -> DynamicCache:
+    """A fresh cache holding the batch-1 prefix for every row; the prefix itself is never
+    written to (new keys are concatenated into new tensors)."""
+    cache = DynamicCache()
+    for layer, cached in enumerate(prefix_cache.layers):
+        cache.update(cached.keys.expand(batch, -1, -1, -1), cached.values.expand(batch, -1, -1, -1), layer)
+    return cache
+
+
+@torch.no_grad()
+def prefix_kv(model, prefix_ids: Sequence[int]) -> DynamicCache:
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+    return model(input_ids=ids, use_cache=True).past_key_values

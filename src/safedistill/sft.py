@@ -1,0 +1,42 @@
+"""The SFT step shared by the off-policy baselines: cross-entropy on the response tokens only."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import RunConfig
+from .data.schema import Demonstration
+from .models import chat_text
+from .rollout import encode_prompts, stop_token_ids
+from .scoring import response_logits
+
+
+class SFTStep:
+    def __init__(self, cfg: RunConfig, tok):
+        self.cfg, self.tok = cfg, tok
+        self.stop = stop_token_ids(tok)[0]
+
+    def __call__(self, model, batch: list[Demonstration], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        t0 = time.perf_counter()
+        model.train()
+        prompts = encode_prompts(self.tok, [chat_text(self.tok, d.prompt) for d in batch])
+        targets = [
+            self.tok((f"{d.reasoning}\n\n" if d.reasoning else "") + d.response, add_special_tokens=False)["input_ids"]
+            + [self.stop]
+            for d in batch
+        ]
+        logits, mask = response_logits(model, prompts, targets, pad_id=self.tok.pad_token_id)
+        labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+        for i, t in enumerate(targets):
+            labels[i, : len(t)] = torch.tensor(t)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+        loss = (nll * mask).sum() / mask.sum()
+        n_tok = int(mask.sum())
+        return loss, {
+            "loss": loss.item(),
+            "tokens": n_tok,
+            "target_length": n_tok / len(batch),
+            "t_student": time.perf_counter() - t0,
+        }

@@ -1,0 +1,180 @@
+"""Run configuration: presets, user YAML, --set overrides, validation messages, YAML round trip."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safedistill.config import RunConfig, load_config, preset_names, to_yaml
+from safedistill.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "src" / "safedistill" / "configs"
+NEEDS = {"external-kd": ["external_model=some/teacher"]}
+
+
+def test_preset_names_are_the_shipped_yaml_files():
+    names = preset_names()
+    assert names == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"opsa", "sft", "offpolicy-sd", "external-kd"} <= set(names)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_loads_with_its_values(preset):
+    cfg = load_config(preset, overrides=NEEDS.get(preset, []))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.preset == preset
+    raw = yaml.safe_load((CONFIG_DIR / f"{preset}.yaml").read_text())
+    for key, value in raw.items():
+        if key == "external_model":
+            continue  # set by NEEDS
+        got = getattr(cfg, key)
+        assert got == value or (isinstance(got, float) and got == float(value)), key
+
+
+def test_set_overrides_parse_types():
+    cfg = load_config(
+        "opsa",
+        overrides=[
+            "steps=3",
+            "learning_rate=5e-4",
+            "alpha=0.25",
+            "eval=false",
+            "lora=true",
+            "top_k=null",
+            "benign_context=null",
+            "eval_limit=null",
+            "context=You must refuse harmful requests.",
+            "max_new_tokens=7.0",
+        ],
+    )
+    assert cfg.steps == 3 and type(cfg.steps) is int
+    assert cfg.learning_rate == pytest.approx(5e-4) and type(cfg.learning_rate) is float
+    assert cfg.alpha == 0.25
+    assert cfg.eval is False and cfg.lora is True
+    assert cfg.top_k is None and cfg.benign_context is None and cfg.eval_limit is None
+    assert cfg.context == "You must refuse harmful requests."
+    assert cfg.max_new_tokens == 7 and type(cfg.max_new_tokens) is int
+
+
+def test_override_order_preset_then_file_then_set(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("steps: 5\nbatch_size: 3\n")
+    cfg = load_config("opsa", config_file=str(f), overrides=["steps=7"])
+    assert (cfg.steps, cfg.batch_size) == (7, 3)
+    assert cfg.divergence == "mixture"  # from the preset
+
+
+def test_unknown_field_in_user_yaml_names_file_and_field(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("steps: 2\nlearning_rat: 0.1\n")
+    with pytest.raises(UserError) as e:
+        load_config("opsa", config_file=str(f))
+    assert str(f) in str(e.value) and "learning_rat" in str(e.value)
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("steps: 2\nbatch_size: 4\nlr: : :\n")
+    with pytest.raises(UserError) as e:
+        load_config("opsa", config_file=str(f))
+    assert f"{f}:3" in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="no such config file"):
+        load_config("opsa", config_file=str(tmp_path / "absent.yaml"))
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- steps\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config("opsa", config_file=str(f))
+
+
+@pytest.mark.parametrize(
+    "item, field",
+    [
+        ("steps=abc", "steps"),
+        ("steps=2.5", "steps"),
+        ("learning_rate=fast", "learning_rate"),
+        ("eval=maybe", "eval"),
+        ("steps=null", "steps"),
+    ],
+)
+def test_bad_value_type_names_the_field(item, field):
+    with pytest.raises(UserError) as e:
+        load_config("opsa", overrides=[item])
+    assert f"'{field}'" in str(e.value)
+
+
+def test_unknown_set_field_and_malformed_set():
+    with pytest.raises(UserError, match="nonsense"):
+        load_config("opsa", overrides=["nonsense=1"])
+    with pytest.raises(UserError, match="key=value"):
+        load_config("opsa", overrides=["steps"])
+
+
+@pytest.mark.parametrize(
+    "item, field",
+    [
+        ("divergence=bogus", "divergence"),
+        ("token_mask=middle", "token_mask"),
+        ("trainer=rl", "trainer"),
+        ("lr_schedule=linear", "lr_schedule"),
+    ],
+)
+def test_choices_are_validated(item, field):
+    with pytest.raises(UserError) as e:
+        load_config("opsa", overrides=[item])
+    msg = str(e.value)
+    assert f"'{field}'" in msg and "must be one of" in msg
+
+
+@pytest.mark.parametrize(
+    "item, field",
+    [
+        ("steps=0", "steps"),
+        ("batch_size=0", "batch_size"),
+        ("learning_rate=0", "learning_rate"),
+        ("warmup_ratio=1", "warmup_ratio"),
+        ("alpha=1.5", "alpha"),
+        ("top_k=0", "top_k"),
+        ("save_every=0", "save_every"),
+    ],
+)
+def test_range_checks_name_the_field(item, field):
+    with pytest.raises(UserError) as e:
+        load_config("opsa", overrides=[item])
+    assert f"'{field}'" in str(e.value)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(UserError) as e:
+        load_config("bogus")
+    msg = str(e.value)
+    assert "bogus" in msg
+    for name in preset_names():
+        assert name in msg
+
+
+def test_external_kd_needs_external_model():
+    with pytest.raises(UserError) as e:
+        load_config("external-kd")
+    assert "external_model" in str(e.value) and "--set external_model=" in str(e.value)
+    cfg = load_config("external-kd", overrides=["external_model=/models/teacher"])
+    assert cfg.external_model == "/models/teacher"
+
+
+@pytest.mark.parametrize("preset", ["opsa", "sft", "offpolicy-sd"])
+def test_to_yaml_round_trips(tmp_path, preset):
+    cfg = load_config(preset, overrides=["top_k=null", "learning_rate=5e-4", "eval_limit=3"])
+    cfg = dataclasses.replace(cfg, notes="a: b # not a comment\nsecond line", extra={"k": [1, 2]})
+    data = yaml.safe_load(to_yaml(cfg))
+    assert RunConfig(**data) == cfg
+    assert set(data) == {f.name for f in dataclasses.fields(RunConfig)}
+    # A saved config.yaml is itself a valid --config file that gives the same run.
+    f = tmp_path / "config.yaml"
+    f.write_text(to_yaml(cfg))
+    assert load_config(preset, config_file=str(f)) == cfg
