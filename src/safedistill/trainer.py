@@ -36,7 +36,7 @@ from .judges import load_judge
 from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
 from .rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
 from .scoring import response_logits
-from .teachers import ContextTeacher, FrozenBase, Item
+from .teachers import FrozenBase, Item
 
 
 def training_items(cfg: RunConfig, manifest: Manifest) -> list[Item]:
@@ -111,7 +111,7 @@ def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str
 class OnPolicyStep:
     """Steps 2-6 of DESIGN.md's on-policy step for one micro-batch; returns (loss, metrics)."""
 
-    def __init__(self, cfg: RunConfig, tok, teacher: ContextTeacher, judge):
+    def __init__(self, cfg: RunConfig, tok, teacher, judge):
         self.cfg, self.tok, self.teacher, self.judge = cfg, tok, teacher, judge
         self.stops = stop_token_ids(tok)
         self.kl_sum = torch.zeros(cfg.max_new_tokens + 1)
@@ -237,7 +237,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     if cfg.trainer == "onpolicy":
-        teacher = ContextTeacher(FrozenBase(model, share_weights=cfg.lora), tok, prepared["contexts"])
+        teacher = methods.build_teacher(cfg, FrozenBase(model, share_weights=cfg.lora), tok, prepared)
         step_fn = OnPolicyStep(cfg, tok, teacher, judge)
         data = prepared["items"]
     else:

@@ -1,7 +1,8 @@
 """One small module per method: its extra step (context search, target generation, ...).
 
-`prepare` is the only entry point the trainer calls: it returns what the chosen trainer needs,
-{"items", "contexts"} for on-policy runs or {"targets"} for SFT runs.
+`prepare` runs before LoRA is added and returns what the chosen trainer needs: {"items",
+"contexts", ...} for on-policy runs or {"targets"} for SFT runs. `build_teacher` turns that into
+the teacher the on-policy step queries (cfg.teacher picks the kind).
 """
 
 from __future__ import annotations
@@ -25,3 +26,12 @@ def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *,
     if cfg.trainer == "onpolicy":
         return {"items": items, "contexts": contexts}
     return {"targets": baselines.generated_targets(cfg, model, tok, judge, items, contexts, out, progress=progress)}
+
+
+def build_teacher(cfg: RunConfig, base, tok, prepared: dict):
+    """The teacher for an on-policy run. `base` is a FrozenBase over the (LoRA-wrapped) student."""
+    from ..teachers import ContextTeacher
+
+    if cfg.teacher == "context":
+        return ContextTeacher(base, tok, prepared["contexts"])
+    raise ValueError(f"teacher '{cfg.teacher}' cannot score on-policy rollouts")
