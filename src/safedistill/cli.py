@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -101,6 +102,49 @@ def _compare(args: argparse.Namespace) -> None:
     print(compare_report(summary))
 
 
+def _refine(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data.external import EXTERNAL_SETS
+    from .data.sources import load_demonstrations
+    from .judges import load_judge
+    from .methods.baselines import subset
+    from .methods.dgr import REASONING_TEMPLATE, RESPONSE_TEMPLATE, RefineSettings, load_template, refine_dataset
+    from .models import load_model, resolve_device
+
+    for name in ("n_samples", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.retries < 0:
+        raise UserError(f"--retries must be >= 0, got {args.retries}")
+    data = f"builtin:{EXTERNAL_SETS[0]}" if args.data == "builtin" else args.data
+    settings = RefineSettings(
+        retries=args.retries,
+        on_fail=args.on_fail,
+        template=load_template(args.template, RESPONSE_TEMPLATE),
+        reasoning_template=load_template(args.reasoning_template, REASONING_TEMPLATE),
+        max_new_tokens=args.max_new_tokens,
+        reasoning_max_new_tokens=2 * args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    samples = load_demonstrations(data, harmful_source=args.harmful, split_seed=args.split_seed)
+    samples = subset(samples, args.n_samples, args.seed)
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device=resolve_device(args.device))
+    meta = {"model": args.model, "data": data, "judge": args.judge, "n_samples": args.n_samples}
+    refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta)
+    shift = json.loads((Path(args.out) / "shift.json").read_text())
+    c, nll, sim = shift["counts"], shift["nll"], shift["similarity"]
+    print(
+        f"samples {c['total']}: refined {c['refined']} (unchanged {c['unchanged']}), fallback {c['fallback']}, "
+        f"dropped {c['dropped']}"
+    )
+    print(f"mean per-token NLL under {args.model}: {nll['before']:.3f} -> {nll['after']:.3f} nats")
+    print(f"ROUGE-L F1 with the model's own answers: {sim['before']:.3f} -> {sim['after']:.3f}")
+    print(f"wrote {args.out}/refined.jsonl, shift.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safedistill", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("run", help="train with a preset, evaluate before and after, write a report")
-    r.add_argument("preset", help="opsa, sft, offpolicy-sd, external-kd (configs/*.yaml)")
+    r.add_argument("preset", help="opsa, sft, offpolicy-sd, external-kd, dgr (configs/*.yaml)")
     r.add_argument("--model", default="smollm2-135m-instruct")
     r.add_argument("--out", required=True)
     r.add_argument("--config", help="a YAML file overriding the preset")
@@ -135,6 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--judge", default="keyword")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_flip_rate)
+
+    d = sub.add_parser("refine", help="DGR: rewrite external safety data in the target model's own words")
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    d.add_argument("--data", default="builtin", help="builtin (= builtin:directrefusal), builtin:NAME or a JSONL file")
+    d.add_argument("--out", required=True, help="directory for refined.jsonl and shift.json")
+    d.add_argument("--n-samples", type=int, help="refine at most N samples (seeded subset)")
+    d.add_argument("--retries", type=int, default=2, help="sampled retries after the greedy rewrite")
+    d.add_argument("--on-fail", choices=["fallback", "drop"], default="fallback")
+    d.add_argument("--template", help="response refinement prompt file with {prompt} and {reference}")
+    d.add_argument("--reasoning-template", help="reasoning refinement prompt file with {prompt} and {reference}")
+    d.add_argument("--max-new-tokens", type=int, default=64, help="per response (twice that for reasoning)")
+    d.add_argument("--temperature", type=float, default=0.7, help="for the retries")
+    d.add_argument("--judge", default="keyword")
+    d.add_argument("--harmful", default="advbench", help="harmful source the built-in sets are built over")
+    d.add_argument("--split-seed", type=int, default=0, help="the built-in sets use the train side of this split")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=_refine)
 
     c = sub.add_parser("compare", help="several presets over several seeds: one table and one plot")
     c.add_argument("presets", nargs="+")

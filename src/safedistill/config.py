@@ -22,7 +22,7 @@ class RunConfig:
     """Everything a training run reads. Defaults are ours; presets set the published ones."""
 
     # --- what to run
-    preset: str = "opsa"  # a name from configs/ (opsa, sft, offpolicy-sd, external-kd)
+    preset: str = "opsa"  # a name from configs/ (opsa, sft, offpolicy-sd, external-kd, dgr)
     trainer: str = "onpolicy"  # onpolicy (distillation on rollouts) or sft (fixed targets)
     model: str = "smollm2-135m-instruct"  # HF id, local directory or bundled alias
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
@@ -34,8 +34,15 @@ class RunConfig:
     n_harmful: int = 64  # training prompts taken from the harmful train split
     n_benign: int = 32  # training prompts taken from the benign train split
     split_seed: int = 0  # same split as the evaluation, so eval prompts are never trained on
-    targets: str = "demonstrations"  # sft trainer: demonstrations | teacher (its generations) | external
-    demonstrations: str = "builtin:safety_demos"  # targets=demonstrations: builtin:NAME or JSONL
+    targets: str = (
+        "demonstrations"  # sft trainer: demonstrations | teacher (its generations) | external | refined (dgr)
+    )
+    demonstrations: str = "builtin:safety_demos"  # targets=demonstrations|refined: builtin:NAME or JSONL
+    n_samples: int | None = None  # sft trainer: at most N demonstrations (seeded; smaller N is a subset); None: all
+    refine_retries: int = 2  # dgr: sampled retries after the greedy rewrite before giving up on a sample
+    refine_on_fail: str = "fallback"  # dgr: fallback (keep the original sample) | drop
+    refine_template: str | None = None  # dgr: response refinement prompt file ({prompt}, {reference}); None: built-in
+    refine_reasoning_template: str | None = None  # dgr: the same for reasoning; None: built-in
 
     # --- teacher
     teacher: str = "context"  # context | none (sft) ; more kinds come with their methods
@@ -92,7 +99,8 @@ CHOICES = {
     "token_mask": {"all", "first_k", "top_fraction"},
     "lr_schedule": {"cosine", "constant"},
     "teacher": {"context", "none"},
-    "targets": {"demonstrations", "teacher", "external"},
+    "targets": {"demonstrations", "teacher", "external", "refined"},
+    "refine_on_fail": {"fallback", "drop"},
 }
 
 
@@ -206,6 +214,8 @@ def validate(c: RunConfig) -> None:
         (0 <= c.alpha <= 1, "alpha", "must be in [0, 1]"),
         (0 <= c.beta <= 1, "beta", "must be in [0, 1]"),
         (c.save_every >= 1, "save_every", "must be at least 1"),
+        (c.n_samples is None or c.n_samples >= 1, "n_samples", "must be at least 1 or null"),
+        (c.refine_retries >= 0, "refine_retries", "must be >= 0"),
     ]
     checks.append(
         (
@@ -214,6 +224,9 @@ def validate(c: RunConfig) -> None:
             "must be set when targets=external (--set external_model=HF_ID_OR_DIR)",
         )
     )
+    for name in ("refine_template", "refine_reasoning_template"):
+        path = getattr(c, name)
+        checks.append((path is None or Path(path).is_file(), name, "must name an existing template file"))
     for ok, name, msg in checks:
         if not ok:
             raise UserError(f"config field '{name}' {msg} (got {getattr(c, name)!r})")

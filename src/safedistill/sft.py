@@ -13,6 +13,12 @@ from .rollout import encode_prompts, stop_token_ids
 from .scoring import response_logits
 
 
+def target_ids(tok, d: Demonstration, stop: int) -> list[int]:
+    """What an SFT target is: reasoning (if any), a blank line, the response, then the stop token."""
+    text = (f"{d.reasoning}\n\n" if d.reasoning else "") + d.response
+    return tok(text, add_special_tokens=False)["input_ids"] + [stop]
+
+
 class SFTStep:
     def __init__(self, cfg: RunConfig, tok):
         self.cfg, self.tok = cfg, tok
@@ -22,11 +28,7 @@ class SFTStep:
         t0 = time.perf_counter()
         model.train()
         prompts = encode_prompts(self.tok, [chat_text(self.tok, d.prompt) for d in batch])
-        targets = [
-            self.tok((f"{d.reasoning}\n\n" if d.reasoning else "") + d.response, add_special_tokens=False)["input_ids"]
-            + [self.stop]
-            for d in batch
-        ]
+        targets = [target_ids(self.tok, d, self.stop) for d in batch]
         logits, mask = response_logits(model, prompts, targets, pad_id=self.tok.pad_token_id)
         labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         for i, t in enumerate(targets):

@@ -194,8 +194,16 @@ def _hf_prompts(spec: str, manifest: Manifest | None) -> list[PromptRecord]:
     return out
 
 
-def load_demonstrations(source: str, manifest: Manifest | None = None) -> list[Demonstration]:
-    """Demonstrations (prompt, optional reasoning, response) from `builtin:NAME` or a JSONL path."""
+def load_demonstrations(
+    source: str, manifest: Manifest | None = None, *, harmful_source: str = "advbench", split_seed: int = 0
+) -> list[Demonstration]:
+    """Demonstrations (prompt, optional reasoning, response) from `builtin:NAME` or a JSONL path.
+    The external sets (data/external.py) are built over the train split of `harmful_source`."""
+    from .external import EXTERNAL_SETS, external_set
+
+    if source.startswith("builtin:") and source.split(":", 1)[1] in EXTERNAL_SETS:
+        harmful = load_prompts(harmful_source, manifest)
+        return external_set(source.split(":", 1)[1], harmful, split_seed=split_seed, manifest=manifest)
     if source.startswith("builtin:"):
         file = source.split(":", 1)[1] + ".jsonl"
         try:
@@ -211,6 +219,8 @@ def load_demonstrations(source: str, manifest: Manifest | None = None) -> list[D
     for n, r in enumerate(rows, 1):
         if not isinstance(r.get("response"), str) or not r["response"].strip():
             raise UserError(f"{where}:{n}: missing non-empty 'response'")
+        if r.get("reasoning") is not None and not isinstance(r["reasoning"], str):
+            raise UserError(f"{where}:{n}: 'reasoning' must be a string or null")
         out.append(
             Demonstration(
                 _prompt_of(r, f"{where}:{n}"),

@@ -15,10 +15,12 @@ from ..data.packaged import Manifest
 
 def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress: bool = True) -> dict:
     from ..trainer import training_items
-    from . import baselines, opsa
+    from . import baselines, dgr, opsa
 
     if cfg.trainer == "sft" and cfg.targets == "demonstrations":
         return {"targets": baselines.demonstration_targets(cfg, manifest)}
+    if cfg.trainer == "sft" and cfg.targets == "refined":
+        return {"targets": dgr.refined_targets(cfg, model, tok, judge, manifest, out, progress=progress)}
     items = training_items(cfg, manifest)
     contexts = {}
     if cfg.teacher == "context":
