@@ -318,7 +318,8 @@ def test_refine_cli_on_tiny_model(tiny_dir, tmp_path, capsys):  # noqa: F811
     c = shift["counts"]
     assert c["total"] == 3 and c["refined"] + c["fallback"] + c["dropped"] == 3
     assert shift["data"] == "builtin:r1act" and shift["settings"]["retries"] == 1
-    assert f"{shift['nll']['before']:.3f} -> {shift['nll']['after']:.3f}" in printed
+    assert f"| {shift['nll']['before']:.3f} | {shift['nll']['after']:.3f} |" in printed
+    assert "## Refinement (DGR)" in printed and f"{c['fallback']} fell back" in printed
     assert len((out / "refined.jsonl").read_text().splitlines()) == 3 - c["dropped"]
 
 
@@ -348,3 +349,4 @@ def test_dgr_run_trains_on_refined_targets(tiny_dir, tmp_path, monkeypatch):  # 
     shift = json.loads((out / "shift.json").read_text())
     assert shift["counts"]["refined"] == 3 and shift["n_samples"] == 3
     assert (out / "final" / "adapter_model.safetensors").exists()
+    assert "## Refinement (DGR)" in (out / "report.md").read_text()

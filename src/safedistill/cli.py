@@ -109,7 +109,14 @@ def _refine(args: argparse.Namespace) -> None:
     from .data.sources import load_demonstrations
     from .judges import load_judge
     from .methods.baselines import subset
-    from .methods.dgr import REASONING_TEMPLATE, RESPONSE_TEMPLATE, RefineSettings, load_template, refine_dataset
+    from .methods.dgr import (
+        REASONING_TEMPLATE,
+        RESPONSE_TEMPLATE,
+        RefineSettings,
+        load_template,
+        refine_dataset,
+        shift_lines,
+    )
     from .models import load_model, resolve_device
 
     for name in ("n_samples", "max_new_tokens"):
@@ -134,14 +141,7 @@ def _refine(args: argparse.Namespace) -> None:
     model, tok = load_model(args.model, device=resolve_device(args.device))
     meta = {"model": args.model, "data": data, "judge": args.judge, "n_samples": args.n_samples}
     refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta)
-    shift = json.loads((Path(args.out) / "shift.json").read_text())
-    c, nll, sim = shift["counts"], shift["nll"], shift["similarity"]
-    print(
-        f"samples {c['total']}: refined {c['refined']} (unchanged {c['unchanged']}), fallback {c['fallback']}, "
-        f"dropped {c['dropped']}"
-    )
-    print(f"mean per-token NLL under {args.model}: {nll['before']:.3f} -> {nll['after']:.3f} nats")
-    print(f"ROUGE-L F1 with the model's own answers: {sim['before']:.3f} -> {sim['after']:.3f}")
+    print("\n".join(shift_lines(json.loads((Path(args.out) / "shift.json").read_text()))))
     print(f"wrote {args.out}/refined.jsonl, shift.json")
 
 

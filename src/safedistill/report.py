@@ -170,6 +170,10 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
             for r in ranking[:5]
         ]
         lines.append("")
+    if (out / "shift.json").exists():
+        from .methods.dgr import shift_lines
+
+        lines += shift_lines(json.loads((out / "shift.json").read_text()))
     lines += ["## Settings", "", "```yaml", (out / "config.yaml").read_text().rstrip(), "```", ""]
     if final:
         lines += ["## Data", "", manifest_table(final["manifest"]), "", JUDGE_NOTE, ""]

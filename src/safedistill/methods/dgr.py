@@ -205,13 +205,17 @@ def rouge_l_f1(a: str, b: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def _per_token(pairs: list[tuple]) -> float:
+def _per_token(pairs: list[tuple]) -> float | None:
     tokens = sum(n for _, n in pairs)
-    return sum(v for v, _ in pairs) / tokens if tokens else float("nan")
+    return sum(v for v, _ in pairs) / tokens if tokens else None
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def refine_dataset(
@@ -288,6 +292,24 @@ def refine_dataset(
     write_jsonl(out / "refined.jsonl", rows)
     write_json(out / "shift.json", shift)
     return [outcomes[i].sample for i in kept]
+
+
+def shift_lines(shift: dict) -> list[str]:
+    """The Markdown section a run report (and `safedistill refine`) shows for shift.json."""
+    c, nll, sim = shift["counts"], shift["nll"], shift["similarity"]
+    return [
+        "## Refinement (DGR)",
+        "",
+        f"{c['total']} external samples from `{shift['data']}`: {c['refined']} refined "
+        f"({c['unchanged']} unchanged), {c['fallback']} fell back to the original, {c['dropped']} dropped.",
+        "",
+        "| measure | external data | refined data |",
+        "|---|---|---|",
+        f"| mean per-token NLL under the model (nats) | {_num(nll['before'])} | {_num(nll['after'])} |",
+        f"| same, rewritten samples only | {_num(nll['refined_only_before'])} | {_num(nll['refined_only_after'])} |",
+        f"| ROUGE-L F1 with the model's own answer | {_num(sim['before'])} | {_num(sim['after'])} |",
+        "",
+    ]
 
 
 def read_refined(path: Path) -> list[Demonstration]:
