@@ -116,9 +116,10 @@ def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str
 class OnPolicyStep:
     """Steps 2-6 of DESIGN.md's on-policy step for one micro-batch; returns (loss, metrics)."""
 
-    def __init__(self, cfg: RunConfig, tok, teacher, judge, reference: FrozenBase | None = None):
+    def __init__(self, cfg: RunConfig, tok, teacher, judge):
         self.cfg, self.tok, self.teacher, self.judge = cfg, tok, teacher, judge
-        self.reference = reference  # the frozen base, for objective=clipped_reward's KL term
+        # The frozen base for objective=clipped_reward's KL term: the teacher's base unless it names another.
+        self.reference = getattr(teacher, "reference", None) or getattr(teacher, "base", None)
         self.probe = CollapseProbe(cfg, tok, judge) if cfg.diagnostics_every else None
         self.stops = stop_token_ids(tok)
         self.kl_sum = torch.zeros(cfg.max_new_tokens + 1)
@@ -265,9 +266,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     if cfg.trainer == "onpolicy":
-        base = FrozenBase(model, share_weights=cfg.lora)
-        teacher = methods.build_teacher(cfg, base, tok, prepared)
-        step_fn = OnPolicyStep(cfg, tok, teacher, judge, reference=base)
+        teacher = methods.build_teacher(cfg, FrozenBase(model, share_weights=cfg.lora), tok, prepared)
+        step_fn = OnPolicyStep(cfg, tok, teacher, judge)
         data = prepared["items"]
     else:
         from .sft import SFTStep

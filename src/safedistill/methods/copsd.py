@@ -157,4 +157,6 @@ def prepare(cfg, model, tok, judge, items, out: Path, *, progress: bool = True) 
 def build_teacher(base, tok, prepared: dict) -> ConstitutionTeacher:
     """The Cross-SFT copy when there is one, else the frozen base; constitution on every prompt."""
     model = prepared.get("teacher_model")
-    return ConstitutionTeacher(FrozenModel(model) if model is not None else base, tok, prepared["constitution"])
+    teacher = ConstitutionTeacher(FrozenModel(model) if model is not None else base, tok, prepared["constitution"])
+    teacher.reference = base  # the KL-to-reference term pulls toward the original model, not the teacher
+    return teacher
