@@ -273,7 +273,8 @@ def test_copsd_run_writes_crossed_set_diagnostics_and_plot(copsd_run):
     # At step 1 the student is the base model and the teacher the Cross-SFT copy: they differ.
     assert first["diag_student_entropy"] != first["diag_teacher_entropy"]
     assert (copsd_run / "collapse.png").stat().st_size > 1000
-    assert "## Collapse diagnostics" in (copsd_run / "report.md").read_text()
+    report = (copsd_run / "report.md").read_text()
+    assert "## Collapse diagnostics" in report and "Cross-SFT cold start: 0/4 harmful" in report
 
 
 def test_copsd_resume_matches_the_uninterrupted_run(tiny_dir, sources, copsd_run, tmp_path, monkeypatch):  # noqa: F811

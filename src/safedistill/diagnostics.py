@@ -9,6 +9,7 @@ benign-sensitive prompts (CPU budget: `diagnostics_prompts` of each).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -148,4 +149,13 @@ def collapse_section(out: Path, rows: list[dict]) -> list[str]:
     for key, label in PANELS:
         cells = [r.get(f"diag_{who}_{key}") for who in ("student", "teacher") for r in (first, last)]
         lines.append(f"| {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    crossed = Path(out) / "crossed_summary.json"
+    if crossed.exists():
+        c = json.loads(crossed.read_text())
+        lines += [
+            "",
+            f"Cross-SFT cold start: {c['harmful_kept']}/{c['harmful_prompts']} harmful prompts got a judge-verified "
+            f"safe answer under the constitution; {c['benign_rows']} benign rows ({c['benign_truncated']} cut at the "
+            "token limit); see `crossed.jsonl`.",
+        ]
     return [*lines, ""]
