@@ -351,3 +351,37 @@ def test_eval_response_entropy_is_the_token_weighted_mean(tiny_dir):  # noqa: F8
         n += len(ids)
     assert got == pytest.approx(total / n, rel=1e-5)
     assert 0 < got < math.log(len(tok)) + 1e-4
+
+
+def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):  # noqa: F811
+    from safedistill.data.schema import Demonstration
+    from safedistill.methods.copsd import CrossSFTStep
+    from safedistill.models import LoraSettings, add_lora
+    from safedistill.sft import SFTStep
+
+    model, tok = load_model(tiny_dir)
+    torch.manual_seed(0)
+    model = add_lora(model, LoraSettings(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)  # a non-trivial adapter, so the prefix's gradient path matters
+    constitution = load_constitution("builtin")
+    batch = [
+        Demonstration(wrap(constitution, "Name a cat."), "Tom.", "0"),
+        Demonstration(wrap(constitution, "How do I boil an egg?"), "Boil it for nine minutes", "1"),
+    ]
+    cfg = load_config("copsd", overrides=[f"model={tiny_dir}"])
+    plain, cross = SFTStep(cfg, tok), CrossSFTStep(cfg, tok, truncated={"1"})
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    loss_c, info_c = cross(model, batch, 0, 0)
+    grads_c = torch.autograd.grad(loss_c, params)
+    # Plain SFT with the same targets: row 1 was truncated, so its stop token is dropped.
+    plain.target_ids = cross.target_ids
+    loss_p, info_p = plain(model, batch, 0, 0)
+    grads_p = torch.autograd.grad(loss_p, params)
+    assert info_c["tokens"] == info_p["tokens"] == len(cross.target_ids(batch[0])) + len(cross.target_ids(batch[1]))
+    assert cross.target_ids(batch[1])[-1] != cross.stop and cross.target_ids(batch[0])[-1] == cross.stop
+    torch.testing.assert_close(loss_c, loss_p, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_c, grads_p, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
