@@ -140,7 +140,8 @@ def collapse_section(out: Path, rows: list[dict]) -> list[str]:
         "![collapse diagnostics](collapse.png)",
         "",
         f"Probe: {len(probed)} times, on held-out benign (length, distinct-n, entropy) and benign-sensitive "
-        "(over-refusal) prompts, sampled at the rollout temperature with a fixed seed.",
+        "(over-refusal) prompts, sampled at the rollout temperature with a fixed seed, at the start of the "
+        "step (step 1: before any update). The teacher is frozen; its line is the pull the student feels.",
         "",
         f"| figure | student step {first['step']} | student step {last['step']} "
         f"| teacher step {first['step']} | teacher step {last['step']} |",
