@@ -24,6 +24,7 @@ METRICS = [
     ("safety_score", ("safety_score",)),
     ("mean_length", ("expressiveness", "mean_length")),
     ("distinct_2", ("expressiveness", "distinct_2")),
+    ("entropy", ("expressiveness", "mean_token_entropy")),
 ]
 
 

@@ -33,19 +33,25 @@ class RunConfig:
     benign_source: str = "benign"  # train split; OPSA trains on benign prompts too
     n_harmful: int = 64  # training prompts taken from the harmful train split
     n_benign: int = 32  # training prompts taken from the benign train split
+    benign_ratio: float | None = None  # if set, n_benign = round(n_harmful * r / (1 - r)): share of benign prompts
     split_seed: int = 0  # same split as the evaluation, so eval prompts are never trained on
-    targets: str = (
-        "demonstrations"  # sft trainer: demonstrations | teacher (its generations) | external | refined (dgr)
-    )
+    targets: str = "demonstrations"  # sft: demonstrations | teacher (its generations) | external | refined (dgr)
     demonstrations: str = "builtin:safety_demos"  # targets=demonstrations|refined: builtin:NAME or JSONL
-    n_samples: int | None = None  # targets=demonstrations|refined: at most N (seeded; a smaller N is a subset); None: all
+    n_samples: int | None = None  # sft targets: at most N, seeded (a smaller N is a subset); None: all
     refine_retries: int = 2  # dgr: sampled retries after the greedy rewrite before giving up on a sample
     refine_on_fail: str = "fallback"  # dgr: fallback (keep the original sample) | drop
     refine_template: str | None = None  # dgr: response refinement prompt file ({prompt}, {reference}); None: built-in
     refine_reasoning_template: str | None = None  # dgr: the same for reasoning; None: built-in
 
     # --- teacher
-    teacher: str = "context"  # context | none (sft) ; more kinds come with their methods
+    teacher: str = "context"  # context | constitution | none (sft) ; more kinds come with their methods
+    constitution: str = "builtin"  # teacher=constitution: builtin or a text/Markdown file wrapped around the user turn
+    cold_start: str = "none"  # teacher=constitution: none | cross_sft (fine-tune a teacher copy first)
+    cross_sft_steps: int = 16  # cold start: optimizer steps on the crossed set (LoRA on a copy, merged)
+    cross_sft_lr: float = 5.0e-4  # cold start: learning rate
+    cross_sft_batch_size: int = 8  # cold start: crossed pairs per step
+    cross_sft_samples: int = 2  # cold start: samples per harmful prompt under the constitution; first judged safe kept
+    cross_sft_max_new_tokens: int = 96  # cold start: token budget of the crossed answers
     context: str = "auto"  # harmful-side context: a built-in id, literal text, or auto (best flip rate)
     benign_context: str | None = "ctx-b01"  # teacher context on benign prompts (None: no context)
     contexts: str = "builtin"  # candidate library for auto: builtin or a JSONL file (id, text, side)
@@ -68,6 +74,12 @@ class RunConfig:
     token_mask: str = "all"  # all | first_k | top_fraction
     mask_k: int = 10  # first_k: response positions kept
     mask_fraction: float = 0.2  # top_fraction: share of positions with the largest divergence
+    objective: str = "divergence"  # divergence (the loss above) | clipped_reward (COPSD's signal, objectives.py)
+    reward_clip_low: float = -3.0  # clipped_reward: r_t = clip(log pi_T - log pi_S, low, high) + bonus
+    reward_clip_high: float = 5.0
+    reward_bonus: float = 0.02
+    ppo_clip: float = 0.2  # clipped_reward: PPO ratio clip epsilon
+    ref_kl_coef: float = 0.005  # clipped_reward: weight of KL(student || frozen base) on sampled tokens
 
     # --- optimisation
     lora: bool = True  # LoRA on CPU; the papers train all parameters
@@ -87,6 +99,8 @@ class RunConfig:
     eval: bool = True  # evaluate base and trained model
     eval_limit: int | None = 40  # prompts per eval axis
     judge: str = "keyword"
+    diagnostics_every: int = 4  # collapse probe (student and teacher samples) every N steps; 0: never
+    diagnostics_prompts: int = 4  # held-out benign and benign-sensitive prompts per probe (each)
     notes: str = ""  # free text carried into the report (e.g. where defaults come from)
 
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
@@ -98,7 +112,9 @@ CHOICES = {
     "divergence": {"reverse_kl", "forward_kl", "jsd", "mixture", "sampled"},
     "token_mask": {"all", "first_k", "top_fraction"},
     "lr_schedule": {"cosine", "constant"},
-    "teacher": {"context", "none"},
+    "teacher": {"context", "constitution", "none"},
+    "cold_start": {"none", "cross_sft"},
+    "objective": {"divergence", "clipped_reward"},
     "targets": {"demonstrations", "teacher", "external", "refined"},
     "refine_on_fail": {"fallback", "drop"},
 }
@@ -216,6 +232,13 @@ def validate(c: RunConfig) -> None:
         (c.save_every >= 1, "save_every", "must be at least 1"),
         (c.n_samples is None or c.n_samples >= 1, "n_samples", "must be at least 1 or null"),
         (c.refine_retries >= 0, "refine_retries", "must be >= 0"),
+        (c.benign_ratio is None or 0 <= c.benign_ratio < 1, "benign_ratio", "must be in [0, 1) or null"),
+        (c.reward_clip_low <= c.reward_clip_high, "reward_clip_low", "must not exceed reward_clip_high"),
+        (0 < c.ppo_clip < 1, "ppo_clip", "must be in (0, 1)"),
+        (c.diagnostics_every >= 0, "diagnostics_every", "must be >= 0"),
+        (c.cross_sft_steps >= 1, "cross_sft_steps", "must be at least 1"),
+        (c.cross_sft_batch_size >= 1, "cross_sft_batch_size", "must be at least 1"),
+        (c.cross_sft_samples >= 1, "cross_sft_samples", "must be at least 1"),
     ]
     checks.append(
         (

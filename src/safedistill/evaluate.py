@@ -15,6 +15,7 @@ from .data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, lo
 from .data.splits import split_records, take
 from .models import chat_text
 from .rollout import SamplingSettings, check_fits, encode_prompts, generate
+from .scoring import response_logits
 
 
 @dataclass
@@ -52,6 +53,25 @@ def rate_stats(hits: int, n: int) -> dict:
 def distinct_n(texts: list[list[str]], n: int) -> float:
     grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def response_entropy(model, tokenizer, records, rollouts, batch_size: int) -> float:
+    """Mean per-token entropy of the model's next-token distribution along its own answers."""
+    import torch
+
+    from .diagnostics import mean_entropy
+
+    total, count = 0.0, 0
+    batch_size = min(batch_size, 8)  # [B, T, V] float32 logits: keep the peak memory small
+    for start in range(0, len(records), batch_size):
+        recs, outs = records[start : start + batch_size], rollouts[start : start + batch_size]
+        prompts = encode_prompts(tokenizer, [chat_text(tokenizer, r.prompt) for r in recs])
+        responses = [x.response_ids or [tokenizer.pad_token_id] for x in outs]
+        with torch.no_grad():
+            logits, mask = response_logits(model, prompts, responses, pad_id=tokenizer.pad_token_id)
+        n = float(mask.sum())
+        total, count = total + mean_entropy(logits, mask) * n, count + n
+    return total / count if count else 0.0
 
 
 def evaluate(
@@ -213,6 +233,7 @@ def evaluate(
         "distinct_1": distinct_n(words, 1),
         "distinct_2": distinct_n(words, 2),
         "truncated_fraction": sum(not x.finished for x in rollouts) / len(rollouts),
+        "mean_token_entropy": response_entropy(model, tokenizer, benign, rollouts, settings.batch_size),
         "n": len(rollouts),
     }
     # The OPSA paper's composite: 1 - mean(harmful compliance, over-refusal).

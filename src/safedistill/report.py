@@ -13,6 +13,7 @@ ROWS = [
     ("mean length (tokens)", ("expressiveness", "mean_length"), None, None),
     ("distinct-1", ("expressiveness", "distinct_1"), None, None),
     ("distinct-2", ("expressiveness", "distinct_2"), None, None),
+    ("mean token entropy", ("expressiveness", "mean_token_entropy"), None, None),
 ]
 
 JUDGE_NOTE = (
@@ -156,6 +157,9 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
                 f"last loss {last['loss']:.4f}" + (f", mean KL {last['mean_kl']:.4f}" if "mean_kl" in last else ""),
                 "",
             ]
+            from .diagnostics import collapse_section
+
+            lines += collapse_section(out, rows)
     flip = out / "flip_rates.json"
     if flip.exists():
         ranking = json.loads(flip.read_text())

@@ -24,11 +24,14 @@ class SFTStep:
         self.cfg, self.tok = cfg, tok
         self.stop = stop_token_ids(tok)[0]
 
+    def target_ids(self, d: Demonstration) -> list[int]:
+        return target_ids(self.tok, d, self.stop)
+
     def __call__(self, model, batch: list[Demonstration], step: int, micro: int) -> tuple[torch.Tensor, dict]:
         t0 = time.perf_counter()
         model.train()
         prompts = encode_prompts(self.tok, [chat_text(self.tok, d.prompt) for d in batch])
-        targets = [target_ids(self.tok, d, self.stop) for d in batch]
+        targets = [self.target_ids(d) for d in batch]
         logits, mask = response_logits(model, prompts, targets, pad_id=self.tok.pad_token_id)
         labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         for i, t in enumerate(targets):

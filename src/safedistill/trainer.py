@@ -22,6 +22,7 @@ from .config import RunConfig, to_yaml
 from .data.packaged import Manifest
 from .data.sources import load_prompts
 from .data.splits import split_records, take
+from .diagnostics import CollapseProbe, mean_entropy, text_stats
 from .divergence import (
     first_k_mask,
     masked_mean,
@@ -34,6 +35,7 @@ from .evaluate import EvalSettings, evaluate
 from .files import append_jsonl, atomic_write_text, write_json, write_jsonl
 from .judges import load_judge
 from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
+from .objectives import clipped_reward_step
 from .rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
 from .scoring import response_logits
 from .teachers import FrozenBase, Item
@@ -42,9 +44,12 @@ from .teachers import FrozenBase, Item
 def training_items(cfg: RunConfig, manifest: Manifest) -> list[Item]:
     """Harmful and benign prompts from the TRAIN side of the split the evaluation holds out."""
     items = []
+    n_benign = (
+        cfg.n_benign if cfg.benign_ratio is None else round(cfg.n_harmful * cfg.benign_ratio / (1 - cfg.benign_ratio))
+    )
     for source, n, group in (
         (cfg.harmful_source, cfg.n_harmful, "harmful"),
-        (cfg.benign_source, cfg.n_benign, "benign"),
+        (cfg.benign_source, n_benign, "benign"),
     ):
         if n <= 0:
             continue
@@ -113,6 +118,9 @@ class OnPolicyStep:
 
     def __init__(self, cfg: RunConfig, tok, teacher, judge):
         self.cfg, self.tok, self.teacher, self.judge = cfg, tok, teacher, judge
+        # The frozen base for objective=clipped_reward's KL term: the teacher's base unless it names another.
+        self.reference = getattr(teacher, "reference", None) or getattr(teacher, "base", None)
+        self.probe = CollapseProbe(cfg, tok, judge) if cfg.diagnostics_every else None
         self.stops = stop_token_ids(tok)
         self.kl_sum = torch.zeros(cfg.max_new_tokens + 1)
         self.kl_count = torch.zeros(cfg.max_new_tokens + 1)
@@ -120,6 +128,7 @@ class OnPolicyStep:
     def __call__(self, model, batch: list[Item], step: int, micro: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         items = [it for it in batch for _ in range(cfg.rollouts_per_prompt)]
+        diag = self.probe(model, self.teacher) if self.probe and micro == 0 and self.probe.due(step) else {}
         t0 = time.perf_counter()
         sampling = SamplingSettings(
             max_new_tokens=cfg.max_new_tokens,
@@ -148,15 +157,30 @@ class OnPolicyStep:
         tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         for i, r in enumerate(responses):
             tokens[i, : len(r)] = torch.tensor(r)
-        per_token = per_token_divergence(
-            student_logits,
-            teacher_logits,
-            cfg.divergence,
-            tokens=tokens,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            top_k=None if cfg.divergence == "sampled" else cfg.top_k,
-        )
+        if cfg.objective == "clipped_reward":
+            per_token, extra = clipped_reward_step(
+                cfg,
+                model,
+                self.reference,
+                prompts,
+                responses,
+                student_logits,
+                teacher_logits,
+                tokens,
+                mask,
+                pad_id=self.tok.pad_token_id,
+            )
+        else:
+            extra = {}
+            per_token = per_token_divergence(
+                student_logits,
+                teacher_logits,
+                cfg.divergence,
+                tokens=tokens,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                top_k=None if cfg.divergence == "sampled" else cfg.top_k,
+            )
         with torch.no_grad():
             slog, tlog = (
                 student_logits.float().log_softmax(-1),
@@ -189,6 +213,11 @@ class OnPolicyStep:
             "t_rollout": t1 - t0,
             "t_teacher": t2 - t1,
             "t_student": t3 - t2,
+            "student_entropy": mean_entropy(student_logits, mask),
+            "teacher_entropy": mean_entropy(teacher_logits, mask),
+            "rollout_distinct_2": text_stats([r.text for r in rollouts], [len(r) for r in responses])["distinct_2"],
+            **extra,
+            **diag,
         }
 
     def kl_by_position(self) -> list[float]:
@@ -283,7 +312,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-        row = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        # Some figures (the collapse probe) come from the first micro-batch only.
+        keys = dict.fromkeys(k for d in logs for k in d)
+        row = {k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys}
         row.update(
             step=step + 1,
             lr=scheduler.get_last_lr()[0],

@@ -15,13 +15,15 @@ from ..data.packaged import Manifest
 
 def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress: bool = True) -> dict:
     from ..trainer import training_items
-    from . import baselines, dgr, opsa
+    from . import baselines, copsd, dgr, opsa
 
     if cfg.trainer == "sft" and cfg.targets == "demonstrations":
         return {"targets": baselines.demonstration_targets(cfg, manifest)}
     if cfg.trainer == "sft" and cfg.targets == "refined":
         return {"targets": dgr.refined_targets(cfg, model, tok, judge, manifest, out, progress=progress)}
     items = training_items(cfg, manifest)
+    if cfg.teacher == "constitution":
+        return copsd.prepare(cfg, model, tok, judge, items, out, progress=progress)
     contexts = {}
     if cfg.teacher == "context":
         contexts = opsa.choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)
@@ -36,4 +38,8 @@ def build_teacher(cfg: RunConfig, base, tok, prepared: dict):
 
     if cfg.teacher == "context":
         return ContextTeacher(base, tok, prepared["contexts"])
+    if cfg.teacher == "constitution":
+        from . import copsd
+
+        return copsd.build_teacher(base, tok, prepared)
     raise ValueError(f"teacher '{cfg.teacher}' cannot score on-policy rollouts")

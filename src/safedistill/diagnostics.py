@@ -1,0 +1,162 @@
+"""Collapse diagnostics: is the teacher pulling the student toward short, repetitive, over-cautious
+answers? Mean response length, distinct-1/2, mean token entropy and over-refusal on
+benign-but-sensitive prompts, for the student and for the teacher's own samples.
+
+Every on-policy step logs the free figures (entropies and distinct-n of the training rollouts);
+every `diagnostics_every` steps a probe samples both models on a few held-out benign and
+benign-sensitive prompts (CPU budget: `diagnostics_prompts` of each).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .evaluate import EvalSettings, distinct_n, held_out
+from .models import chat_text
+from .rollout import SamplingSettings, encode_prompts, generate
+from .scoring import response_logits
+from .teachers import Item
+
+PANELS = [
+    ("length", "mean response length (tokens)"),
+    ("distinct_2", "distinct-2"),
+    ("overrefusal", "over-refusal (benign-sensitive)"),
+    ("entropy", "mean token entropy (nats)"),
+]
+
+
+def text_stats(texts: list[str], lengths: list[int]) -> dict:
+    words = [t.split() for t in texts]
+    return {
+        "length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "distinct_1": distinct_n(words, 1),
+        "distinct_2": distinct_n(words, 2),
+    }
+
+
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over masked positions of -sum_v p log p, logits [B, T, V]."""
+    with torch.no_grad():
+        logp = logits.float().log_softmax(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        m = mask.float()
+        return float((ent * m).sum() / m.sum().clamp(min=1))
+
+
+class CollapseProbe:
+    """Samples student and teacher on the same held-out prompts; the teacher through its own
+    prompt (context or constitution) and weights. Deterministic: the same seed at every probe."""
+
+    def __init__(self, cfg, tok, judge):
+        self.cfg, self.tok, self.judge = cfg, tok, judge
+        n = cfg.diagnostics_prompts
+        settings = EvalSettings(limit=n, seed=cfg.seed, split_seed=cfg.split_seed)
+        self.benign = held_out(cfg.benign_source, settings, None) if n else []
+        self.sensitive = held_out("overrefusal", settings, None) if n else []
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.diagnostics_every
+        return bool(every) and bool(self.benign or self.sensitive) and (step % every == 0 or step + 1 == self.cfg.steps)
+
+    def _side(self, model, texts: list[str]) -> dict:
+        cfg = self.cfg
+        sampling = SamplingSettings(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=len(texts),
+            seed=cfg.seed * 7 + 11,
+        )
+        rollouts, _ = generate(model, self.tok, texts, sampling, progress=False)
+        nb = len(self.benign)
+        own = rollouts[:nb]
+        stats = text_stats([r.text for r in own], [len(r.response_ids) for r in own])
+        sens = rollouts[nb:]
+        stats["overrefusal"] = sum(self.judge.is_refusal(r.text) for r in sens) / len(sens) if sens else 0.0
+        responses = [r.response_ids or [self.tok.pad_token_id] for r in own]
+        if own:
+            with torch.no_grad():
+                logits, mask = response_logits(
+                    model, encode_prompts(self.tok, texts[:nb]), responses, pad_id=self.tok.pad_token_id
+                )
+            stats["entropy"] = mean_entropy(logits, mask)
+        return stats
+
+    def __call__(self, student, teacher) -> dict:
+        """{"diag_student_*", "diag_teacher_*"}; teacher figures only for teachers that expose
+        `base` (FrozenBase-like) and `prompt_text`."""
+        records = [*self.benign, *self.sensitive]
+        was_training = student.training
+        student.eval()
+        out = {
+            f"diag_student_{k}": v
+            for k, v in self._side(student, [chat_text(self.tok, r.prompt) for r in records]).items()
+        }
+        if hasattr(teacher, "base") and hasattr(teacher, "prompt_text"):
+            texts = [teacher.prompt_text(Item(r.id, r.prompt, "benign")) for r in records]
+            with teacher.base.weights(student) as model:
+                out.update({f"diag_teacher_{k}": v for k, v in self._side(model, texts).items()})
+        student.train(was_training)
+        return out
+
+
+def plot_collapse(rows: list[dict], path: Path) -> bool:
+    """Student vs teacher over training steps, one panel per figure; False if nothing to plot."""
+    probed = [r for r in rows if "diag_student_length" in r]
+    if not probed:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3))
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        for who, style in (("student", "o-"), ("teacher", "s--")):
+            pts = [(r["step"], r[f"diag_{who}_{key}"]) for r in probed if f"diag_{who}_{key}" in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=who)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def collapse_section(out: Path, rows: list[dict]) -> list[str]:
+    """Report lines: the plot and first/last probe values."""
+    if not plot_collapse(rows, Path(out) / "collapse.png"):
+        return []
+    probed = [r for r in rows if "diag_student_length" in r]
+    first, last = probed[0], probed[-1]
+    lines = [
+        "## Collapse diagnostics",
+        "",
+        "![collapse diagnostics](collapse.png)",
+        "",
+        f"Probe: {len(probed)} times, on held-out benign (length, distinct-n, entropy) and benign-sensitive "
+        "(over-refusal) prompts, sampled at the rollout temperature with a fixed seed, at the start of the "
+        "step (step 1: before any update). The teacher is frozen; its line is the pull the student feels.",
+        "",
+        f"| figure | student step {first['step']} | student step {last['step']} "
+        f"| teacher step {first['step']} | teacher step {last['step']} |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in PANELS:
+        cells = [r.get(f"diag_{who}_{key}") for who in ("student", "teacher") for r in (first, last)]
+        lines.append(f"| {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    crossed = Path(out) / "crossed_summary.json"
+    if crossed.exists():
+        c = json.loads(crossed.read_text())
+        lines += [
+            "",
+            f"Cross-SFT cold start: {c['harmful_kept']}/{c['harmful_prompts']} harmful prompts got a judge-verified "
+            f"safe answer under the constitution; {c['benign_rows']} benign rows ({c['benign_truncated']} cut at the "
+            "token limit); see `crossed.jsonl`.",
+        ]
+    return [*lines, ""]
