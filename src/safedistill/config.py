@@ -38,7 +38,7 @@ class RunConfig:
     demonstrations: str = "builtin:safety_demos"  # targets=demonstrations: builtin:NAME or JSONL
 
     # --- teacher
-    teacher: str = "context"  # context | none (sft) ; more kinds come with their methods
+    teacher: str = "context"  # context | steering | none (sft) ; more kinds come with their methods
     context: str = "auto"  # harmful-side context: a built-in id, literal text, or auto (best flip rate)
     benign_context: str | None = "ctx-b01"  # teacher context on benign prompts (None: no context)
     contexts: str = "builtin"  # candidate library for auto: builtin or a JSONL file (id, text, side)
@@ -46,6 +46,16 @@ class RunConfig:
     context_search_tokens: int = 24  # greedy tokens per answer in the search; refusals show early
     external_model: str | None = None  # external-kd: the model whose generations are the targets
     keep_only_safe: bool = True  # offpolicy-sd/external-kd: keep harmful-prompt targets the judge calls safe
+
+    # --- steering teacher and safety tokens (SafeSteer; see `safedistill steer`)
+    steer_direction: str = "context-delta"  # context-delta (harmful with vs. without `context`) | harmful-harmless
+    steer_layers: str = "auto"  # layers searched, comma-separated, or auto (all but the last 20%)
+    steer_scales: str = "1.0"  # scales tried per candidate, comma-separated (scale * raw direction)
+    steer_kl_cap: float = 0.1  # candidates must keep next-token KL(base || steered) on harmless prompts under this
+    steer_prompts: int = 16  # harmful and harmless train prompts each for the direction and its search
+    steer_from: str | None = None  # a `safedistill steer` output dir to reuse instead of searching in the run
+    safety_tokens_k: int = 50  # |S|, the vocabulary ids the safety_tokens mask sums over
+    safety_token_prompts: int = 8  # harmless train prompts (disjoint from the direction's) sampled to choose S
 
     # --- rollouts
     rollouts_per_prompt: int = 1
@@ -58,9 +68,11 @@ class RunConfig:
     alpha: float = 0.5  # mixture: alpha * forward KL + (1 - alpha) * reverse KL
     beta: float = 0.5  # jsd interpolation (0 forward KL, 1 reverse KL)
     top_k: int | None = 512  # teacher's top-k support plus a tail bucket; None: full vocabulary
-    token_mask: str = "all"  # all | first_k | top_fraction
+    token_mask: str = "all"  # all | first_k | top_fraction | threshold (positions: where teacher and student disagree)
     mask_k: int = 10  # first_k: response positions kept
     mask_fraction: float = 0.2  # top_fraction: share of positions with the largest divergence
+    mask_threshold: float = 0.1  # threshold: positions whose reverse KL(student || teacher) exceeds this
+    vocab_mask: str = "none"  # none | safety_tokens: sum the reverse/forward KL over S only, not renormalised
 
     # --- optimisation
     lora: bool = True  # LoRA on CPU; the papers train all parameters
@@ -89,9 +101,11 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 CHOICES = {
     "trainer": {"onpolicy", "sft"},
     "divergence": {"reverse_kl", "forward_kl", "jsd", "mixture", "sampled"},
-    "token_mask": {"all", "first_k", "top_fraction"},
+    "token_mask": {"all", "first_k", "top_fraction", "threshold"},
+    "vocab_mask": {"none", "safety_tokens"},
+    "steer_direction": {"context-delta", "harmful-harmless"},
     "lr_schedule": {"cosine", "constant"},
-    "teacher": {"context", "none"},
+    "teacher": {"context", "steering", "none"},
     "targets": {"demonstrations", "teacher", "external"},
 }
 
@@ -187,6 +201,13 @@ def load_config(preset: str, *, config_file: str | None = None, overrides: list[
     return config
 
 
+def _number_list(text: str, cast) -> bool:
+    try:
+        return text.strip() == "auto" or len([cast(x) for x in text.split(",")]) > 0
+    except ValueError:
+        return False
+
+
 def validate(c: RunConfig) -> None:
     checks = [
         (c.steps >= 1, "steps", "must be at least 1"),
@@ -206,6 +227,16 @@ def validate(c: RunConfig) -> None:
         (0 <= c.alpha <= 1, "alpha", "must be in [0, 1]"),
         (0 <= c.beta <= 1, "beta", "must be in [0, 1]"),
         (c.save_every >= 1, "save_every", "must be at least 1"),
+        (
+            c.vocab_mask == "none" or c.divergence in {"reverse_kl", "forward_kl"},
+            "vocab_mask",
+            "safety_tokens needs divergence reverse_kl or forward_kl",
+        ),
+        (c.safety_tokens_k >= 1, "safety_tokens_k", "must be at least 1"),
+        (_number_list(c.steer_layers, int), "steer_layers", "must be auto or comma-separated layer indices"),
+        (_number_list(c.steer_scales, float), "steer_scales", "must be comma-separated numbers"),
+        (c.steer_prompts >= 1, "steer_prompts", "must be at least 1"),
+        (c.safety_token_prompts >= 1, "safety_token_prompts", "must be at least 1"),
     ]
     checks.append(
         (
