@@ -85,6 +85,36 @@ def _flip_rate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/flip_rates.json")
 
 
+def _steer(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .data.packaged import Manifest
+    from .files import write_json
+    from .judges import load_judge
+    from .methods.safesteer import search_steering
+    from .models import load_model, resolve_device
+
+    sets = [f"model={args.model}", f"steer_direction={args.direction}", f"seed={args.seed}"]
+    for name, value in (("steer_layers", args.layers), ("steer_scales", args.scales), ("context", args.context)):
+        if value is not None:
+            sets.append(f"{name}={value}")
+    cfg = load_config("safesteer", overrides=[*args.set, *sets])
+    manifest = Manifest()
+    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    out = Path(args.out)
+    prepared = search_steering(cfg, model, tok, load_judge(cfg.judge), manifest, out)
+    write_json(out / "manifest.json", manifest.to_list())
+    import json
+
+    chosen = json.loads((out / "steering.json").read_text())["chosen"]
+    print(
+        f"chosen: layer {chosen['layer']}, position {chosen['position']}, scale {chosen['scale']} · "
+        f"refusal score {chosen['base_refusal_score_harmful']:+.2f} -> {chosen['refusal_score_harmful']:+.2f} "
+        f"(harmful) · KL on harmless {chosen['kl_harmless']:.3f} (cap {chosen['kl_cap']}, met: {chosen['kl_cap_met']})"
+    )
+    print("safety tokens: " + " ".join(repr(t["text"]) for t in prepared["safety_tokens"]))
+    print(f"wrote {out}/steering.json, steering_direction.safetensors, safety_tokens.json")
+
+
 def _compare(args: argparse.Namespace) -> None:
     from .compare import compare, compare_report
 
@@ -197,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="auto")
     d.set_defaults(func=_refine)
+    st = sub.add_parser("steer", help="find a refusal steering direction and the safety token set S")
+    st.add_argument("--model", default="smollm2-135m-instruct")
+    st.add_argument("--out", required=True, help="directory for steering.json, the direction, safety_tokens.json")
+    st.add_argument("--direction", default="context-delta", choices=["context-delta", "harmful-harmless"])
+    st.add_argument("--layers", help="comma-separated layers to search (default: all but the last 20%%)")
+    st.add_argument("--scales", help="comma-separated scales to try (default 1.0)")
+    st.add_argument("--context", help="context-delta: the safety context (built-in id, text, or auto)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
+    st.set_defaults(func=_steer)
 
     c = sub.add_parser("compare", help="several presets over several seeds: one table and one plot")
     c.add_argument("presets", nargs="+")

@@ -44,7 +44,7 @@ class RunConfig:
     refine_reasoning_template: str | None = None  # dgr: the same for reasoning; None: built-in
 
     # --- teacher
-    teacher: str = "context"  # context | constitution | none (sft) ; more kinds come with their methods
+    teacher: str = "context"  # context | constitution | steering | none (sft) ; more kinds come with their methods
     constitution: str = "builtin"  # teacher=constitution: builtin or a text/Markdown file wrapped around the user turn
     cold_start: str = "none"  # teacher=constitution: none | cross_sft (fine-tune a teacher copy first)
     cross_sft_steps: int = 16  # cold start: optimizer steps on the crossed set (LoRA on a copy, merged)
@@ -60,6 +60,16 @@ class RunConfig:
     external_model: str | None = None  # external-kd: the model whose generations are the targets
     keep_only_safe: bool = True  # offpolicy-sd/external-kd: keep harmful-prompt targets the judge calls safe
 
+    # --- steering teacher and safety tokens (SafeSteer; see `safedistill steer`)
+    steer_direction: str = "context-delta"  # context-delta (harmful with vs. without `context`) | harmful-harmless
+    steer_layers: str = "auto"  # layers searched, comma-separated, or auto (all but the last 20%)
+    steer_scales: str = "1.0"  # scales tried per candidate, comma-separated (scale * raw direction)
+    steer_kl_cap: float = 0.1  # candidates must keep next-token KL(base || steered) on harmless prompts under this
+    steer_prompts: int = 16  # harmful and harmless train prompts each for the direction and its search
+    steer_from: str | None = None  # a `safedistill steer` output dir to reuse instead of searching in the run
+    safety_tokens_k: int = 50  # |S|, the vocabulary ids the safety_tokens mask sums over
+    safety_token_prompts: int = 8  # harmless train prompts (disjoint from the direction's) sampled to choose S
+
     # --- rollouts
     rollouts_per_prompt: int = 1
     temperature: float = 0.6
@@ -71,7 +81,7 @@ class RunConfig:
     alpha: float = 0.5  # mixture: alpha * forward KL + (1 - alpha) * reverse KL
     beta: float = 0.5  # jsd interpolation (0 forward KL, 1 reverse KL)
     top_k: int | None = 512  # teacher's top-k support plus a tail bucket; None: full vocabulary
-    token_mask: str = "all"  # all | first_k | top_fraction
+    token_mask: str = "all"  # all | first_k | top_fraction | threshold (positions: where teacher and student disagree)
     mask_k: int = 10  # first_k: response positions kept
     mask_fraction: float = 0.2  # top_fraction: share of positions with the largest divergence
     objective: str = "divergence"  # divergence (the loss above) | clipped_reward (COPSD's signal, objectives.py)
@@ -80,6 +90,8 @@ class RunConfig:
     reward_bonus: float = 0.02
     ppo_clip: float = 0.2  # clipped_reward: PPO ratio clip epsilon
     ref_kl_coef: float = 0.005  # clipped_reward: weight of KL(student || frozen base) on sampled tokens
+    mask_threshold: float = 0.1  # threshold: positions whose reverse KL(student || teacher) exceeds this
+    vocab_mask: str = "none"  # none | safety_tokens: sum the reverse/forward KL over S only, not renormalised
 
     # --- optimisation
     lora: bool = True  # LoRA on CPU; the papers train all parameters
@@ -110,9 +122,11 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 CHOICES = {
     "trainer": {"onpolicy", "sft"},
     "divergence": {"reverse_kl", "forward_kl", "jsd", "mixture", "sampled"},
-    "token_mask": {"all", "first_k", "top_fraction"},
+    "token_mask": {"all", "first_k", "top_fraction", "threshold"},
+    "vocab_mask": {"none", "safety_tokens"},
+    "steer_direction": {"context-delta", "harmful-harmless"},
     "lr_schedule": {"cosine", "constant"},
-    "teacher": {"context", "constitution", "none"},
+    "teacher": {"context", "constitution", "steering", "none"},
     "cold_start": {"none", "cross_sft"},
     "objective": {"divergence", "clipped_reward"},
     "targets": {"demonstrations", "teacher", "external", "refined"},
@@ -211,6 +225,13 @@ def load_config(preset: str, *, config_file: str | None = None, overrides: list[
     return config
 
 
+def _number_list(text: str, cast) -> bool:
+    try:
+        return text.strip() == "auto" or len([cast(x) for x in text.split(",")]) > 0
+    except ValueError:
+        return False
+
+
 def validate(c: RunConfig) -> None:
     checks = [
         (c.steps >= 1, "steps", "must be at least 1"),
@@ -239,6 +260,16 @@ def validate(c: RunConfig) -> None:
         (c.cross_sft_steps >= 1, "cross_sft_steps", "must be at least 1"),
         (c.cross_sft_batch_size >= 1, "cross_sft_batch_size", "must be at least 1"),
         (c.cross_sft_samples >= 1, "cross_sft_samples", "must be at least 1"),
+        (
+            c.vocab_mask == "none" or c.divergence in {"reverse_kl", "forward_kl"},
+            "vocab_mask",
+            "safety_tokens needs divergence reverse_kl or forward_kl",
+        ),
+        (c.safety_tokens_k >= 1, "safety_tokens_k", "must be at least 1"),
+        (_number_list(c.steer_layers, int), "steer_layers", "must be auto or comma-separated layer indices"),
+        (_number_list(c.steer_scales, float), "steer_scales", "must be comma-separated numbers"),
+        (c.steer_prompts >= 1, "steer_prompts", "must be at least 1"),
+        (c.safety_token_prompts >= 1, "safety_token_prompts", "must be at least 1"),
     ]
     checks.append(
         (

@@ -99,8 +99,9 @@ def per_token_divergence(
                   With old_logprobs the reward is weighted by the (detached) importance ratio
                   exp(log p_S(y_t) - old_logprobs), capped at ratio_clip if given.
     top_k: teacher's top-k entries plus one tail bucket per distribution (not for "sampled").
-    vocab_ids: reverse_kl only: sum over v in vocab_ids of p_S(v)(log p_S(v) - log p_T(v)) with
-      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0).
+    vocab_ids: reverse_kl: sum over v in vocab_ids of p_S(v)(log p_S(v) - log p_T(v)) with
+      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0);
+      forward_kl: the same with student and teacher swapped (SafeSteer's ablation).
     """
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCES}")
@@ -115,8 +116,8 @@ def per_token_divergence(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if vocab_ids is not None and kind != "reverse_kl":
-        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl', not {kind!r}")
+    if vocab_ids is not None and kind not in ("reverse_kl", "forward_kl"):
+        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl' or 'forward_kl', not {kind!r}")
     if vocab_ids is not None and top_k is not None:
         raise ValueError("vocab_ids and top_k cannot be combined")
     if kind != "sampled" and (old_logprobs is not None or ratio_clip is not None):
@@ -148,7 +149,8 @@ def per_token_divergence(
         if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
             raise ValueError(f"vocab_ids must lie in [0, {V})")
         vocab_ids = vocab_ids.to(ls.device)
-        return _kl(ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids))
+        ls_v, lt_v = ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids)
+        return _kl(ls_v, lt_v) if kind == "reverse_kl" else _kl(lt_v, ls_v)
 
     if top_k is not None and top_k < ls.shape[-1]:
         ls, lt = _top_k_with_tail(ls, lt, top_k)

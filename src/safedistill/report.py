@@ -178,7 +178,39 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
         from .methods.dgr import shift_lines
 
         lines += shift_lines(json.loads((out / "shift.json").read_text()))
+    lines += steering_section(out)
     lines += ["## Settings", "", "```yaml", (out / "config.yaml").read_text().rstrip(), "```", ""]
     if final:
         lines += ["## Data", "", manifest_table(final["manifest"]), "", JUDGE_NOTE, ""]
     return "\n".join(lines)
+
+
+def steering_section(out) -> list[str]:
+    """The chosen steering candidate and the safety token set S, when the run has them."""
+    import json
+    from pathlib import Path
+
+    lines: list[str] = []
+    steering, tokens = Path(out) / "steering.json", Path(out) / "safety_tokens.json"
+    if steering.exists():
+        s = json.loads(steering.read_text())
+        c = s["chosen"]
+        lines += [
+            "## Steering direction",
+            "",
+            f"`{s['direction']}` direction, layer {c['layer']}, post-instruction position {c['position']}, "
+            f"scale {c['scale']} (norm {c['norm']:.2f}); refusal score on harmful prompts "
+            f"{c['base_refusal_score_harmful']:+.2f} -> {c['refusal_score_harmful']:+.2f}; next-token KL on harmless "
+            f"prompts {c['kl_harmless']:.3f} (cap {c['kl_cap']}" + ("" if c["kl_cap_met"] else ", NOT met") + "); "
+            f"{len(s['candidates'])} candidates in steering.json.",
+            "",
+        ]
+    if tokens.exists():
+        t = json.loads(tokens.read_text())["tokens"]
+        lines += [
+            f"## Safety tokens S ({len(t)})",
+            "",
+            " ".join(f"`{x['text']!r}`" for x in t),
+            "",
+        ]
+    return lines

@@ -102,3 +102,21 @@ class ContextTeacher:
                 out[rows, : logits.size(1)] = logits
         assert out is not None
         return out
+
+
+class SteeringTeacher:
+    """Base model with `scale * vector` added at one layer's input (activation steering). It sees
+    the same prompt as the student; only the hidden states differ."""
+
+    def __init__(self, base: FrozenBase, tokenizer, *, layer: int, vector: torch.Tensor, scale: float = 1.0):
+        self.base, self.tokenizer = base, tokenizer
+        self.layer, self.vector, self.scale = layer, vector, scale
+
+    @torch.no_grad()
+    def logits(self, student, items: Sequence[Item], responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        from .steering import steer
+
+        prompts = encode_prompts(self.tokenizer, [chat_text(self.tokenizer, it.prompt) for it in items])
+        with self.base.weights(student) as model, steer(model, self.layer, self.vector, self.scale):
+            logits, _ = response_logits(model, prompts, responses, pad_id=self.tokenizer.pad_token_id)
+        return logits

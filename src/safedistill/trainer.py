@@ -116,11 +116,14 @@ def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str
 class OnPolicyStep:
     """Steps 2-6 of DESIGN.md's on-policy step for one micro-batch; returns (loss, metrics)."""
 
-    def __init__(self, cfg: RunConfig, tok, teacher, judge):
+    def __init__(self, cfg: RunConfig, tok, teacher, judge, *, vocab_ids: torch.Tensor | None = None):
         self.cfg, self.tok, self.teacher, self.judge = cfg, tok, teacher, judge
         # The frozen base for objective=clipped_reward's KL term: the teacher's base unless it names another.
         self.reference = getattr(teacher, "reference", None) or getattr(teacher, "base", None)
         self.probe = CollapseProbe(cfg, tok, judge) if cfg.diagnostics_every else None
+        self.vocab_ids = vocab_ids if cfg.vocab_mask == "safety_tokens" else None
+        if cfg.vocab_mask == "safety_tokens" and vocab_ids is None:
+            raise ValueError("vocab_mask=safety_tokens needs the safety token ids")
         self.stops = stop_token_ids(tok)
         self.kl_sum = torch.zeros(cfg.max_new_tokens + 1)
         self.kl_count = torch.zeros(cfg.max_new_tokens + 1)
@@ -179,7 +182,8 @@ class OnPolicyStep:
                 tokens=tokens,
                 alpha=cfg.alpha,
                 beta=cfg.beta,
-                top_k=None if cfg.divergence == "sampled" else cfg.top_k,
+                top_k=None if cfg.divergence == "sampled" or self.vocab_ids is not None else cfg.top_k,
+                vocab_ids=self.vocab_ids,
             )
         with torch.no_grad():
             slog, tlog = (
@@ -187,10 +191,19 @@ class OnPolicyStep:
                 teacher_logits.float().log_softmax(-1),
             )
             reverse_kl = (slog.exp() * (slog - tlog)).sum(-1)
+            # A loss over a few ids can shrink mass instead of moving it: watch entropy and mass on S.
+            entropy = -(slog.exp() * slog).sum(-1)
+            s_mass = (
+                slog.index_select(-1, self.vocab_ids.to(slog.device)).exp().sum(-1)
+                if self.vocab_ids is not None
+                else None
+            )
         if cfg.token_mask == "first_k":
             loss_mask = first_k_mask(mask, cfg.mask_k)
         elif cfg.token_mask == "top_fraction":
             loss_mask = top_fraction_mask(reverse_kl, mask, fraction=cfg.mask_fraction)
+        elif cfg.token_mask == "threshold":
+            loss_mask = top_fraction_mask(reverse_kl, mask, threshold=cfg.mask_threshold)
         else:
             loss_mask = mask
         loss = masked_mean(per_token, loss_mask)
@@ -201,8 +214,11 @@ class OnPolicyStep:
         n_tok = int(mask.sum())
         harmful = [i for i, it in enumerate(items) if it.group == "harmful"]
         refused = sum(self.judge.is_refusal(rollouts[i].text) for i in harmful)
+        if s_mass is not None:
+            extra["student_mass_on_s"] = float(masked_mean(s_mass, mask))
         return loss, {
             "loss": loss.item(),
+            "student_entropy": float(masked_mean(entropy, mask)),
             "mean_kl": float(masked_mean(reverse_kl, mask)),
             "sampled_kl": float(masked_mean(sampled_kl(student_logits, teacher_logits, tokens), mask)),
             "masked_fraction": float(loss_mask.sum() / mask.sum()),
@@ -213,7 +229,6 @@ class OnPolicyStep:
             "t_rollout": t1 - t0,
             "t_teacher": t2 - t1,
             "t_student": t3 - t2,
-            "student_entropy": mean_entropy(student_logits, mask),
             "teacher_entropy": mean_entropy(teacher_logits, mask),
             "rollout_distinct_2": text_stats([r.text for r in rollouts], [len(r) for r in responses])["distinct_2"],
             **extra,
@@ -267,7 +282,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     if cfg.trainer == "onpolicy":
         teacher = methods.build_teacher(cfg, FrozenBase(model, share_weights=cfg.lora), tok, prepared)
-        step_fn = OnPolicyStep(cfg, tok, teacher, judge)
+        masks = {"vocab_ids": prepared["vocab_ids"]} if cfg.vocab_mask == "safety_tokens" else {}
+        step_fn = OnPolicyStep(cfg, tok, teacher, judge, **masks)
         data = prepared["items"]
     else:
         from .sft import SFTStep

@@ -15,7 +15,7 @@ from ..data.packaged import Manifest
 
 def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress: bool = True) -> dict:
     from ..trainer import training_items
-    from . import baselines, copsd, dgr, opsa
+    from . import baselines, copsd, dgr, opsa, safesteer
 
     if cfg.trainer == "sft" and cfg.targets == "demonstrations":
         return {"targets": baselines.demonstration_targets(cfg, manifest)}
@@ -27,14 +27,17 @@ def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *,
     contexts = {}
     if cfg.teacher == "context":
         contexts = opsa.choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)
+    steering = {}
+    if cfg.teacher == "steering" or cfg.vocab_mask == "safety_tokens":
+        steering = safesteer.prepare_steering(cfg, model, tok, judge, manifest, out, progress=progress)
     if cfg.trainer == "onpolicy":
-        return {"items": items, "contexts": contexts}
+        return {"items": items, "contexts": contexts, **steering}
     return {"targets": baselines.generated_targets(cfg, model, tok, judge, items, contexts, out, progress=progress)}
 
 
 def build_teacher(cfg: RunConfig, base, tok, prepared: dict):
     """The teacher for an on-policy run. `base` is a FrozenBase over the (LoRA-wrapped) student."""
-    from ..teachers import ContextTeacher
+    from ..teachers import ContextTeacher, SteeringTeacher
 
     if cfg.teacher == "context":
         return ContextTeacher(base, tok, prepared["contexts"])
@@ -42,4 +45,6 @@ def build_teacher(cfg: RunConfig, base, tok, prepared: dict):
         from . import copsd
 
         return copsd.build_teacher(base, tok, prepared)
+    if cfg.teacher == "steering":
+        return SteeringTeacher(base, tok, **prepared["steering"])
     raise ValueError(f"teacher '{cfg.teacher}' cannot score on-policy rollouts")
