@@ -350,3 +350,13 @@ def test_dgr_run_trains_on_refined_targets(tiny_dir, tmp_path, monkeypatch):  # 
     assert shift["counts"]["refined"] == 3 and shift["n_samples"] == 3
     assert (out / "final" / "adapter_model.safetensors").exists()
     assert "## Refinement (DGR)" in (out / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_refine_lowers_nll_on_default_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFEDISTILL_CACHE", raising=False)  # the real model and benchmark cache
+    argv = ["refine", "--data", "builtin:directrefusal", "--out", str(tmp_path), "--n-samples", "4"]
+    assert main(argv) == 0
+    shift = json.loads((tmp_path / "shift.json").read_text())
+    assert shift["counts"]["refined"] >= 1
+    assert shift["nll"]["refined_only_after"] < shift["nll"]["refined_only_before"]
