@@ -74,6 +74,10 @@ class RunConfig:
     batch_size: int = 8  # prompts per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 24  # optimizer steps
+    precision: str = (
+        "fp32"  # fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 where the hardware has it)
+    )
+    rollout_backend: str = "hf"  # hf (transformers generate) | vllm (GPU, falls back to hf when vllm is missing)
 
     # --- bookkeeping
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
@@ -93,6 +97,8 @@ CHOICES = {
     "lr_schedule": {"cosine", "constant"},
     "teacher": {"context", "none"},
     "targets": {"demonstrations", "teacher", "external"},
+    "precision": {"fp32", "bf16", "auto"},
+    "rollout_backend": {"hf", "vllm"},
 }
 
 
