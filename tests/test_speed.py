@@ -101,3 +101,30 @@ def test_vllm_backend_falls_back_to_transformers_without_vllm(tok, monkeypatch, 
     assert "vllm is not installed" in capsys.readouterr().err
     teacher = ContextTeacher(FrozenBase(build_model(tok), share_weights=False), tok, CONTEXTS)
     assert OnPolicyStep(cfg, tok, teacher, load_judge("keyword")).generate is generate
+
+
+def test_merged_rollout_copy_follows_the_student(tok):
+    from safedistill.merged_rollout import MergedRollouts
+    from safedistill.rollout import SamplingSettings
+
+    student = add_lora(build_model(tok, seed=0), LoraSettings(r=4, alpha=8))
+    rollouts = MergedRollouts("fp32")
+    ids = torch.tensor([encode_prompts(tok, [chat_text(tok, ITEMS[0].prompt)])[0]])
+    for seed in (1, 2):  # the adapter moves between rollouts: the copy must follow
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        merged = rollouts.refresh(student)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(
+                merged(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+            )
+    texts = [chat_text(tok, it.prompt) for it in ITEMS]
+    greedy = SamplingSettings(max_new_tokens=6, temperature=0.0, batch_size=3)
+    a, _ = rollouts(student, tok, texts, greedy, progress=False)
+    b, _ = generate(student, tok, texts, greedy, progress=False)
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    base = student.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(base, build_model(tok, seed=0).model.layers[0].self_attn.q_proj.weight)  # base untouched

@@ -77,7 +77,7 @@ class RunConfig:
     precision: str = (
         "fp32"  # fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 where the hardware has it)
     )
-    rollout_backend: str = "hf"  # hf (transformers generate) | vllm (GPU, falls back to hf when vllm is missing)
+    rollout_backend: str = "hf"  # hf (generate on the student) | merged (on a LoRA-merged copy) | vllm (GPU; else hf)
 
     # --- bookkeeping
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
@@ -98,7 +98,7 @@ CHOICES = {
     "teacher": {"context", "none"},
     "targets": {"demonstrations", "teacher", "external"},
     "precision": {"fp32", "bf16", "auto"},
-    "rollout_backend": {"hf", "vllm"},
+    "rollout_backend": {"hf", "merged", "vllm"},
 }
 
 

@@ -118,7 +118,11 @@ class OnPolicyStep:
         self.kl_sum = torch.zeros(cfg.max_new_tokens + 1)
         self.kl_count = torch.zeros(cfg.max_new_tokens + 1)
         self.generate = generate
-        if cfg.rollout_backend == "vllm":
+        if cfg.rollout_backend == "merged":
+            from .merged_rollout import MergedRollouts
+
+            self.generate = MergedRollouts(cfg.precision)
+        elif cfg.rollout_backend == "vllm":
             from .vllm_rollout import vllm_generate_or_none
 
             self.generate = vllm_generate_or_none(cfg) or generate
