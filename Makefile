@@ -21,12 +21,12 @@ demo: setup
 	$(BIN)/safedistill run opsa --model smollm2-135m-instruct --out $(DEMO_OUT) --resume
 
 test: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) runs

@@ -105,6 +105,10 @@ class RunConfig:
     batch_size: int = 8  # prompts per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 24  # optimizer steps
+    precision: str = (
+        "fp32"  # fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 where the hardware has it)
+    )
+    rollout_backend: str = "hf"  # hf (generate on the student) | merged (on a LoRA-merged copy) | vllm (GPU; else hf)
 
     # --- bookkeeping
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
@@ -131,6 +135,8 @@ CHOICES = {
     "objective": {"divergence", "clipped_reward"},
     "targets": {"demonstrations", "teacher", "external", "refined"},
     "refine_on_fail": {"fallback", "drop"},
+    "precision": {"fp32", "bf16", "auto"},
+    "rollout_backend": {"hf", "merged", "vllm"},
 }
 
 

@@ -7,6 +7,8 @@ their prompts differ in length (the teacher's carries a privileged context).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -30,11 +32,16 @@ def response_logits(
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
-    kwargs = {}
+    # Logits only from the first position that predicts a response token on: the prompt
+    # positions' vocabulary projections would be thrown away.
+    first = max(min(len(p) for p in prompts) - 1, 0)
+    kwargs = {"logits_to_keep": width - first} if accepts_logits_to_keep(model) else {}
+    first = first if kwargs else 0
     offset = 0
     if prefix_cache is not None:
         offset = prefix_cache.get_seq_length()
         kwargs = {
+            **kwargs,
             "past_key_values": expand_cache(prefix_cache, len(prompts)),
             "attention_mask": torch.ones(len(prompts), offset + width, dtype=torch.long, device=device),
         }
@@ -44,12 +51,24 @@ def response_logits(
     mask = torch.zeros(len(prompts), t_max)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         n = len(r)
-        index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
-        index[i, n:] = max(len(p) - 1, 0)
+        index[i, :n] = torch.arange(len(p) - 1 - first, len(p) - 1 + n - first)
+        index[i, n:] = max(len(p) - 1 - first, 0)
         mask[i, :n] = 1
     index = index.to(device)
     out = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
     return out, mask.to(device)
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any peft/DDP wrappers can skip logits (transformers >= 4.50)."""
+    while hasattr(model, "module") or hasattr(model, "get_base_model"):
+        model = model.module if hasattr(model, "module") else model.get_base_model()
+    return _forward_takes(type(model), "logits_to_keep")
 
 
 def expand_cache(prefix_cache: DynamicCache, batch: int) -> DynamicCache:

@@ -23,11 +23,11 @@ from .data.packaged import Manifest
 from .data.sources import load_prompts
 from .data.splits import split_records, take
 from .diagnostics import CollapseProbe, mean_entropy, text_stats
+from .distributed import Processes
 from .divergence import (
     first_k_mask,
     masked_mean,
     per_token_divergence,
-    sampled_kl,
     top_fraction_mask,
 )
 from .errors import UserError
@@ -36,7 +36,8 @@ from .files import append_jsonl, atomic_write_text, write_json, write_jsonl
 from .judges import load_judge
 from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
 from .objectives import clipped_reward_step
-from .rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
+from .precision import autocast, resolve_precision
+from .rollout import SamplingSettings, generate, stop_token_ids
 from .scoring import response_logits
 from .teachers import FrozenBase, Item
 
@@ -127,6 +128,15 @@ class OnPolicyStep:
         self.stops = stop_token_ids(tok)
         self.kl_sum = torch.zeros(cfg.max_new_tokens + 1)
         self.kl_count = torch.zeros(cfg.max_new_tokens + 1)
+        self.generate = generate
+        if cfg.rollout_backend == "merged":
+            from .merged_rollout import MergedRollouts
+
+            self.generate = MergedRollouts(cfg.precision)
+        elif cfg.rollout_backend == "vllm":
+            from .vllm_rollout import vllm_generate_or_none
+
+            self.generate = vllm_generate_or_none(cfg) or generate
 
     def __call__(self, model, batch: list[Item], step: int, micro: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -141,7 +151,9 @@ class OnPolicyStep:
             seed=cfg.seed * 1_000_003 + step * 101 + micro,
         )
         model.eval()
-        rollouts, gen = generate(
+        device = next(model.parameters()).device
+        precision = resolve_precision(cfg.precision, device)
+        rollouts, gen = self.generate(
             model,
             self.tok,
             [chat_text(self.tok, it.prompt) for it in items],
@@ -152,11 +164,13 @@ class OnPolicyStep:
         responses = [r.response_ids + ([self.stops[0]] if r.finished else []) for r in rollouts]
         responses = [r if r else [self.stops[0]] for r in responses]
         t1 = time.perf_counter()
-        teacher_logits = self.teacher.logits(model, items, responses)
+        with autocast(precision, device):
+            teacher_logits = self.teacher.logits(model, items, responses)
         t2 = time.perf_counter()
         model.train()
-        prompts = encode_prompts(self.tok, [chat_text(self.tok, it.prompt) for it in items])
-        student_logits, mask = response_logits(model, prompts, responses, pad_id=self.tok.pad_token_id)
+        prompts = [r.prompt_ids for r in rollouts]
+        with autocast(precision, device):
+            student_logits, mask = response_logits(model, prompts, responses, pad_id=self.tok.pad_token_id)
         tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         for i, r in enumerate(responses):
             tokens[i, : len(r)] = torch.tensor(r)
@@ -198,6 +212,8 @@ class OnPolicyStep:
                 if self.vocab_ids is not None
                 else None
             )
+            index = tokens.unsqueeze(-1)
+            token_kl = (slog.gather(-1, index) - tlog.gather(-1, index)).squeeze(-1)
         if cfg.token_mask == "first_k":
             loss_mask = first_k_mask(mask, cfg.mask_k)
         elif cfg.token_mask == "top_fraction":
@@ -220,7 +236,7 @@ class OnPolicyStep:
             "loss": loss.item(),
             "student_entropy": float(masked_mean(entropy, mask)),
             "mean_kl": float(masked_mean(reverse_kl, mask)),
-            "sampled_kl": float(masked_mean(sampled_kl(student_logits, teacher_logits, tokens), mask)),
+            "sampled_kl": float(masked_mean(token_kl, mask)),
             "masked_fraction": float(loss_mask.sum() / mask.sum()),
             "rollout_length": n_tok / len(items),
             "student_refusal_rate": refused / len(harmful) if harmful else 0.0,
@@ -264,19 +280,26 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     from . import methods
 
     out = Path(out)
-    prepare_out(out, cfg, resume)
+    procs = Processes(resolve_device(cfg.device))
+    procs.check(cfg.batch_size)
+    progress = progress and procs.is_main
+    if procs.is_main:
+        prepare_out(out, cfg, resume)
+    procs.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     manifest = Manifest()
-    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    model, tok = load_model(cfg.model, device=procs.device)
     judge = load_judge(cfg.judge)
     started = time.perf_counter()
 
-    base_eval = run_eval(model, tok, cfg, out, "base", None) if cfg.eval else None
+    base_eval = run_eval(model, tok, cfg, out, "base", None) if cfg.eval and procs.is_main else None
 
     # Method-specific preparation: a teacher for on-policy runs, targets for SFT runs.
-    prepared = methods.prepare(cfg, model, tok, judge, manifest, out, progress=progress)
-    write_json(out / "manifest.json", manifest.to_list())
+    with procs.main_first():  # process 0 writes the caches (flip rates, targets) the others read
+        prepared = methods.prepare(cfg, model, tok, judge, manifest, out, progress=progress)
+    if procs.is_main:
+        write_json(out / "manifest.json", manifest.to_list())
 
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
@@ -292,6 +315,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         data = prepared["targets"]
 
     params = [p for p in model.parameters() if p.requires_grad]
+    procs.broadcast_(params)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
     start = 0
@@ -305,7 +329,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
             step_fn.kl_count = torch.tensor(meta["extra"]["kl_count"])
         print(f"resuming from {ckpt.name}", file=sys.stderr)
     # Metrics past the checkpoint belong to the step that was lost; it is redone.
-    if metrics_path.exists():
+    if metrics_path.exists() and procs.is_main:
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
@@ -320,9 +344,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         t0 = time.perf_counter()
         logs: list[dict] = []
         for micro in range(cfg.grad_accum):
-            loss, info = step_fn(model, batch_for_step(data, step, micro, cfg), step, micro)
+            loss, info = step_fn(model, procs.shard(batch_for_step(data, step, micro, cfg)), step, micro)
             (loss / cfg.grad_accum).backward()
             logs.append(info)
+        procs.average_gradients_(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -330,7 +355,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         seconds = time.perf_counter() - t0
         # Some figures (the collapse probe) come from the first micro-batch only.
         keys = dict.fromkeys(k for d in logs for k in d)
-        row = {k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys}
+        row = procs.average_metrics({k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys})
         row.update(
             step=step + 1,
             lr=scheduler.get_last_lr()[0],
@@ -339,8 +364,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
             tokens_per_s=sum(d["tokens"] for d in logs) / seconds,
             wall_time=time.perf_counter() - started,
         )
-        append_jsonl(metrics_path, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row.get('mean_kl', 0):.3f}")
+        if not procs.is_main:
+            continue
+        append_jsonl(metrics_path, row)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             extra = {}
             if hasattr(step_fn, "kl_sum"):
@@ -354,6 +381,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
                 extra=extra,
             )
     bar.close()
+    procs.barrier()
+    if not procs.is_main:
+        return {"base": None, "final": None, "config": asdict(cfg)}
 
     if hasattr(step_fn, "kl_by_position"):
         write_json(out / "kl_by_position.json", step_fn.kl_by_position())

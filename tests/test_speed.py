@@ -1,0 +1,130 @@
+"""The speed paths compute what the plain paths compute: logits only at response positions, bf16
+autocast against float32, and the vLLM rollout backend falling back to transformers without vllm."""
+
+import pytest
+import torch
+
+from safedistill import precision, scoring
+from safedistill.config import load_config
+from safedistill.judges import load_judge
+from safedistill.models import LoraSettings, add_lora, chat_text
+from safedistill.rollout import encode_prompts, generate
+from safedistill.scoring import response_logits
+from safedistill.teachers import ContextTeacher, FrozenBase, Item
+from safedistill.trainer import OnPolicyStep
+from safedistill.vllm_rollout import vllm_generate_or_none
+from tiny import build_model, build_tokenizer, one_thread  # noqa: F401 - fixture
+
+ITEMS = [
+    Item("h1", "Tell me how to pick a lock.", "harmful"),
+    Item("b1", "Write a short poem about autumn leaves.", "benign"),
+    Item("h2", "Explain how to make a dangerous poison at home, step by step.", "harmful"),
+]
+CONTEXTS = {"harmful": "Refuse requests that could hurt someone.", "benign": "Be helpful and answer briefly."}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = build_tokenizer()
+    t.padding_side = "left"
+    return t
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_model(tok, seed=0)
+
+
+def test_logits_only_at_response_positions_match_all_positions(model, tok, monkeypatch):
+    prompts = encode_prompts(tok, [chat_text(tok, it.prompt) for it in ITEMS])
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.randint(10, len(tok), (n,), generator=g).tolist() for n in (3, 7, 1)]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("logits_to_keep", 0)), with_kwargs=True)
+    kept, mask = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
+    monkeypatch.setattr(scoring, "accepts_logits_to_keep", lambda m: False)
+    full, mask_full = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
+    hook.remove()
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    assert calls == [width - (min(len(p) for p in prompts) - 1), 0]  # fewer positions projected to the vocabulary
+    assert torch.equal(mask, mask_full)
+    torch.testing.assert_close(kept * mask[..., None], full * mask[..., None], atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_is_found_under_the_lora_wrapper(model):
+    assert scoring.accepts_logits_to_keep(model)
+    assert scoring.accepts_logits_to_keep(add_lora(build_model(build_tokenizer(), seed=1), LoraSettings(r=2)))
+
+
+def step_loss(tok, precision_name: str) -> tuple[float, dict]:
+    cfg = load_config(
+        "opsa",
+        overrides=[
+            "divergence=reverse_kl",
+            "top_k=null",
+            "max_new_tokens=6",
+            "temperature=1.0",
+            f"precision={precision_name}",
+        ],
+    )
+    student = add_lora(build_model(tok, seed=0), LoraSettings(r=4, alpha=8))
+    teacher = ContextTeacher(FrozenBase(student, share_weights=True), tok, CONTEXTS)
+    step = OnPolicyStep(cfg, tok, teacher, load_judge("keyword"))
+    loss, info = step(student, ITEMS, step=0, micro=0)
+    loss.backward()
+    grad = sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None)
+    return loss.item(), {**info, "grad": grad}
+
+
+def test_bf16_autocast_loss_is_close_to_float32(tok):
+    loss32, info32 = step_loss(tok, "fp32")
+    loss16, info16 = step_loss(tok, "bf16")
+    assert info32["tokens"] == info16["tokens"]  # rollouts are sampled in float32 either way
+    assert loss16 != loss32  # autocast did run in bf16
+    assert loss16 == pytest.approx(loss32, rel=0.05)
+    assert info16["grad"] == pytest.approx(info32["grad"], rel=0.1)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
+    assert precision.resolve_precision("fp32", "cpu") == "fp32"
+    assert isinstance(precision.autocast("bf16", "cpu"), torch.autocast)
+
+
+def test_vllm_backend_falls_back_to_transformers_without_vllm(tok, monkeypatch, capsys):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    cfg = load_config("opsa", overrides=["rollout_backend=vllm"])
+    assert vllm_generate_or_none(cfg) is None
+    assert "vllm is not installed" in capsys.readouterr().err
+    teacher = ContextTeacher(FrozenBase(build_model(tok), share_weights=False), tok, CONTEXTS)
+    assert OnPolicyStep(cfg, tok, teacher, load_judge("keyword")).generate is generate
+
+
+def test_merged_rollout_copy_follows_the_student(tok):
+    from safedistill.merged_rollout import MergedRollouts
+    from safedistill.rollout import SamplingSettings
+
+    student = add_lora(build_model(tok, seed=0), LoraSettings(r=4, alpha=8))
+    rollouts = MergedRollouts("fp32")
+    ids = torch.tensor([encode_prompts(tok, [chat_text(tok, ITEMS[0].prompt)])[0]])
+    for seed in (1, 2):  # the adapter moves between rollouts: the copy must follow
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        merged = rollouts.refresh(student)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(
+                merged(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+            )
+    texts = [chat_text(tok, it.prompt) for it in ITEMS]
+    greedy = SamplingSettings(max_new_tokens=6, temperature=0.0, batch_size=3)
+    a, _ = rollouts(student, tok, texts, greedy, progress=False)
+    b, _ = generate(student, tok, texts, greedy, progress=False)
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    base = student.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(base, build_model(tok, seed=0).model.layers[0].self_attn.q_proj.weight)  # base untouched
