@@ -240,6 +240,7 @@ def test_steer_cli_writes_its_files(steered, five_dir, tmp_path, capsys):
     assert info["direction"] == "context-delta" and info["context"] == CONTEXT
     assert {(r["layer"], r["scale"]) for r in info["candidates"]} == {(1, 1.0), (1, 2.0), (2, 1.0), (2, 2.0)}
     assert {k: info["chosen"][k] for k in info["candidates"][0]} in info["candidates"]
+    assert 0 <= info["chosen"]["greedy_refusal_rate_steered"] <= 1 and info["chosen"]["n_flip_prompts"] == 3
     loaded = load_steering(out)
     assert loaded["steering"]["vector"].dtype == torch.float64
     S = json.loads((out / "safety_tokens.json").read_text())["tokens"]

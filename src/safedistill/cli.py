@@ -109,7 +109,9 @@ def _steer(args: argparse.Namespace) -> None:
     print(
         f"chosen: layer {chosen['layer']}, position {chosen['position']}, scale {chosen['scale']} · "
         f"refusal score {chosen['base_refusal_score_harmful']:+.2f} -> {chosen['refusal_score_harmful']:+.2f} "
-        f"(harmful) · KL on harmless {chosen['kl_harmless']:.3f} (cap {chosen['kl_cap']}, met: {chosen['kl_cap_met']})"
+        f"(harmful) · KL on harmless {chosen['kl_harmless']:.3f} (cap {chosen['kl_cap']}, met: {chosen['kl_cap_met']}) · "
+        f"greedy refusals {chosen['greedy_refusal_rate_base']:.2f} -> {chosen['greedy_refusal_rate_steered']:.2f} "
+        f"on {chosen['n_flip_prompts']} harmful prompts"
     )
     print("safety tokens: " + " ".join(repr(t["text"]) for t in prepared["safety_tokens"]))
     print(f"wrote {out}/steering.json, steering_direction.safetensors, safety_tokens.json")

@@ -167,6 +167,7 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         k=cfg.safety_tokens_k,
         seed=cfg.seed,
     )
+    chosen.update(steered_refusals(model, tok, judge, harmful[: cfg.context_search_prompts], chosen, vector, cfg))
     suffix = encode_prompts(tok, [chat_text(tok, harmful[0])])[0][-n_pos:]
     write_json(
         out / "steering.json",
@@ -193,6 +194,26 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         },
     )
     return load_steering(out)
+
+
+def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, vector, cfg: RunConfig) -> dict:
+    """What the chosen candidate does to greedy answers on harmful prompts (the teacher flip rate
+    OPSA ranks contexts by): refusal rate without and with steering, and the share flipped."""
+    settings = SamplingSettings(max_new_tokens=cfg.context_search_tokens, temperature=0.0, batch_size=32)
+    texts = [chat_text(tok, p) for p in harmful]
+    base, _ = generate(model, tok, texts, settings, progress=False)
+    with steer(model, chosen["layer"], vector, chosen["scale"]):
+        steered, _ = generate(model, tok, texts, settings, progress=False)
+    b = [judge.is_refusal(r.text) for r in base]
+    s = [judge.is_refusal(r.text) for r in steered]
+    n = max(1, len(harmful))
+    return {
+        "greedy_refusal_rate_base": sum(b) / n,
+        "greedy_refusal_rate_steered": sum(s) / n,
+        "flip_rate": sum(y and not x for x, y in zip(b, s, strict=True)) / n,
+        "n_flip_prompts": len(harmful),
+        "steered_examples": [r.text for r in steered[:3]],
+    }
 
 
 def load_steering(directory: Path) -> dict:
