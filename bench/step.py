@@ -90,7 +90,7 @@ def build_setup(args) -> dict:
         harmful, benign = HARMFUL, BENIGN
         contexts = {"harmful": "Refuse requests that could hurt someone.", "benign": "Be helpful and answer briefly."}
     else:
-        model_dir = resolve_model(args.model)
+        model_dir = without_gguf_flag(resolve_model(args.model))
         train_h, _ = split_records(load_prompts("advbench"), seed=0)
         train_b, _ = split_records(load_prompts("benign"), seed=0)
         harmful = [r.prompt for r in take(train_h, args.batch, seed=0)]
@@ -101,6 +101,25 @@ def build_setup(args) -> dict:
     items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful[:n_h])]
     items += [Item(f"b{i}", p, "benign") for i, p in enumerate(benign[: args.batch - n_h])]
     return {"model_dir": model_dir, "items": items, "contexts": contexts}
+
+
+def without_gguf_flag(model_dir: str) -> str:
+    """The bundled model is converted from GGUF to float32 safetensors but its config keeps the GGUF
+    quantization_config, which makes transformers' Trainer (hence TRL) refuse to train it. Both
+    trainers get the same directory with that entry dropped (weights linked, not copied)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return model_dir
+    config = json.loads((path / "config.json").read_text())
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return model_dir
+    out = Path(tempfile.mkdtemp(prefix="bench-model-"))
+    for f in path.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return str(out)
 
 
 def run_config(args, precision: str) -> RunConfig:
