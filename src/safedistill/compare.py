@@ -122,9 +122,15 @@ def compare_report(s: dict) -> str:
         a, b = s["methods"][best], s["methods"][other]
         parts = []
         for metric in ("refusal", "overrefusal", "capability", "safety_score"):
+            diff = f"{metric} {a[metric]['mean'] - b[metric]['mean']:+.3f}"
+            if len(s["seeds"]) < 2:
+                parts.append(diff)
+                continue
             verdict = "beyond" if beyond_spread(a[metric], b[metric]) else "within"
-            parts.append(f"{metric} {a[metric]['mean'] - b[metric]['mean']:+.3f} ({verdict} seed spread)")
+            parts.append(f"{diff} ({verdict} seed spread)")
         lines.append(f"- {best} vs {other}: " + "; ".join(parts) + ".")
+    if len(s["seeds"]) < 2:
+        lines += ["", "One seed: there is no seed spread to judge these differences against; run more seeds."]
     return "\n".join(lines) + "\n"
 
 

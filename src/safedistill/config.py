@@ -37,7 +37,7 @@ class RunConfig:
     split_seed: int = 0  # same split as the evaluation, so eval prompts are never trained on
     targets: str = "demonstrations"  # sft: demonstrations | teacher (its generations) | external | refined (dgr)
     demonstrations: str = "builtin:safety_demos"  # targets=demonstrations|refined: builtin:NAME or JSONL
-    n_samples: int | None = None  # sft targets: at most N, seeded (a smaller N is a subset); None: all
+    n_samples: int | None = None  # demonstrations|refined targets: at most N, seeded (10 are among 30); None: all
     refine_retries: int = 2  # dgr: sampled retries after the greedy rewrite before giving up on a sample
     refine_on_fail: str = "fallback"  # dgr: fallback (keep the original sample) | drop
     refine_template: str | None = None  # dgr: response refinement prompt file ({prompt}, {reference}); None: built-in
