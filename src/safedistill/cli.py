@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import preset_names
 from .errors import UserError
 
 
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("run", help="train with a preset, evaluate before and after, write a report")
-    r.add_argument("preset", help="opsa, sft, offpolicy-sd, external-kd, dgr (configs/*.yaml)")
+    r.add_argument("preset", help="one of " + ", ".join(preset_names()) + " (configs/*.yaml)")
     r.add_argument("--model", default="smollm2-135m-instruct")
     r.add_argument("--out", required=True)
     r.add_argument("--config", help="a YAML file overriding the preset")

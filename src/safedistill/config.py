@@ -22,7 +22,7 @@ class RunConfig:
     """Everything a training run reads. Defaults are ours; presets set the published ones."""
 
     # --- what to run
-    preset: str = "opsa"  # a name from configs/ (opsa, sft, offpolicy-sd, external-kd, dgr)
+    preset: str = "opsa"  # a name from configs/ (`safedistill run --help` lists them)
     trainer: str = "onpolicy"  # onpolicy (distillation on rollouts) or sft (fixed targets)
     model: str = "smollm2-135m-instruct"  # HF id, local directory or bundled alias
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
