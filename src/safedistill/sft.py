@@ -27,12 +27,15 @@ class SFTStep:
     def target_ids(self, d: Demonstration) -> list[int]:
         return target_ids(self.tok, d, self.stop)
 
+    def response_logits(self, model, prompts: list[list[int]], targets: list[list[int]]):
+        return response_logits(model, prompts, targets, pad_id=self.tok.pad_token_id)
+
     def __call__(self, model, batch: list[Demonstration], step: int, micro: int) -> tuple[torch.Tensor, dict]:
         t0 = time.perf_counter()
         model.train()
         prompts = encode_prompts(self.tok, [chat_text(self.tok, d.prompt) for d in batch])
         targets = [self.target_ids(d) for d in batch]
-        logits, mask = response_logits(model, prompts, targets, pad_id=self.tok.pad_token_id)
+        logits, mask = self.response_logits(model, prompts, targets)
         labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         for i, t in enumerate(targets):
             labels[i, : len(t)] = torch.tensor(t)

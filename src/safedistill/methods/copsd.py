@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from ..data.schema import Demonstration
 from ..errors import UserError
 from ..files import append_jsonl, write_json, write_jsonl
 from ..models import LoraSettings, add_lora, chat_text, save_model
-from ..rollout import SamplingSettings, common_prefix, encode_prompts, generate
+from ..rollout import SamplingSettings, common_prefix, generate
 from ..scoring import response_logits
 from ..sft import SFTStep
 
@@ -89,32 +88,16 @@ class CrossSFTStep(SFTStep):
         ids = super().target_ids(d)
         return ids[:-1] if d.id in self.truncated else ids
 
-    def __call__(self, model, batch: list[Demonstration], step: int, micro: int) -> tuple[torch.Tensor, dict]:
-        """SFTStep's loss, with the constitution prefix (same for every row) run once at batch 1
+    def response_logits(self, model, prompts: list[list[int]], targets: list[list[int]]):
+        """SFTStep's logits, with the constitution prefix (same for every row) run once at batch 1
         and its KV cache, with grad, expanded to the batch: exact, and ~4x less compute on CPU."""
-        t0 = time.perf_counter()
-        model.train()
-        prompts = encode_prompts(self.tok, [chat_text(self.tok, d.prompt) for d in batch])
         shared = min(len(common_prefix(prompts)), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
-        targets = [self.target_ids(d) for d in batch]
-        cache = None
-        if shared >= 2:
-            device = next(model.parameters()).device
-            cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True).past_key_values
-        suffixes = [p[shared:] for p in prompts] if cache is not None else prompts
-        logits, mask = response_logits(model, suffixes, targets, pad_id=self.tok.pad_token_id, prefix_cache=cache)
-        labels = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
-        for i, t in enumerate(targets):
-            labels[i, : len(t)] = torch.tensor(t)
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-        loss = (nll * mask).sum() / mask.sum()
-        n_tok = int(mask.sum())
-        return loss, {
-            "loss": loss.item(),
-            "tokens": n_tok,
-            "target_length": n_tok / len(batch),
-            "t_student": time.perf_counter() - t0,
-        }
+        if shared < 2:
+            return super().response_logits(model, prompts, targets)
+        device = next(model.parameters()).device
+        cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True).past_key_values
+        suffixes = [p[shared:] for p in prompts]
+        return response_logits(model, suffixes, targets, pad_id=self.tok.pad_token_id, prefix_cache=cache)
 
 
 def cross_sft(cfg, model, tok, rows: list[dict], out: Path, *, progress: bool = True):
