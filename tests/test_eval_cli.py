@@ -313,3 +313,14 @@ def test_eval_default_model(tmp_path):
     rows = (out / "generations.jsonl").read_text().splitlines()
     assert len(rows) == 5 * 4
     assert (out / "report.md").is_file()
+
+
+@pytest.mark.integration
+def test_default_model_saves_full_weights(tmp_path):
+    """Full-parameter runs save the whole model: the converted GGUF must not stay flagged quantized."""
+    from safedistill.models import load_model, save_model
+
+    model, tok = load_model("smollm2-135m-instruct")
+    assert getattr(model.config, "quantization_config", None) is None
+    save_model(model, tok, tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").is_file()

