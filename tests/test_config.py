@@ -178,3 +178,21 @@ def test_to_yaml_round_trips(tmp_path, preset):
     f = tmp_path / "config.yaml"
     f.write_text(to_yaml(cfg))
     assert load_config(preset, config_file=str(f)) == cfg
+
+
+def test_saved_config_missing_a_newer_field_matches_only_at_its_default():
+    """Run directories written before a field existed can still be resumed and compared."""
+    import yaml
+
+    from safedistill.config import same_settings, to_yaml
+
+    cfg = load_config("opsa", overrides=["steps=3"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    assert same_settings(to_yaml(cfg), cfg)
+    del saved["rollout_backend"]  # default value in cfg: the old run ran with it
+    assert same_settings(yaml.safe_dump(saved), cfg)
+    assert not same_settings(
+        yaml.safe_dump(saved), load_config("opsa", overrides=["steps=3", "rollout_backend=merged"])
+    )
+    assert not same_settings(to_yaml(cfg), load_config("opsa", overrides=["steps=4"]))
+    assert not same_settings(yaml.safe_dump(saved | {"no_such_field": 1}), cfg)

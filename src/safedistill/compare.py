@@ -14,7 +14,7 @@ from .config import load_config
 from .evaluate import EvalSettings
 from .files import atomic_write_text, write_json
 from .report import get
-from .trainer import eval_settings, train
+from .trainer import eval_settings, finished_run, train
 
 METRICS = [
     ("refusal", ("safety", "refusal_rate")),
@@ -62,7 +62,9 @@ def compare(
                     if not (run_dir / name).exists():
                         shutil.copyfile(first_runs[seed][0] / name, run_dir / name)
             first_runs.setdefault(seed, (run_dir, eval_settings(cfg)))
-            result = train(cfg, run_dir, resume=resume or (run_dir / "config.yaml").exists())
+            result = finished_run(cfg, run_dir) or train(
+                cfg, run_dir, resume=resume or (run_dir / "config.yaml").exists()
+            )
             per_seed.append(result["final"])
             base_runs.append(result["base"])
         rows[preset] = {name: summarize([get(r, path) for r in per_seed]) for name, path in METRICS}

@@ -294,3 +294,14 @@ def validate(c: RunConfig) -> None:
 
 def to_yaml(c: RunConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
+
+
+def same_settings(saved_yaml: str, c: RunConfig) -> bool:
+    """Whether a run directory's saved config.yaml describes `c`. A field the saved file lacks was
+    added to RunConfig after that run was written; it matches when `c` keeps its default."""
+    saved = yaml.safe_load(saved_yaml) or {}
+    current = dataclasses.asdict(c)
+    defaults = dataclasses.asdict(RunConfig())
+    if set(saved) - set(current):
+        return False
+    return all(saved[k] == v if k in saved else v == defaults[k] for k, v in current.items())

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, to_yaml
+from .config import RunConfig, same_settings, to_yaml
 from .data.packaged import Manifest
 from .data.sources import load_prompts
 from .data.splits import split_records, take
@@ -264,13 +264,20 @@ def make_scheduler(optimizer, cfg: RunConfig):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
+def finished_run(cfg: RunConfig, out: Path) -> dict | None:
+    """{'base', 'final'} of a run in `out` that already ran to its final eval with these settings,
+    read from disk so that re-running a comparison does not reload the model for it; else None."""
+    files = [out / "config.yaml", out / "eval_base.json", out / "eval_final.json"]
+    if not cfg.eval or not all(f.is_file() for f in files) or not same_settings(files[0].read_text(), cfg):
+        return None
+    return {"base": json.loads(files[1].read_text()), "final": json.loads(files[2].read_text())}
+
+
 def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
     if (out / "config.yaml").exists() and not resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and (out / "config.yaml").exists():
-        saved = (out / "config.yaml").read_text()
-        if saved != to_yaml(cfg):
-            raise UserError(f"{out}/config.yaml differs from this run's config; resume with the same settings")
+    if resume and (out / "config.yaml").exists() and not same_settings((out / "config.yaml").read_text(), cfg):
+        raise UserError(f"{out}/config.yaml differs from this run's config; resume with the same settings")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
 
