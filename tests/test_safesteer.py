@@ -139,6 +139,11 @@ def test_safety_tokens_are_k_distinct_non_special_ids(five_layers):
     assert all(t["text"] == tok.decode([t["id"]]) for t in S)
     # fixed by the seed
     assert [t["id"] for t in safety_tokens(model, tok, BENIGN[:2], layer=2, vector=vec, scale=4.0, k=12)] == ids
+    # a probability floor keeps only tokens the steered model actually puts mass on
+    floor = sorted(t["mean_steered_prob"] for t in S)[len(S) // 2]
+    high = safety_tokens(model, tok, BENIGN[:2], layer=2, vector=vec, scale=4.0, k=12, min_prob=floor)
+    assert high and all(t["mean_steered_prob"] >= floor for t in high)
+    assert {t["id"] for t in S if t["mean_steered_prob"] < floor}.isdisjoint(t["id"] for t in high)
 
 
 def test_steering_teacher_is_base_weights_with_the_hook(five_layers):

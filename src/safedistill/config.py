@@ -69,6 +69,10 @@ class RunConfig:
     steer_from: str | None = None  # a `safedistill steer` output dir to reuse instead of searching in the run
     safety_tokens_k: int = 50  # |S|, the vocabulary ids the safety_tokens mask sums over
     safety_token_prompts: int = 8  # harmless train prompts (disjoint from the direction's) sampled to choose S
+    # S keeps tokens whose mean steered probability is at least this (published 1e-8). On a small model
+    # the log-ratio votes favour rare word pieces the student never emits; a higher floor keeps S to
+    # tokens with probability mass for the loss to move (ours).
+    safety_token_min_prob: float = 1e-8
 
     # --- rollouts
     rollouts_per_prompt: int = 1
@@ -276,6 +280,7 @@ def validate(c: RunConfig) -> None:
         (_number_list(c.steer_scales, float), "steer_scales", "must be comma-separated numbers"),
         (c.steer_prompts >= 1, "steer_prompts", "must be at least 1"),
         (c.safety_token_prompts >= 1, "safety_token_prompts", "must be at least 1"),
+        (0 <= c.safety_token_min_prob < 1, "safety_token_min_prob", "must be in [0, 1)"),
     ]
     checks.append(
         (

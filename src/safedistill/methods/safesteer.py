@@ -55,10 +55,11 @@ def safety_tokens(
     scale: float,
     k: int = 50,
     seed: int = 0,
+    min_prob: float = MIN_PROB,
 ) -> list[dict]:
     """S: on `prompts`, SAMPLES steered samples of HORIZON-1 tokens each; at every sampled position
     the VOTE_TOP entries with the largest log p_steered - log p_base get one vote; the k most voted
-    non-special tokens whose mean steered probability is >= MIN_PROB are kept."""
+    non-special tokens whose mean steered probability is >= min_prob are kept."""
     texts = [chat_text(tokenizer, p) for p in prompts for _ in range(SAMPLES)]
     settings = SamplingSettings(max_new_tokens=HORIZON - 1, temperature=1.0, batch_size=32, seed=seed)
     with steer(model, layer, vector, scale):
@@ -91,7 +92,7 @@ def safety_tokens(
         n_pos += diff.size(0)
     mean_prob = prob_sum / n_pos
     eligible = votes > 0
-    eligible &= mean_prob >= MIN_PROB
+    eligible &= mean_prob >= min_prob
     specials = [i for i in tokenizer.all_special_ids if i < V]
     eligible[specials] = False
     order = sorted(
@@ -166,6 +167,7 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         scale=chosen["scale"],
         k=cfg.safety_tokens_k,
         seed=cfg.seed,
+        min_prob=cfg.safety_token_min_prob,
     )
     chosen.update(steered_refusals(model, tok, judge, harmful[: cfg.context_search_prompts], chosen, vector, cfg))
     suffix = encode_prompts(tok, [chat_text(tok, harmful[0])])[0][-n_pos:]
