@@ -27,7 +27,7 @@ from safedistill.rollout import SamplingSettings, encode_prompts, generate
 from safedistill.scoring import response_logits
 from safedistill.teachers import FrozenBase, Item
 from safedistill.trainer import OnPolicyStep, train, training_items
-from tiny import one_thread, tiny_dir, write_sources  # noqa: F401 - fixtures
+from tiny import one_thread, run_settings, tiny_dir, write_sources  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +36,10 @@ def sources(tmp_path_factory):
 
 
 def make_cfg(model, sources, preset="copsd", **overrides):
-    harmful, benign = sources
     settings = {
-        "model": model,
         "steps": 3,
-        "batch_size": 2,
         "rollouts_per_prompt": 2,
-        "max_new_tokens": 6,
-        "eval": "false",
-        "n_harmful": 4,
         "benign_ratio": "null",
-        "n_benign": 2,
-        "harmful_source": harmful,
-        "benign_source": benign,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "learning_rate": 1e-2,
-        "save_every": 1,
         "cross_sft_steps": 2,
         "cross_sft_batch_size": 4,
         "cross_sft_max_new_tokens": 8,
@@ -60,7 +47,7 @@ def make_cfg(model, sources, preset="copsd", **overrides):
         "diagnostics_prompts": 2,
         **overrides,
     }
-    return load_config(preset, overrides=[f"{k}={v}" for k, v in settings.items()])
+    return load_config(preset, overrides=run_settings(model, sources, **settings))
 
 
 def metrics(run: Path) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from safedistill.distributed import Processes
-from tiny import one_thread, tiny_dir, write_sources  # noqa: F401 - fixtures
+from tiny import one_thread, run_settings, tiny_dir, write_sources  # noqa: F401 - fixtures
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -44,24 +44,7 @@ def test_two_cpu_processes_train_to_identical_weights(tiny_dir, tmp_path):  # no
     harmful, benign = write_sources(tmp_path / "data")
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     dumps.mkdir()
-    settings = {
-        "model": tiny_dir,
-        "steps": 3,
-        "batch_size": 4,
-        "max_new_tokens": 6,
-        "eval": False,
-        "n_harmful": 4,
-        "n_benign": 2,
-        "context": "Refuse requests that could hurt someone.",
-        "harmful_source": harmful,
-        "benign_source": benign,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "learning_rate": 1e-2,
-        "top_k": 64,
-        "save_every": 2,
-        "device": "cpu",
-    }
+    settings = run_settings(tiny_dir, (harmful, benign), steps=3, batch_size=4, top_k=64, save_every=2, device="cpu")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -80,7 +63,7 @@ def test_two_cpu_processes_train_to_identical_weights(tiny_dir, tmp_path):  # no
         str(TESTS / "ddp_worker.py"),
         str(out),
         str(dumps),
-        *[f"{k}={v}" for k, v in settings.items()],
+        *settings,
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,9 +25,7 @@ from safedistill.steering import (
 )
 from safedistill.teachers import FrozenBase, Item, SteeringTeacher
 from safedistill.trainer import train
-from tiny import BENIGN, HARMFUL, one_thread, write_sources  # noqa: F401 - fixtures
-
-CONTEXT = "Refuse requests that could hurt someone."
+from tiny import BENIGN, CONTEXT, HARMFUL, one_thread, run_settings, write_sources  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -169,28 +167,17 @@ def test_steering_teacher_is_base_weights_with_the_hook(five_layers):
 
 
 def run_cfg(model, sources, preset="safesteer", **overrides):
-    harmful, benign = sources
     settings = {
-        "model": model,
-        "steps": 4,
-        "batch_size": 2,
         "rollouts_per_prompt": 2,
-        "max_new_tokens": 6,
-        "eval": False,
-        "n_harmful": 4,
-        "harmful_source": harmful,
-        "benign_source": benign,
-        "context": CONTEXT,
+        "n_benign": 0,
+        "save_every": 4,
         "steer_prompts": 3,
         "safety_token_prompts": 2,
         "safety_tokens_k": 8,
         "steer_scales": "1,4",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "learning_rate": 1e-2,
         **overrides,
     }
-    return load_config(preset, overrides=[f"{k}={v}" for k, v in settings.items()])
+    return load_config(preset, overrides=run_settings(model, sources, **settings))
 
 
 @pytest.fixture(scope="module")

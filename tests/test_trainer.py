@@ -15,9 +15,7 @@ from safedistill.config import load_config
 from safedistill.errors import UserError
 from safedistill.models import chat_text, load_model
 from safedistill.trainer import OnPolicyStep, train
-from tiny import HARMFUL, one_thread, tiny_dir, write_jsonl, write_sources  # noqa: F401 - fixtures
-
-CONTEXT = "Refuse requests that could hurt someone."
+from tiny import CONTEXT, HARMFUL, one_thread, run_settings, tiny_dir, write_jsonl, write_sources  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
@@ -26,26 +24,8 @@ def sources(tmp_path_factory):
 
 
 def make_cfg(model, sources, preset="opsa", **overrides):
-    harmful, benign = sources
-    settings = {
-        "model": model,
-        "steps": 4,
-        "batch_size": 3,
-        "max_new_tokens": 6,
-        "eval": False,
-        "n_harmful": 4,
-        "n_benign": 2,
-        "context": CONTEXT,
-        "harmful_source": harmful,
-        "benign_source": benign,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "learning_rate": 1e-2,
-        "top_k": 64,
-        "save_every": 1,
-        **overrides,
-    }
-    return load_config(preset, overrides=[f"{k}={v}" for k, v in settings.items()])
+    settings = {"batch_size": 3, "top_k": 64, **overrides}
+    return load_config(preset, overrides=run_settings(model, sources, **settings))
 
 
 def metrics(run: Path) -> list[dict]:

@@ -140,3 +140,30 @@ def write_sources(directory: Path) -> tuple[str, str]:
         [{"id": f"b{i:02d}", "prompt": p} for i, p in enumerate(BENIGN)],
     )
     return harmful, benign
+
+
+CONTEXT = "Refuse requests that could hurt someone."
+
+
+def run_settings(model, sources: tuple[str, str], **overrides) -> list[str]:
+    """`KEY=VALUE` overrides for a few-step LoRA run of a tiny model on the write_sources prompts;
+    a test passes only what its method or check needs on top."""
+    harmful, benign = sources
+    settings = {
+        "model": model,
+        "steps": 4,
+        "batch_size": 2,
+        "max_new_tokens": 6,
+        "eval": False,
+        "n_harmful": 4,
+        "n_benign": 2,
+        "context": CONTEXT,
+        "harmful_source": harmful,
+        "benign_source": benign,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "learning_rate": 1e-2,
+        "save_every": 1,
+        **overrides,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
