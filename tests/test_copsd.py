@@ -372,3 +372,35 @@ def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):  # noq
     torch.testing.assert_close(loss_c, loss_p, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_c, grads_p, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_probe_samples_the_frozen_teacher_once(tiny_dir, sources, monkeypatch):  # noqa: F811
+    """The teacher never changes and the probe's seed is fixed: its figures are computed once."""
+    import contextlib
+
+    from safedistill.diagnostics import CollapseProbe
+
+    model, tok = load_model(tiny_dir)
+    probe = CollapseProbe(make_cfg(tiny_dir, sources), tok, judge=None)
+    sides = []
+
+    def fake_side(self, m, texts):
+        sides.append(texts[0])
+        return {"length": float(len(sides))}
+
+    class Teacher:
+        class base:
+            @staticmethod
+            @contextlib.contextmanager
+            def weights(student):
+                yield student
+
+        @staticmethod
+        def prompt_text(item):
+            return "TEACHER " + item.prompt
+
+    monkeypatch.setattr(CollapseProbe, "_side", fake_side)
+    first, second = probe(model, Teacher()), probe(model, Teacher())
+    assert [t.startswith("TEACHER") for t in sides] == [False, True, False]
+    assert first["diag_teacher_length"] == second["diag_teacher_length"] == 2.0
+    assert (first["diag_student_length"], second["diag_student_length"]) == (1.0, 3.0)

@@ -48,10 +48,12 @@ def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
 
 class CollapseProbe:
     """Samples student and teacher on the same held-out prompts; the teacher through its own
-    prompt (context or constitution) and weights. Deterministic: the same seed at every probe."""
+    prompt (context or constitution) and weights. Deterministic: the same seed at every probe, so
+    the frozen teacher's figures are computed once and repeated."""
 
     def __init__(self, cfg, tok, judge):
         self.cfg, self.tok, self.judge = cfg, tok, judge
+        self.teacher_stats: dict | None = None
         n = cfg.diagnostics_prompts
         settings = EvalSettings(limit=n, seed=cfg.seed, split_seed=cfg.split_seed)
         self.benign = held_out(cfg.benign_source, settings, None) if n else []
@@ -95,10 +97,11 @@ class CollapseProbe:
             f"diag_student_{k}": v
             for k, v in self._side(student, [chat_text(self.tok, r.prompt) for r in records]).items()
         }
-        if hasattr(teacher, "base") and hasattr(teacher, "prompt_text"):
+        if self.teacher_stats is None and hasattr(teacher, "base") and hasattr(teacher, "prompt_text"):
             texts = [teacher.prompt_text(Item(r.id, r.prompt, "benign")) for r in records]
             with teacher.base.weights(student) as model:
-                out.update({f"diag_teacher_{k}": v for k, v in self._side(model, texts).items()})
+                self.teacher_stats = {f"diag_teacher_{k}": v for k, v in self._side(model, texts).items()}
+        out.update(self.teacher_stats or {})
         student.train(was_training)
         return out
 
