@@ -61,9 +61,14 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
         cfg = load_config("sft", overrides=["steps=2", "model=tiny", f"seed={seed}"])
         (run / "config.yaml").write_text(to_yaml(cfg))
         (run / "eval_base.json").write_text(json.dumps(fake_eval(0.0, 0.5)))
-        (run / "eval_final.json").write_text(json.dumps(fake_eval(refusal, 0.25)))
+        final = fake_eval(refusal, 0.25)
+        if seed == 1:  # written before evals reported entropy
+            del final["expressiveness"]["mean_token_entropy"]
+        (run / "eval_final.json").write_text(json.dumps(final))
     s = compare_module.compare(["sft"], model="tiny", out=tmp_path, seeds=[0, 1], overrides=["steps=2"])
     assert s["methods"]["sft"]["refusal"]["values"] == [0.5, 0.75]
+    assert s["methods"]["sft"]["entropy"]["mean"] is None
+    assert "| n/a |" in (tmp_path / "compare.md").read_text()
     assert s["methods"]["sft"]["capability_tax"]["mean"] == pytest.approx(0.25)
     # Other settings than the saved ones: not a finished run of this comparison, so it would train.
     with pytest.raises(AssertionError, match="trained again"):

@@ -28,7 +28,10 @@ METRICS = [
 ]
 
 
-def summarize(values: list[float]) -> dict:
+def summarize(values: list[float | None]) -> dict:
+    """Mean and std over seeds; None when a run lacks the figure (written by an older version)."""
+    if any(v is None for v in values):
+        return {"mean": None, "std": None, "values": values}
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -67,14 +70,14 @@ def compare(
             )
             per_seed.append(result["final"])
             base_runs.append(result["base"])
-        rows[preset] = {name: summarize([get(r, path) for r in per_seed]) for name, path in METRICS}
+        rows[preset] = {name: summarize([get_or_none(r, path) for r in per_seed]) for name, path in METRICS}
         rows[preset]["capability_tax"] = summarize(
             [
                 get(b, ("capability", "accuracy")) - get(r, ("capability", "accuracy"))
                 for b, r in zip(base_runs[-len(seeds) :], per_seed, strict=True)
             ]
         )
-    base = {name: summarize([get(r, path) for r in base_runs[: len(seeds)]]) for name, path in METRICS}
+    base = {name: summarize([get_or_none(r, path) for r in base_runs[: len(seeds)]]) for name, path in METRICS}
     summary = {
         "model": model,
         "seeds": seeds,
@@ -90,13 +93,20 @@ def compare(
     return summary
 
 
+def get_or_none(result: dict, path: tuple[str, ...]) -> float | None:
+    try:
+        return get(result, path)
+    except KeyError:
+        return None
+
+
 def beyond_spread(a: dict, b: dict) -> bool:
     return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
 
 
 def compare_report(s: dict) -> str:
     def cell(m: dict) -> str:
-        return f"{m['mean']:.3f} ± {m['std']:.3f}"
+        return "n/a" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
 
     names = [name for name, _ in METRICS] + ["capability_tax"]
     lines = [
