@@ -136,20 +136,16 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _refine(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
+    from .config import RunConfig
     from .data.external import EXTERNAL_SETS
     from .data.sources import load_demonstrations
     from .judges import load_judge
     from .methods.baselines import subset
-    from .methods.dgr import (
-        REASONING_TEMPLATE,
-        RESPONSE_TEMPLATE,
-        RefineSettings,
-        load_template,
-        refine_dataset,
-        shift_lines,
-    )
+    from .methods.dgr import refine_dataset, settings_from, shift_lines
     from .models import load_model, resolve_device
 
     for name in ("n_samples", "max_new_tokens"):
@@ -158,15 +154,18 @@ def _refine(args: argparse.Namespace) -> None:
     if args.retries < 0:
         raise UserError(f"--retries must be >= 0, got {args.retries}")
     data = f"builtin:{EXTERNAL_SETS[0]}" if args.data == "builtin" else args.data
-    settings = RefineSettings(
-        retries=args.retries,
-        on_fail=args.on_fail,
-        template=load_template(args.template, RESPONSE_TEMPLATE),
-        reasoning_template=load_template(args.reasoning_template, REASONING_TEMPLATE),
-        max_new_tokens=args.max_new_tokens,
-        reasoning_max_new_tokens=2 * args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
+    # The same mapping from run-config fields to refinement settings as the dgr preset uses.
+    settings = settings_from(
+        dataclasses.replace(
+            RunConfig(),
+            refine_retries=args.retries,
+            refine_on_fail=args.on_fail,
+            refine_template=args.template,
+            refine_reasoning_template=args.reasoning_template,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
     )
     samples = load_demonstrations(data, harmful_source=args.harmful, split_seed=args.split_seed)
     samples = subset(samples, args.n_samples, args.seed)
