@@ -96,6 +96,15 @@ def check_fits(model, encoded: Sequence[Sequence[int]], max_new_tokens: int, nam
             )
 
 
+def finish(prompt_ids: list[int], new: list[int], stops: Sequence[int], tokenizer, stats: GenerationStats) -> Rollout:
+    """A rollout from the generated ids: cut at the first stop token, which counts as generated
+    but is not kept."""
+    cut = next((k for k, t in enumerate(new) if t in stops), None)
+    response = new if cut is None else new[:cut]
+    stats.new_tokens += len(response) + (cut is not None)
+    return Rollout(prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True), cut is not None)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -158,12 +167,7 @@ def generate(
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kwargs)
         stats.seconds += time.perf_counter() - t0
         for row, i in enumerate(idx):
-            new = out[row, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), None)
-            response = new if cut is None else new[:cut]
-            stats.new_tokens += len(response) + (cut is not None)
-            text = tokenizer.decode(response, skip_special_tokens=True)
-            results[i] = Rollout(encoded[i], response, text, cut is not None)
+            results[i] = finish(encoded[i], out[row, width:].tolist(), stops, tokenizer, stats)
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
     bar.close()

@@ -19,7 +19,7 @@ import torch
 
 from .config import RunConfig
 from .models import resolve_model
-from .rollout import GenerationStats, Rollout, SamplingSettings, check_fits, encode_prompts, stop_token_ids
+from .rollout import GenerationStats, Rollout, SamplingSettings, check_fits, encode_prompts, finish, stop_token_ids
 
 
 def vllm_available() -> bool:
@@ -105,12 +105,8 @@ class VLLMGenerate:
         t0 = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=progress)
         stats = GenerationStats(seconds=time.perf_counter() - t0)
-        rollouts = []
-        for ids, out in zip(encoded, outs, strict=True):
-            new = list(out.outputs[0].token_ids)
-            cut = next((k for k, t in enumerate(new) if t in stops), None)
-            response = new if cut is None else new[:cut]
-            stats.new_tokens += len(response) + (cut is not None)
-            text = tokenizer.decode(response, skip_special_tokens=True)
-            rollouts.append(Rollout(ids, response, text, cut is not None))
+        rollouts = [
+            finish(ids, list(out.outputs[0].token_ids), stops, tokenizer, stats)
+            for ids, out in zip(encoded, outs, strict=True)
+        ]
         return rollouts, stats
