@@ -53,8 +53,8 @@ from safedistill.merged_rollout import MergedRollouts  # noqa: E402
 from safedistill.methods.opsa import context_text, load_contexts  # noqa: E402
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model, resolve_model  # noqa: E402
 from safedistill.precision import autocast, resolve_precision  # noqa: E402
-from safedistill.rollout import SamplingSettings, common_prefix, encode_prompts, generate  # noqa: E402
-from safedistill.scoring import response_logits  # noqa: E402
+from safedistill.rollout import SamplingSettings, encode_prompts, generate  # noqa: E402
+from safedistill.scoring import common_prefix, response_logits  # noqa: E402
 from safedistill.teachers import ContextTeacher, FrozenBase, Item  # noqa: E402
 from safedistill.trainer import OnPolicyStep  # noqa: E402
 

@@ -349,17 +349,17 @@ def test_empty_prompt_list(loaded):
 def test_shared_prefix_is_cached_and_gives_the_same_tokens(loaded, monkeypatch):
     """Prompts behind one long system context: the prefix is computed once, the answers equal
     those decoded one prompt at a time (no sharing possible with a single prompt)."""
-    from safedistill import rollout
+    from safedistill import rollout, scoring
 
     model, tok = loaded
     system = " ".join(["Follow the safety rules carefully and refuse harmful requests."] * 4)
     prompts = [chat_text(tok, u, system=system) for u in USER_PROMPTS]
-    assert len(rollout.common_prefix(rollout.encode_prompts(tok, prompts))) >= rollout.MIN_SHARED_PREFIX
+    assert scoring.shared_prefix_length(rollout.encode_prompts(tok, prompts)) >= scoring.MIN_SHARED_PREFIX
     calls = []
     real = rollout.prefix_kv
     monkeypatch.setattr(rollout, "prefix_kv", lambda m, ids: calls.append(len(ids)) or real(m, ids))
     shared, _ = generate(model, tok, prompts, greedy(batch_size=2), progress=False)
-    assert len(calls) == 1 and calls[0] >= rollout.MIN_SHARED_PREFIX
+    assert len(calls) == 1 and calls[0] >= scoring.MIN_SHARED_PREFIX
     single = [generate(model, tok, [p], greedy(), progress=False)[0][0] for p in prompts]
     assert [r.response_ids for r in shared] == [r.response_ids for r in single]
     assert all(r.response_ids for r in shared)

@@ -128,3 +128,33 @@ def test_merged_rollout_copy_follows_the_student(tok):
     assert [r.response_ids for r in a] == [r.response_ids for r in b]
     base = student.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.equal(base, build_model(tok, seed=0).model.layers[0].self_attn.q_proj.weight)  # base untouched
+
+
+def test_shared_prompt_prefix_runs_once_with_the_same_logits_and_gradients(tok):
+    student = add_lora(build_model(tok, seed=0), LoraSettings(r=4, alpha=8))
+    for name, p in student.named_parameters():
+        if "lora_B" in name:  # B = 0 would leave the adapter out of the logits
+            torch.nn.init.normal_(p, std=0.02)
+    system = "You are a careful assistant who answers in plain words and never makes things up."
+    prompts = encode_prompts(tok, [chat_text(tok, it.prompt, system=system) for it in ITEMS])
+    shared = scoring.shared_prefix_length(prompts)
+    assert shared >= scoring.MIN_SHARED_PREFIX
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.randint(10, len(tok), (n,), generator=g).tolist() for n in (3, 7, 1)]
+    widths = []
+    hook = student.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True)
+    out = {}
+    for share in (True, False):
+        student.zero_grad()
+        logits, mask = response_logits(student, prompts, responses, pad_id=tok.pad_token_id, share_prefix=share)
+        (logits.log_softmax(-1)[..., 5] * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        out[share] = (logits * mask[..., None], grads)
+    hook.remove()
+    whole = len(prompts) * max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    assert widths[-1] == whole
+    assert sum(widths[:-1]) == whole - (len(prompts) - 1) * shared  # the prefix ran once, not per row
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-4)
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for n, grad in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], grad, atol=1e-6, rtol=1e-4)

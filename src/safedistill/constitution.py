@@ -11,7 +11,8 @@ from pathlib import Path
 from .data.sources import builtin_bytes
 from .errors import UserError
 from .models import chat_text
-from .rollout import common_prefix, encode_prompts
+from .rollout import encode_prompts
+from .scoring import common_prefix
 from .teachers import ContextTeacher, Item
 
 REQUEST_HEADER = "## The request"

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .models import context_window
-from .scoring import expand_cache, prefix_kv
+from .scoring import expand_cache, prefix_kv, shared_prefix_length
 
 
 @dataclass
@@ -67,21 +67,6 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-
-
-MIN_SHARED_PREFIX = 16  # tokens; below this a prefix cache is not worth its bookkeeping
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
-    """The longest token prefix all sequences share."""
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return list(first[:n])
 
 
 def check_fits(model, encoded: Sequence[Sequence[int]], max_new_tokens: int, names: Sequence[str] | None = None):
@@ -139,10 +124,8 @@ def generate(
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
 
     # Prompts that share a long prefix (a context as system message, say) compute it once.
-    shared = len(common_prefix(encoded)) if len(encoded) > 1 else 0
-    shared = min(shared, min((len(e) for e in encoded), default=0) - 1)
-    prefix_cache = prefix_kv(model, encoded[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
-    shared = shared if prefix_cache is not None else 0
+    shared = shared_prefix_length(encoded)
+    prefix_cache = prefix_kv(model, encoded[0][:shared]) if shared else None
 
     results: list[Rollout | None] = [None] * len(encoded)
     stats = GenerationStats()

@@ -14,6 +14,39 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+MIN_SHARED_PREFIX = 16  # tokens; below this a prefix cache is not worth its bookkeeping
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix all sequences share."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return list(first[:n])
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares (leaving each at least one of its own), or 0
+    when that is too short to be worth a separate pass."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(common_prefix(prompts)), min(len(p) for p in prompts) - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def has_dropout(model) -> bool:
+    """Whether a training-mode forward is random (a prefix shared across rows would then share
+    its dropout mask too, unlike one pass per row)."""
+    if not model.training:
+        return False
+    if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
 
 def response_logits(
     model,
@@ -22,9 +55,20 @@ def response_logits(
     *,
     pad_id: int,
     prefix_cache: DynamicCache | None = None,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, T, V], mask [B, T]) with T the longest response. With `prefix_cache`, every
-    sequence continues the same cached prefix (batch 1), which is expanded to the batch."""
+    sequence continues the same cached prefix (batch 1), which is expanded to the batch.
+
+    Without one, the prompts' shared leading tokens (the chat template's system turn) run once at
+    batch 1 and are expanded over the batch, with gradient when gradients are on: the same
+    logits and gradients as one pass per row (autograd sums over the expanded rows), for
+    fewer tokens. `share_prefix=False`, or a model with active dropout, runs every row whole."""
+    if prefix_cache is None and share_prefix and not has_dropout(model):
+        k = shared_prefix_length(prompts)
+        if k:
+            prefix_cache = _prefix_pass(model, prompts[0][:k])
+            prompts = [p[k:] for p in prompts]
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(lengths)
     t_max = max(1, max(len(r) for r in responses))
@@ -80,8 +124,14 @@ def expand_cache(prefix_cache: DynamicCache, batch: int) -> DynamicCache:
     return cache
 
 
-@torch.no_grad()
-def prefix_kv(model, prefix_ids: Sequence[int]) -> DynamicCache:
+def _prefix_pass(model, prefix_ids: Sequence[int]) -> DynamicCache:
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-    return model(input_ids=ids, use_cache=True).past_key_values
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    return model(input_ids=ids, use_cache=True, **kwargs).past_key_values
+
+
+@torch.no_grad()
+def prefix_kv(model, prefix_ids: Sequence[int]) -> DynamicCache:
+    """The KV cache of a prefix, without gradient (for frozen models and generation)."""
+    return _prefix_pass(model, prefix_ids)

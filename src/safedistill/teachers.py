@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .models import chat_text
-from .rollout import common_prefix, encode_prompts
-from .scoring import prefix_kv, response_logits
+from .rollout import encode_prompts
+from .scoring import common_prefix, prefix_kv, response_logits
 
 
 @dataclass(frozen=True)

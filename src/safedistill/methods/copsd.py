@@ -25,8 +25,8 @@ from ..data.schema import Demonstration
 from ..errors import UserError
 from ..files import append_jsonl, write_json, write_jsonl
 from ..models import LoraSettings, add_lora, chat_text, save_model
-from ..rollout import SamplingSettings, common_prefix, generate
-from ..scoring import response_logits
+from ..rollout import SamplingSettings, generate
+from ..scoring import common_prefix, response_logits
 from ..sft import SFTStep
 
 
