@@ -363,3 +363,37 @@ def test_shared_prefix_is_cached_and_gives_the_same_tokens(loaded, monkeypatch):
     single = [generate(model, tok, [p], greedy(), progress=False)[0][0] for p in prompts]
     assert [r.response_ids for r in shared] == [r.response_ids for r in single]
     assert all(r.response_ids for r in shared)
+
+
+def test_decode_loop_gives_transformers_generate_greedy_tokens(loaded):
+    """Our decode loop against `model.generate` on the same left-padded batch (no stop tokens in
+    the way: EOS suppressed in both by a bias on the logits)."""
+    model, tok = loaded
+    stops = stop_token_ids(tok, model)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[stops] = -1e4
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
+    try:
+        ours, _ = generate(model, tok, prompts_for(tok), greedy(max_new_tokens=10, batch_size=8), progress=False)
+        enc = tok(prompts_for(tok), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        theirs = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    want = [row[enc["input_ids"].shape[1] :].tolist() for row in theirs]
+    assert [r.response_ids for r in ours] == want
+    assert all(len(r.response_ids) == 10 for r in ours)
+
+
+def test_sampler_draws_from_the_softmax_and_keeps_to_the_nucleus():
+    from safedistill.rollout import next_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).expand(40_000, -1)
+    torch.manual_seed(0)
+    counts = torch.bincount(next_tokens(logits, 1.0, 1.0), minlength=5) / 40_000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01, rtol=0)
+    counts = torch.bincount(next_tokens(logits[:, [3, 1, 4, 0, 2]], 1.0, 0.7), minlength=5) / 40_000
+    torch.testing.assert_close(counts, torch.tensor([0.0, 0.3 / 0.8, 0.0, 0.5 / 0.8, 0.0]), atol=0.01, rtol=0)
+    counts = torch.bincount(next_tokens(logits, 2.0, 1.0), minlength=5) / 40_000
+    hot = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).sqrt()
+    torch.testing.assert_close(counts, hot / hot.sum(), atol=0.01, rtol=0)
+    assert next_tokens(logits[:2], 0.0, 1.0).tolist() == [0, 0]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .models import context_window
-from .scoring import expand_cache, prefix_kv, shared_prefix_length
+from .scoring import accepts_logits_to_keep, expand_cache, prefix_kv, shared_prefix_length
 
 
 @dataclass
@@ -90,6 +90,72 @@ def finish(prompt_ids: list[int], new: list[int], stops: Sequence[int], tokenize
     return Rollout(prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True), cut is not None)
 
 
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else a draw from softmax(logits / T) cut to the
+    top-p nucleus (the tokens, most probable first, whose mass before them is below top_p). Drawn
+    by inverting the cumulative distribution with one uniform per row: the same distribution as
+    torch.multinomial, which on CPU draws an exponential for every vocabulary entry (the slowest
+    part of a small model's decode step)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True)
+    # A draw that float rounding puts at the total would land past the last entry with mass.
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
+    picked = torch.minimum(picked, last)
+    picked = picked.squeeze(-1)
+    return picked if order is None else order.gather(-1, picked[:, None]).squeeze(-1)
+
+
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    cache,
+    cached: int,
+    settings: SamplingSettings,
+    stops: Sequence[int],
+    pad: int,
+) -> torch.Tensor:
+    """New tokens [B, <= max_new_tokens] for left-padded `input_ids`, whose first `cached`
+    columns are already in `cache`. Rows that hit a stop token are padded afterwards; decoding
+    ends when every row has stopped. A plain loop over the model's forward with a KV cache:
+    what `model.generate` does for this case, without its per-step processor machinery."""
+    positions = (attention.cumsum(-1) - 1).clamp_(min=0)
+    stop_ids = torch.tensor(list(stops), device=input_ids.device)
+    done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    step_ids, step_pos = input_ids[:, cached:], positions[:, cached:]
+    out_tokens = []
+    for _ in range(settings.max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention,
+            position_ids=step_pos,
+            past_key_values=cache,
+            use_cache=True,
+            **keep,
+        )
+        cache = out.past_key_values
+        token = next_tokens(out.logits[:, -1], settings.temperature, settings.top_p)
+        token = token.masked_fill(done, pad)
+        out_tokens.append(token)
+        done |= torch.isin(token, stop_ids)
+        if bool(done.all()):
+            break
+        step_ids = token[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        attention = torch.cat([attention, attention.new_ones(attention.size(0), 1)], dim=1)
+    return torch.stack(out_tokens, dim=1)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -110,19 +176,6 @@ def generate(
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
-    sample = settings.temperature > 0
-    gen_kwargs = dict(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        eos_token_id=stops,
-        pad_token_id=pad,
-        use_cache=True,
-    )
-    if sample:
-        gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-
     # Prompts that share a long prefix (a context as system message, say) compute it once.
     shared = shared_prefix_length(encoded)
     prefix_cache = prefix_kv(model, encoded[0][:shared]) if shared else None
@@ -142,15 +195,14 @@ def generate(
             attention[row, :shared] = 1
             input_ids[row, width - len(ids) + shared :] = torch.tensor(ids[shared:])
             attention[row, width - len(ids) + shared :] = 1
-        if prefix_cache is not None:
-            gen_kwargs["past_key_values"] = expand_cache(prefix_cache, len(idx))
+        cache = expand_cache(prefix_cache, len(idx)) if prefix_cache is not None else None
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed + b)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kwargs)
+            new = decode(model, input_ids.to(device), attention.to(device), cache, shared, settings, stops, pad)
         stats.seconds += time.perf_counter() - t0
         for row, i in enumerate(idx):
-            results[i] = finish(encoded[i], out[row, width:].tolist(), stops, tokenizer, stats)
+            results[i] = finish(encoded[i], new[row].tolist(), stops, tokenizer, stats)
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
     bar.close()
