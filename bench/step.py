@@ -216,7 +216,9 @@ def safedistill_steps(setup, args, precision: str) -> dict:
                 "tokens_teacher": sum(
                     len(p) - prefix[it.group] + n for p, it, n in zip(t_prompts, setup["items"], resp, strict=True)
                 ),
-                "tokens_student": sum(len(r.prompt_ids) + n for r, n in zip(rollouts, resp, strict=True)),
+                # Tokens the student pass computes: its shared prompt prefix runs once, not per row.
+                "tokens_student": sum(len(r.prompt_ids) + n for r, n in zip(rollouts, resp, strict=True))
+                - (len(rollouts) - 1) * scoring.shared_prefix_length([r.prompt_ids for r in rollouts]),
             }
         )
         print(f"  safedistill[{precision}] step {s + 1}: {total:.2f}s loss {loss.item():.4f}", file=sys.stderr)
