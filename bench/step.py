@@ -232,7 +232,7 @@ def safedistill_loss(setup, args, rollouts) -> float:
     responses = [r["response"] for r in rollouts]
     t_logits = teacher.logits(model, setup["items"], responses)
     s_logits, mask = response_logits(model, [r["prompt"] for r in rollouts], responses, pad_id=tok.pad_token_id)
-    return float(masked_mean(per_token_divergence(s_logits, t_logits, "reverse_kl"), mask))
+    return masked_mean(per_token_divergence(s_logits, t_logits, "reverse_kl"), mask).item()
 
 
 def fixed_rollouts(setup, args) -> list[dict]:
@@ -474,11 +474,11 @@ def ablations(setup, args, rollouts, precisions) -> list[dict]:
             teacher.logits(model, items, responses)  # warm-up (and the prefix cache)
         return timed(lambda: _under(precision, device, lambda: teacher.logits(model, items, responses)), args.repeat)
 
-    def student_phase(keep, precision):
+    def student_phase(keep, precision, share=True):
         def once():
             model.train()
             with logits_everywhere(not keep), autocast(precision, device):
-                s_logits, mask = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
+                s_logits, mask = response_logits(model, prompts, responses, pad_id=tok.pad_token_id, share_prefix=share)
             loss = masked_mean(per_token_divergence(s_logits, s_logits.detach() * 0.5, "reverse_kl"), mask)
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -500,6 +500,14 @@ def ablations(setup, args, rollouts, precisions) -> list[dict]:
                 "phase": "student fwd+bwd",
                 "setting": f"logits only at response positions ({precision})",
                 "before_s": student_phase(False, precision),
+                "after_s": student_phase(True, precision),
+            }
+        )
+        rows.append(
+            {
+                "phase": "student fwd+bwd",
+                "setting": f"prompts' shared prefix run once, with gradient ({precision})",
+                "before_s": student_phase(True, precision, share=False),
                 "after_s": student_phase(True, precision),
             }
         )
@@ -534,12 +542,21 @@ def ablations(setup, args, rollouts, precisions) -> list[dict]:
         return timed(lambda: rollouts(model, tok, texts, settings, progress=False), 1)
 
     def without_prefix_cache():
-        real = rollout_mod.MIN_SHARED_PREFIX
-        rollout_mod.MIN_SHARED_PREFIX = 10**9
+        real = scoring.MIN_SHARED_PREFIX
+        scoring.MIN_SHARED_PREFIX = 10**9
         try:
             return rollout(args.batch)
         finally:
-            rollout_mod.MIN_SHARED_PREFIX = real
+            scoring.MIN_SHARED_PREFIX = real
+
+    def transformers_generate():
+        """The before-state of the decode loop: `model.generate` on the same left-padded batch."""
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        stops = rollout_mod.stop_token_ids(tok, model)
+        kw = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        model.eval()
+        return timed(lambda: model.generate(**enc, **kw, eos_token_id=stops, pad_token_id=tok.pad_token_id), 1)
 
     batched = rollout(args.batch)
     rows.append(
@@ -548,6 +565,14 @@ def ablations(setup, args, rollouts, precisions) -> list[dict]:
             "setting": f"batched generation (1 -> {args.batch} sequences per call)",
             "before_s": rollout(1),
             "after_s": batched,
+        }
+    )
+    rows.append(
+        {
+            "phase": "rollout",
+            "setting": "decode loop, not transformers generate (no prefix cache)",
+            "before_s": _no_stops(model, tok, transformers_generate),
+            "after_s": _no_stops(model, tok, without_prefix_cache),
         }
     )
     rows.append(
@@ -570,6 +595,23 @@ def ablations(setup, args, rollouts, precisions) -> list[dict]:
     return rows
 
 
+def _no_stops(model, tok, fn):
+    """Run `fn` with the stop tokens' logits pushed down, so that every row decodes all
+    max_new_tokens whatever the sampler draws (two samplers compared at equal length)."""
+    stops = rollout_mod.stop_token_ids(tok, model)
+    head = model.get_output_embeddings()
+
+    def push_down(module, args, out):
+        out[..., stops] = -1e4
+        return out
+
+    hook = head.register_forward_hook(push_down)
+    try:
+        return fn()
+    finally:
+        hook.remove()
+
+
 def _under(precision, device, fn):
     with autocast(precision, device):
         return fn()
@@ -583,9 +625,6 @@ def numerics(setup, args, rollouts) -> dict:
     out = {}
     for precision in ("fp32", "bf16"):
         model, tok = load_student(setup, args)
-        for p in model.parameters():
-            if p.requires_grad and "lora_B" in str(p):
-                pass
         with torch.no_grad():  # a non-zero adapter, so the gradient reaches both LoRA factors
             for name, p in model.named_parameters():
                 if "lora_B" in name:
