@@ -157,12 +157,12 @@ def logits_everywhere(on: bool):
     if not on:
         yield
         return
-    real = scoring.accepts_logits_to_keep
-    scoring.accepts_logits_to_keep = lambda model: False
+    real = scoring.accepts_logits_to_keep, scoring.takes_position_index
+    scoring.accepts_logits_to_keep = scoring.takes_position_index = lambda model: False
     try:
         yield
     finally:
-        scoring.accepts_logits_to_keep = real
+        scoring.accepts_logits_to_keep, scoring.takes_position_index = real
 
 
 def summarize(steps: list[dict]) -> dict:

@@ -447,3 +447,65 @@ def test_first_k_mask():
     assert torch.equal(first_k_mask(mask.bool(), 10), mask.float())
     with pytest.raises(ValueError):
         first_k_mask(mask, -1)
+
+
+def _reverse_kl_by_autograd(s, t):
+    ls, lt = F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1)
+    return (ls.exp() * (ls - lt)).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [3 * V, 10**6])  # several row chunks, and one
+def test_fused_full_reverse_kl_matches_autograd_value_and_gradient(logits, monkeypatch, chunk):
+    from safedistill import divergence
+
+    monkeypatch.setattr(divergence, "CHUNK_FLOATS", chunk)
+    s, t = logits
+    weights = torch.rand(B, T, generator=torch.Generator().manual_seed(1))
+    got = divergence.full_reverse_kl(s, t)
+    (grad,) = torch.autograd.grad((got * weights).sum(), s)
+    s64 = s.detach().double().requires_grad_()
+    want = _reverse_kl_by_autograd(s64, t)
+    (want_grad,) = torch.autograd.grad((want * weights.double()).sum(), s64)
+    assert got.dtype == torch.float32 and got.shape == (B, T)
+    torch.testing.assert_close(got.double(), want.detach(), **TOL)
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-6, rtol=1e-4)
+    # per_token_divergence takes the fused path for the full-vocabulary reverse KL
+    torch.testing.assert_close(per_token_divergence(s, t, "reverse_kl"), got)
+
+
+def test_fused_reverse_kl_with_masked_teacher_entries_and_bf16(logits):
+    from safedistill.divergence import full_reverse_kl
+
+    s, t = logits
+    t = t.clone()
+    t[..., :3] = float("-inf")  # entries the teacher rules out
+    got = full_reverse_kl(s, t)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    assert torch.isfinite(grad).all()
+    s16 = s.detach().bfloat16().requires_grad_()
+    got16 = full_reverse_kl(s16, t)
+    (grad16,) = torch.autograd.grad(got16.sum(), s16)
+    assert got16.dtype == torch.float32 and grad16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16, full_reverse_kl(s16.detach().float(), t), **TOL)
+
+
+def test_token_stats_match_direct_formulas(logits, monkeypatch):
+    from safedistill import divergence
+
+    monkeypatch.setattr(divergence, "CHUNK_FLOATS", 2 * V)
+    s, t = logits
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([1, 4, 7])
+    got = divergence.token_stats(s, t, tokens, ids)
+    ls, lt = F.log_softmax(s.detach().double(), -1), F.log_softmax(t.double(), -1)
+    want = {
+        "reverse_kl": _reverse_kl_by_autograd(s.detach(), t),
+        "student_entropy": -(ls.exp() * ls).sum(-1),
+        "teacher_entropy": -(lt.exp() * lt).sum(-1),
+        "token_kl": (ls - lt).gather(-1, tokens[..., None]).squeeze(-1),
+        "mass_on_ids": ls.exp()[..., ids].sum(-1),
+    }
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].double(), value, **TOL, msg=name)
+    assert "mass_on_ids" not in divergence.token_stats(s, t, tokens)

@@ -41,18 +41,23 @@ def test_logits_only_at_response_positions_match_all_positions(model, tok, monke
     responses = [torch.randint(10, len(tok), (n,), generator=g).tolist() for n in (3, 7, 1)]
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("logits_to_keep", 0)), with_kwargs=True)
-    kept, mask = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
+    by_index, mask = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
+    monkeypatch.setattr(scoring, "takes_position_index", lambda m: False)  # older decoders: a count
+    by_count, mask_count = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
     monkeypatch.setattr(scoring, "accepts_logits_to_keep", lambda m: False)
     full, mask_full = response_logits(model, prompts, responses, pad_id=tok.pad_token_id)
     hook.remove()
     width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    assert calls == [width - (min(len(p) for p in prompts) - 1), 0]  # fewer positions projected to the vocabulary
-    assert torch.equal(mask, mask_full)
-    torch.testing.assert_close(kept * mask[..., None], full * mask[..., None], atol=1e-5, rtol=0)
+    assert isinstance(calls[0], torch.Tensor) and calls[0].shape == (len(ITEMS), 7)  # per row: response positions
+    assert calls[1:] == [width - (min(len(p) for p in prompts) - 1), 0]
+    assert torch.equal(mask, mask_full) and torch.equal(mask_count, mask_full)
+    for got in (by_index, by_count):
+        torch.testing.assert_close(got * mask[..., None], full * mask[..., None], atol=1e-5, rtol=0)
 
 
 def test_logits_to_keep_is_found_under_the_lora_wrapper(model):
     assert scoring.accepts_logits_to_keep(model)
+    assert scoring.takes_position_index(add_lora(build_model(build_tokenizer(), seed=1), LoraSettings(r=2)))
     assert scoring.accepts_logits_to_keep(add_lora(build_model(build_tokenizer(), seed=1), LoraSettings(r=2)))
 
 

@@ -26,6 +26,83 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+CHUNK_FLOATS = 2**21  # per chunk of rows: 8 MB of float32 temporaries, reused from chunk to chunk
+
+
+def _row_chunks(n_rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_FLOATS // max(vocab, 1))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+class _FullReverseKL(torch.autograd.Function):
+    """Full-vocabulary KL(p_S || p_T) per row, with its gradient with respect to the student
+    logits, p_S (log p_S - log p_T - KL), formed in the same pass.
+
+    The same numbers as `_kl` on two log-softmaxes, but computed a few rows at a time with
+    in-place ops: on a [B, T, V] batch autograd's version keeps a handful of [B, T, V] float32
+    temporaries alive and touches each of them again in the backward pass, which on a CPU costs
+    more than the student's transformer layers for a 50k vocabulary."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        rows, vocab = student.shape
+        tiny = torch.finfo(torch.float32).min
+        kl = torch.empty(rows, dtype=torch.float32, device=student.device)
+        grad = torch.empty(rows, vocab, dtype=student.dtype, device=student.device)
+        for c in _row_chunks(rows, vocab):
+            ls = F.log_softmax(student[c].float(), dim=-1).clamp_(min=tiny)
+            d = F.log_softmax(teacher[c].float(), dim=-1).clamp_(min=tiny).neg_().add_(ls)
+            p = ls.exp_()
+            kl[c] = (p * d).sum(-1)
+            grad[c] = p.mul_(d.sub_(kl[c, None]))
+        ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_out[:, None].to(grad.dtype)), None
+
+
+def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_S || p_T) over the whole vocabulary, [B, T] float32, from logits [B, T, V]."""
+    shape = student_logits.shape
+    kl = _FullReverseKL.apply(student_logits.reshape(-1, shape[-1]), teacher_logits.detach().reshape(-1, shape[-1]))
+    return kl.view(shape[:-1])
+
+
+@torch.no_grad()
+def token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    vocab_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """What a step logs per response position ([B, T] float32 each), a few rows at a time:
+    reverse_kl, student_entropy, teacher_entropy, token_kl (log p_S - log p_T of the sampled
+    token) and, with vocab_ids, the student's total probability on them (mass_on_ids)."""
+    shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    s2, t2 = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    tok = tokens.reshape(-1, 1).to(s2.device)
+    names = ["reverse_kl", "student_entropy", "teacher_entropy", "token_kl"] + (
+        ["mass_on_ids"] if vocab_ids is not None else []
+    )
+    out = {n: torch.empty(s2.size(0), dtype=torch.float32, device=s2.device) for n in names}
+    tiny = torch.finfo(torch.float32).min
+    for c in _row_chunks(s2.size(0), vocab):
+        ls = F.log_softmax(s2[c].float(), dim=-1).clamp_(min=tiny)
+        lt = F.log_softmax(t2[c].float(), dim=-1).clamp_(min=tiny)
+        out["token_kl"][c] = (ls.gather(-1, tok[c]) - lt.gather(-1, tok[c])).squeeze(-1)
+        p = ls.exp()
+        out["student_entropy"][c] = -(p * ls).sum(-1)
+        if vocab_ids is not None:
+            out["mass_on_ids"][c] = p.index_select(-1, vocab_ids.to(p.device)).sum(-1)
+        out["reverse_kl"][c] = (p * ls.sub_(lt)).sum(-1)
+        out["teacher_entropy"][c] = -(lt.exp().mul_(lt)).sum(-1)
+    return {n: v.view(shape) for n, v in out.items()}
+
+
 def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
     """Generalized JSD in TRL's GKD convention (beta=0: forward KL, beta=1: reverse KL).
 
@@ -123,6 +200,8 @@ def per_token_divergence(
     if kind != "sampled" and (old_logprobs is not None or ratio_clip is not None):
         raise ValueError("old_logprobs and ratio_clip are only used with kind='sampled'")
     bt = student_logits.shape[:2]
+    if kind == "reverse_kl" and vocab_ids is None and (top_k is None or top_k >= student_logits.shape[-1]):
+        return full_reverse_kl(student_logits, teacher_logits)
 
     ls = F.log_softmax(student_logits.float(), dim=-1)
     lt = F.log_softmax(teacher_logits.detach().float(), dim=-1)

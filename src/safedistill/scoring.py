@@ -76,12 +76,26 @@ def response_logits(
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
-    # Logits only from the first position that predicts a response token on: the prompt
-    # positions' vocabulary projections would be thrown away.
-    first = max(min(len(p) for p in prompts) - 1, 0)
-    kwargs = {"logits_to_keep": width - first} if accepts_logits_to_keep(model) else {}
-    first = first if kwargs else 0
-    offset = 0
+    # Per row, the positions len(prompt)-1 ... len(prompt)+len(response)-2 predict the response.
+    index = torch.zeros(len(prompts), t_max, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t_max)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n = len(r)
+        index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        index[i, n:] = max(len(p) - 1, 0)
+        mask[i, :n] = 1
+    index = index.to(device)
+    # Vocabulary projections only at those positions: the prompt positions' would be thrown away.
+    # Given the positions themselves, transformers gathers the hidden states (a contiguous
+    # [B, T, H] input: one matmul for the output projection, not a strided batched one) and the
+    # logits need no gather; older models take a count of trailing positions instead.
+    if takes_position_index(model):
+        kwargs, first = {"logits_to_keep": index}, None
+    elif accepts_logits_to_keep(model):
+        first = max(min(len(p) for p in prompts) - 1, 0)
+        kwargs = {"logits_to_keep": width - first}
+    else:
+        kwargs, first = {}, 0
     if prefix_cache is not None:
         offset = prefix_cache.get_seq_length()
         kwargs = {
@@ -90,16 +104,11 @@ def response_logits(
             "attention_mask": torch.ones(len(prompts), offset + width, dtype=torch.long, device=device),
         }
     logits = model(input_ids=ids.to(device), use_cache=prefix_cache is not None, **kwargs).logits
-    # Gather, per row, the positions len(prompt)-1 ... len(prompt)+len(response)-2.
-    index = torch.zeros(len(prompts), t_max, dtype=torch.long)
-    mask = torch.zeros(len(prompts), t_max)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        n = len(r)
-        index[i, :n] = torch.arange(len(p) - 1 - first, len(p) - 1 + n - first)
-        index[i, n:] = max(len(p) - 1 - first, 0)
-        mask[i, :n] = 1
-    index = index.to(device)
-    out = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+    if first is None:
+        out = logits
+    else:
+        shifted = index - first
+        out = logits.gather(1, shifted.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
     return out, mask.to(device)
 
 
@@ -108,11 +117,29 @@ def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM under any peft/DDP wrappers can skip logits (transformers >= 4.50)."""
+def _causal_lm(model):
     while hasattr(model, "module") or hasattr(model, "get_base_model"):
         model = model.module if hasattr(model, "module") else model.get_base_model()
-    return _forward_takes(type(model), "logits_to_keep")
+    return model
+
+
+@functools.cache
+def _slices_by_positions(cls: type) -> bool:
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def takes_position_index(model) -> bool:
+    """Whether the causal LM takes `logits_to_keep` as a [B, T] tensor of positions per row
+    (transformers' `slice_logits_to_keep`, in most decoders since transformers 5)."""
+    return _slices_by_positions(type(_causal_lm(model)))
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any peft/DDP wrappers can skip logits (transformers >= 4.50)."""
+    return _forward_takes(type(_causal_lm(model)), "logits_to_keep")
 
 
 def expand_cache(prefix_cache: DynamicCache, batch: int) -> DynamicCache:

@@ -22,12 +22,13 @@ from .config import RunConfig, same_settings, to_yaml
 from .data.packaged import Manifest
 from .data.sources import load_prompts
 from .data.splits import split_records, take
-from .diagnostics import CollapseProbe, mean_entropy, text_stats
+from .diagnostics import CollapseProbe, text_stats
 from .distributed import Processes
 from .divergence import (
     first_k_mask,
     masked_mean,
     per_token_divergence,
+    token_stats,
     top_fraction_mask,
 )
 from .errors import UserError
@@ -199,21 +200,9 @@ class OnPolicyStep:
                 top_k=None if cfg.divergence == "sampled" or self.vocab_ids is not None else cfg.top_k,
                 vocab_ids=self.vocab_ids,
             )
-        with torch.no_grad():
-            slog, tlog = (
-                student_logits.float().log_softmax(-1),
-                teacher_logits.float().log_softmax(-1),
-            )
-            reverse_kl = (slog.exp() * (slog - tlog)).sum(-1)
-            # A loss over a few ids can shrink mass instead of moving it: watch entropy and mass on S.
-            entropy = -(slog.exp() * slog).sum(-1)
-            s_mass = (
-                slog.index_select(-1, self.vocab_ids.to(slog.device)).exp().sum(-1)
-                if self.vocab_ids is not None
-                else None
-            )
-            index = tokens.unsqueeze(-1)
-            token_kl = (slog.gather(-1, index) - tlog.gather(-1, index)).squeeze(-1)
+        # A loss over a few ids can shrink mass instead of moving it: watch entropy and mass on S.
+        stats = token_stats(student_logits, teacher_logits, tokens, self.vocab_ids)
+        reverse_kl = stats["reverse_kl"]
         if cfg.token_mask == "first_k":
             loss_mask = first_k_mask(mask, cfg.mask_k)
         elif cfg.token_mask == "top_fraction":
@@ -230,13 +219,13 @@ class OnPolicyStep:
         n_tok = int(mask.sum())
         harmful = [i for i, it in enumerate(items) if it.group == "harmful"]
         refused = sum(self.judge.is_refusal(rollouts[i].text) for i in harmful)
-        if s_mass is not None:
-            extra["student_mass_on_s"] = float(masked_mean(s_mass, mask))
+        if self.vocab_ids is not None:
+            extra["student_mass_on_s"] = float(masked_mean(stats["mass_on_ids"], mask))
         return loss, {
             "loss": loss.item(),
-            "student_entropy": float(masked_mean(entropy, mask)),
+            "student_entropy": float(masked_mean(stats["student_entropy"], mask)),
             "mean_kl": float(masked_mean(reverse_kl, mask)),
-            "sampled_kl": float(masked_mean(token_kl, mask)),
+            "sampled_kl": float(masked_mean(stats["token_kl"], mask)),
             "masked_fraction": float(loss_mask.sum() / mask.sum()),
             "rollout_length": n_tok / len(items),
             "student_refusal_rate": refused / len(harmful) if harmful else 0.0,
@@ -245,7 +234,7 @@ class OnPolicyStep:
             "t_rollout": t1 - t0,
             "t_teacher": t2 - t1,
             "t_student": t3 - t2,
-            "teacher_entropy": mean_entropy(teacher_logits, mask),
+            "teacher_entropy": float(masked_mean(stats["teacher_entropy"], mask)),
             "rollout_distinct_2": text_stats([r.text for r in rollouts], [len(r) for r in responses])["distinct_2"],
             **extra,
             **diag,
