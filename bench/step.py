@@ -285,6 +285,9 @@ def trl_common(args, precision: str, out: str) -> dict:
         top_k=0,
         shuffle_dataset=False,
         dataloader_num_workers=0,
+        # TRL turns activation checkpointing on by default; safedistill does not recompute
+        # activations, so the reference keeps them too (its default would cost it a forward pass).
+        gradient_checkpointing=False,
     )
 
 
