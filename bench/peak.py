@@ -35,22 +35,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
-    """Best-of FLOP/s of a [m,k]@[k,n] matmul, repeated for about `seconds` after a warm-up."""
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
+def fastest_matmul(a: torch.Tensor, b: torch.Tensor, device: str, seconds: float) -> float:
+    """Shortest time of a @ b, repeated for about `seconds` after a warm-up."""
     for _ in range(3):
         a @ b
     sync(device)
-    best, spent = 0.0, 0.0
+    best, spent = float("inf"), 0.0
     while spent < seconds:
         t0 = time.perf_counter()
         a @ b
         sync(device)
         dt = time.perf_counter() - t0
         spent += dt
-        best = max(best, 2 * m * k * n / dt)
+        best = min(best, dt)
     return best
+
+
+def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
+    """Best-of FLOP/s of a [m,k]@[k,n] matmul."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    return 2 * m * k * n / fastest_matmul(a, b, device, seconds)
 
 
 def weight_stream_rate(dtype: torch.dtype, device: str, seconds: float = 1.0, mbytes: int = 512) -> float:
@@ -60,18 +65,7 @@ def weight_stream_rate(dtype: torch.dtype, device: str, seconds: float = 1.0, mb
     n = mbytes * 2**20 // (k * torch.finfo(dtype).bits // 8)
     w = torch.randn(k, n, device=device).to(dtype)
     x = torch.randn(8, k, device=device).to(dtype)
-    for _ in range(2):
-        x @ w
-    sync(device)
-    best, spent = 0.0, 0.0
-    while spent < seconds:
-        t0 = time.perf_counter()
-        x @ w
-        sync(device)
-        dt = time.perf_counter() - t0
-        spent += dt
-        best = max(best, w.numel() * w.element_size() / dt)
-    return best
+    return w.numel() * w.element_size() / fastest_matmul(x, w, device, seconds)
 
 
 def measure_peaks(device: str, seconds: float) -> dict:
