@@ -112,7 +112,9 @@ class RunConfig:
     precision: str = (
         "fp32"  # fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 where the hardware has it)
     )
-    rollout_backend: str = "hf"  # hf (decode with the transformers student) | merged (on a LoRA-merged copy) | vllm (GPU; else hf)
+    rollout_backend: str = (
+        "hf"  # hf (decode with the transformers student) | merged (on a LoRA-merged copy) | vllm (GPU; else hf)
+    )
 
     # --- bookkeeping
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
