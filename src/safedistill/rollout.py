@@ -153,7 +153,7 @@ def decode(
         step_ids = token[:, None]
         step_pos = step_pos[:, -1:] + 1
         attention = torch.cat([attention, attention.new_ones(attention.size(0), 1)], dim=1)
-    return torch.stack(out_tokens, dim=1)
+    return torch.stack(out_tokens, dim=1) if out_tokens else input_ids.new_zeros((input_ids.size(0), 0))
 
 
 @torch.no_grad()
