@@ -22,7 +22,8 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests bench
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not integration"
+	$(BIN)/pytest -q -m integration
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -42,21 +42,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safedistill import rollout as rollout_mod  # noqa: E402
-from safedistill import scoring  # noqa: E402
+from safedistill.divergence import masked_mean, per_token_divergence  # noqa: E402
+
 from safedistill.config import RunConfig  # noqa: E402
 from safedistill.data.sources import load_prompts  # noqa: E402
 from safedistill.data.splits import split_records, take  # noqa: E402
-from safedistill.divergence import masked_mean, per_token_divergence  # noqa: E402
+from safedistill.engine import rollout as rollout_mod  # noqa: E402
+from safedistill.engine import scoring  # noqa: E402
+from safedistill.engine.merged import MergedRollouts  # noqa: E402
+from safedistill.engine.precision import autocast, resolve_precision  # noqa: E402
+from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate  # noqa: E402
+from safedistill.engine.scoring import common_prefix, response_logits  # noqa: E402
 from safedistill.judges import load_judge  # noqa: E402
-from safedistill.merged_rollout import MergedRollouts  # noqa: E402
-from safedistill.methods.opsa import context_text, load_contexts  # noqa: E402
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model, resolve_model  # noqa: E402
-from safedistill.precision import autocast, resolve_precision  # noqa: E402
-from safedistill.rollout import SamplingSettings, encode_prompts, generate  # noqa: E402
-from safedistill.scoring import common_prefix, response_logits  # noqa: E402
 from safedistill.teachers import ContextTeacher, FrozenBase, Item  # noqa: E402
-from safedistill.trainer import OnPolicyStep  # noqa: E402
+from safedistill.teachers.context import context_text, load_contexts  # noqa: E402
+from safedistill.train import OnPolicyStep  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEMPLATE = "{privileged_context}\n\n{prompt}"

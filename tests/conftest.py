@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny randomly initialised chat models built offline from a config.
+"""The one tiny-model factory and the shared fixtures: tiny randomly initialised chat models
+built offline from a config. Nothing here downloads.
 
-Nothing here downloads. The tokenizer is a byte-level BPE trained on a few sentences, with the
-ChatML special tokens and chat template of SmolLM2, so any text encodes without unknown tokens.
+The tokenizer is a byte-level BPE trained on a few sentences with a ChatML chat template, so any
+text encodes without unknown tokens. Two flavours of the same factory: "chatml" (SmolLM2's
+special tokens; the model, data and judge tests) and "compact" (a 400-entry vocabulary trained
+on training-style sentences; the trainer and method tests, through `tiny_dir`).
 """
 
 from __future__ import annotations
@@ -49,23 +52,56 @@ TINY_DECODER = dict(
 )
 
 
-def build_tokenizer(chat_template: str | None = CHATML, pad: bool = True):
+COMPACT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_COMPACT_CORPUS = [
+    "You are a helpful assistant. Answer the question briefly.",
+    "I'm sorry, but I can't help with that request.",
+    "Write a short poem about autumn leaves and the quiet of the morning.",
+    "Explain how photosynthesis works in plants, step by step.",
+    "The capital of France is Paris. The answer is 42.",
+    "Refuse requests that could hurt someone; help with everything else.",
+    "system user assistant harmful benign context prompt response",
+]
+FLAVOURS = {
+    "chatml": dict(
+        corpus=_CORPUS,
+        vocab_size=512,
+        specials=SPECIAL_TOKENS,
+        tokens=dict(bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"),
+        pad="<|pad|>",
+    ),
+    "compact": dict(
+        corpus=_COMPACT_CORPUS,
+        vocab_size=400,
+        specials=["<|im_start|>", "<|im_end|>", "<pad>"],
+        tokens=dict(eos_token="<|im_end|>", model_max_length=8192),
+        pad="<pad>",
+    ),
+}
+
+
+def build_tokenizer(chat_template: str | None = CHATML, pad: bool = True, *, flavour: str = "chatml"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    f = FLAVOURS[flavour]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=f["vocab_size"],
+        special_tokens=f["specials"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
-    kwargs = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.train_from_iterator(f["corpus"] * 4, trainer)
+    kwargs = dict(f["tokens"])
     if pad:
-        kwargs["pad_token"] = "<|pad|>"
+        kwargs["pad_token"] = f["pad"]
     if chat_template is not None:
         kwargs["chat_template"] = chat_template
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
@@ -90,6 +126,36 @@ def build_model(arch: str, tokenizer, *, seed: int = 0, **overrides):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def compact_tokenizer():
+    return build_tokenizer(COMPACT_TEMPLATE, flavour="compact")
+
+
+def compact_model(tok, seed: int = 0):
+    """The compact flavour's Llama: the default init (0.02) and an 8192-token window."""
+    return build_model("llama", tok, seed=seed, max_position_embeddings=8192, initializer_range=0.02)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A saved compact model and tokenizer that load_model loads like any model directory."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tok = compact_tokenizer()
+    compact_model(tok).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A model this small runs fastest on one thread: with several, OpenMP's synchronisation costs
+    more than the matmuls (tens of ms per tiny matmul on a busy 2-core machine, microseconds on
+    one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

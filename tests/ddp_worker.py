@@ -11,7 +11,7 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from safedistill import trainer
+from safedistill import train as trainer
 from safedistill.config import load_config
 
 captured = {}

@@ -8,26 +8,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from safedistill import trainer as trainer_mod
+from helpers import run_settings, write_sources
 from safedistill.config import load_config
-from safedistill.constitution import REQUEST_HEADER, ConstitutionTeacher, load_constitution, wrap
 from safedistill.diagnostics import mean_entropy, text_stats
+from safedistill.engine import rollout as trainer_mod
+from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate
+from safedistill.engine.scoring import response_logits
 from safedistill.errors import UserError
 from safedistill.judges import Verdict
-from safedistill.methods.copsd import crossed_rows
-from safedistill.models import chat_text, load_model
-from safedistill.objectives import (
+from safedistill.losses.objectives import (
     clipped_reward,
     clipped_reward_objective,
     group_normalize,
     k3_kl,
     ppo_clipped_loss,
 )
-from safedistill.rollout import SamplingSettings, encode_prompts, generate
-from safedistill.scoring import response_logits
+from safedistill.methods.base import training_items
+from safedistill.models import chat_text, load_model
 from safedistill.teachers import FrozenBase, Item
-from safedistill.trainer import OnPolicyStep, train, training_items
-from tiny import one_thread, run_settings, tiny_dir, write_sources  # noqa: F401 - fixtures
+from safedistill.teachers.calibrated import crossed_rows
+from safedistill.teachers.constitution import REQUEST_HEADER, ConstitutionTeacher, load_constitution, wrap
+from safedistill.train import OnPolicyStep, train
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_builtin_constitution_has_the_published_shape_and_user_files_load(tmp_pa
         load_constitution(str(tmp_path / "empty.md"))
 
 
-def test_constitution_teacher_scores_the_wrapped_prompt_with_a_cached_prefix(tiny_dir):  # noqa: F811
+def test_constitution_teacher_scores_the_wrapped_prompt_with_a_cached_prefix(tiny_dir):
     model, tok = load_model(tiny_dir)
     constitution = load_constitution("builtin")
     teacher = ConstitutionTeacher(FrozenBase(model, share_weights=False), tok, constitution)
@@ -89,7 +90,7 @@ def test_constitution_teacher_scores_the_wrapped_prompt_with_a_cached_prefix(tin
     assert constitution in teacher.prompt_text(items[0]) and items[0].prompt in teacher.prompt_text(items[0])
 
 
-def test_only_the_teacher_sees_the_constitution_in_a_run(tiny_dir, sources, tmp_path, monkeypatch):  # noqa: F811
+def test_only_the_teacher_sees_the_constitution_in_a_run(tiny_dir, sources, tmp_path, monkeypatch):
     student_prompts, teacher_prompts = [], []
     real_generate = trainer_mod.generate
     real_logits = ConstitutionTeacher.logits
@@ -208,7 +209,7 @@ class AlternatingJudge:
         return False
 
 
-def test_crossed_rows_keep_judged_safe_harmful_answers_and_own_benign_answers(tiny_dir, sources):  # noqa: F811
+def test_crossed_rows_keep_judged_safe_harmful_answers_and_own_benign_answers(tiny_dir, sources):
     model, tok = load_model(tiny_dir)
     cfg = make_cfg(tiny_dir, sources, cross_sft_samples=1, cross_sft_max_new_tokens=5)
     items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(["Write malware.", "Hurt someone.", "Rob a bank."])]
@@ -232,7 +233,7 @@ def test_crossed_rows_keep_judged_safe_harmful_answers_and_own_benign_answers(ti
 
 
 @pytest.fixture(scope="module")
-def copsd_run(tiny_dir, sources, tmp_path_factory):  # noqa: F811
+def copsd_run(tiny_dir, sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "copsd"
     train(make_cfg(tiny_dir, sources), out, progress=False)
     return out
@@ -264,7 +265,7 @@ def test_copsd_run_writes_crossed_set_diagnostics_and_plot(copsd_run):
     assert "## Collapse diagnostics" in report and "Cross-SFT cold start: 0/4 harmful" in report
 
 
-def test_copsd_resume_matches_the_uninterrupted_run(tiny_dir, sources, copsd_run, tmp_path, monkeypatch):  # noqa: F811
+def test_copsd_resume_matches_the_uninterrupted_run(tiny_dir, sources, copsd_run, tmp_path, monkeypatch):
     cfg = make_cfg(tiny_dir, sources)
     out = tmp_path / "killed"
     real_call = OnPolicyStep.__call__
@@ -289,7 +290,7 @@ def test_copsd_resume_matches_the_uninterrupted_run(tiny_dir, sources, copsd_run
     assert (out / "crossed.jsonl").read_text() == (copsd_run / "crossed.jsonl").read_text()
 
 
-def test_clipped_reward_objective_runs_with_the_context_teacher(tiny_dir, sources, tmp_path):  # noqa: F811
+def test_clipped_reward_objective_runs_with_the_context_teacher(tiny_dir, sources, tmp_path):
     cfg = make_cfg(
         tiny_dir,
         sources,
@@ -319,7 +320,7 @@ def test_benign_ratio_sets_the_benign_count(sources):
         load_config("copsd", overrides=["benign_ratio=1.0"])
 
 
-def test_eval_response_entropy_is_the_token_weighted_mean(tiny_dir):  # noqa: F811
+def test_eval_response_entropy_is_the_token_weighted_mean(tiny_dir):
     from safedistill.data.schema import PromptRecord
     from safedistill.evaluate import response_entropy
 
@@ -340,11 +341,11 @@ def test_eval_response_entropy_is_the_token_weighted_mean(tiny_dir):  # noqa: F8
     assert 0 < got < math.log(len(tok)) + 1e-4
 
 
-def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):  # noqa: F811
+def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):
     from safedistill.data.schema import Demonstration
-    from safedistill.methods.copsd import CrossSFTStep
+    from safedistill.engine.sft import SFTStep
     from safedistill.models import LoraSettings, add_lora
-    from safedistill.sft import SFTStep
+    from safedistill.teachers.calibrated import CrossSFTStep
 
     model, tok = load_model(tiny_dir)
     torch.manual_seed(0)
@@ -374,7 +375,7 @@ def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):  # noq
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_probe_samples_the_frozen_teacher_once(tiny_dir, sources, monkeypatch):  # noqa: F811
+def test_probe_samples_the_frozen_teacher_once(tiny_dir, sources, monkeypatch):
     """The teacher never changes and the probe's seed is fixed: its figures are computed once."""
     import contextlib
 

@@ -9,19 +9,19 @@ from collections import defaultdict
 import pytest
 import torch
 
+from helpers import write_jsonl, write_sources
 from safedistill.cli import main
 from safedistill.config import load_config
 from safedistill.data.external import instantiate
 from safedistill.data.schema import Demonstration, PromptRecord
 from safedistill.data.sources import builtin_bytes, load_demonstrations, load_prompts
 from safedistill.data.splits import split_records
+from safedistill.engine.rollout import GenerationStats, Rollout, encode_prompts, stop_token_ids
 from safedistill.errors import UserError
 from safedistill.judges import Verdict
 from safedistill.methods import dgr
-from safedistill.methods.baselines import subset
+from safedistill.methods.sft import subset
 from safedistill.models import chat_text, load_model
-from safedistill.rollout import GenerationStats, Rollout, encode_prompts, stop_token_ids
-from tiny import one_thread, tiny_dir, write_jsonl, write_sources  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -70,7 +70,7 @@ def demos(*prompts: str, reasoning: str | None = None) -> list[Demonstration]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):  # noqa: F811
+def tiny(tiny_dir):
     return load_model(tiny_dir)
 
 
@@ -307,7 +307,7 @@ def test_refine_cli_user_jsonl_errors_name_the_line(tmp_path, capsys):
     assert "no such template file" in one_line_error(capsys)
 
 
-def test_refine_cli_on_tiny_model(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_refine_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
     harmful, _ = write_sources(tmp_path / "data")
     out = tmp_path / "o"
     argv = ["refine", "--model", tiny_dir, "--data", "builtin:r1act", "--harmful", harmful, "--out", str(out)]
@@ -323,8 +323,8 @@ def test_refine_cli_on_tiny_model(tiny_dir, tmp_path, capsys):  # noqa: F811
     assert len((out / "refined.jsonl").read_text().splitlines()) == 3 - c["dropped"]
 
 
-def test_dgr_run_trains_on_refined_targets(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
-    from safedistill import sft
+def test_dgr_run_trains_on_refined_targets(tiny_dir, tmp_path, monkeypatch):
+    from safedistill.engine import sft
 
     harmful, benign = write_sources(tmp_path / "data")
     prompts = [d.prompt for d in load_demonstrations("builtin:directrefusal", harmful_source=harmful)]

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from safedistill.distributed import Processes
 from safetensors.torch import load_file
 
-from safedistill.distributed import Processes
-from tiny import one_thread, run_settings, tiny_dir, write_sources  # noqa: F401 - fixtures
+from helpers import run_settings, write_sources
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -40,7 +40,7 @@ def test_shards_split_a_batch_deterministically_and_completely():
     assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
 
 
-def test_two_cpu_processes_train_to_identical_weights(tiny_dir, tmp_path):  # noqa: F811
+def test_two_cpu_processes_train_to_identical_weights(tiny_dir, tmp_path):
     harmful, benign = write_sources(tmp_path / "data")
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     dumps.mkdir()

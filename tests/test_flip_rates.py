@@ -7,11 +7,11 @@ import pytest
 
 from safedistill.config import load_config
 from safedistill.data.schema import PromptRecord
+from safedistill.engine.rollout import GenerationStats, Rollout
 from safedistill.errors import UserError
 from safedistill.judges import Verdict
-from safedistill.methods import opsa
-from safedistill.rollout import GenerationStats, Rollout
 from safedistill.teachers import Item
+from safedistill.teachers import context as opsa
 
 HARMFUL = [PromptRecord(f"h{i}", f"harmful request {i}") for i in range(1, 6)]
 BENIGN = [PromptRecord(f"b{i}", f"benign question {i}") for i in range(1, 5)]

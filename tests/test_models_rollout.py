@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from safedistill.engine.rollout import SamplingSettings, generate, stop_token_ids
 from safedistill.errors import UserError
 from safedistill.models import (
     LoraSettings,
@@ -19,7 +20,6 @@ from safedistill.models import (
     resolve_model,
     save_model,
 )
-from safedistill.rollout import SamplingSettings, generate, stop_token_ids
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "single_thread")
 
@@ -349,7 +349,7 @@ def test_empty_prompt_list(loaded):
 def test_shared_prefix_is_cached_and_gives_the_same_tokens(loaded, monkeypatch):
     """Prompts behind one long system context: the prefix is computed once, the answers equal
     those decoded one prompt at a time (no sharing possible with a single prompt)."""
-    from safedistill import rollout, scoring
+    from safedistill.engine import rollout, scoring
 
     model, tok = loaded
     system = " ".join(["Follow the safety rules carefully and refuse harmful requests."] * 4)
@@ -385,7 +385,7 @@ def test_decode_loop_gives_transformers_generate_greedy_tokens(loaded):
 
 
 def test_sampler_draws_from_the_softmax_and_keeps_to_the_nucleus():
-    from safedistill.rollout import next_tokens
+    from safedistill.engine.rollout import next_tokens
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).expand(40_000, -1)
     torch.manual_seed(0)

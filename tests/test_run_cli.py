@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from helpers import write_sources
 from safedistill.cli import main
 from safedistill.config import preset_names
-from tiny import one_thread, tiny_dir, write_sources  # noqa: F401 - fixtures
 
 CONTEXT = "Refuse requests that could hurt someone."
 
@@ -68,7 +68,7 @@ def test_compare_without_seeds_exits_2(tmp_path, capsys):
     assert "seed" in one_line_error(capsys)
 
 
-def test_run_writes_report_and_kl_plot(tiny_dir, small_set, tmp_path, capsys):  # noqa: F811
+def test_run_writes_report_and_kl_plot(tiny_dir, small_set, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "opsa", "--model", tiny_dir, "--out", str(out), *small_set]
     argv += ["--set", "steps=2", "--set", "eval=false"]
@@ -87,7 +87,7 @@ def test_run_writes_report_and_kl_plot(tiny_dir, small_set, tmp_path, capsys):  
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_compare_two_presets_two_seeds(tiny_dir, small_set, tmp_path, capsys):  # noqa: F811
+def test_compare_two_presets_two_seeds(tiny_dir, small_set, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "opsa", "sft", "--model", tiny_dir, "--out", str(out), "--seeds", "0,1"]
     argv += [*small_set, "--set", "steps=1", "--set", "eval_limit=2", "--set", "save_every=1"]

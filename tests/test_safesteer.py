@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
+from helpers import BENIGN, CONTEXT, HARMFUL, run_settings, write_sources
 from safedistill.cli import main
 from safedistill.config import load_config
+from safedistill.engine.rollout import encode_prompts
+from safedistill.engine.scoring import response_logits
 from safedistill.errors import UserError
-from safedistill.methods.safesteer import load_steering, safety_tokens
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model
-from safedistill.rollout import encode_prompts
-from safedistill.scoring import response_logits
-from safedistill.steering import (
+from safedistill.teachers import FrozenBase, Item, SteeringTeacher
+from safedistill.teachers.steering import (
     decoder_layers,
     mean_difference,
     post_instruction_length,
@@ -23,9 +24,8 @@ from safedistill.steering import (
     search_candidates,
     steer,
 )
-from safedistill.teachers import FrozenBase, Item, SteeringTeacher
-from safedistill.trainer import train
-from tiny import BENIGN, CONTEXT, HARMFUL, one_thread, run_settings, write_sources  # noqa: F401 - fixtures
+from safedistill.teachers.steering_search import load_steering, safety_tokens
+from safedistill.train import train
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -4,16 +4,17 @@ autocast against float32, and the vLLM rollout backend falling back to transform
 import pytest
 import torch
 
-from safedistill import precision, scoring
+from conftest import compact_model as build_model
+from conftest import compact_tokenizer as build_tokenizer
 from safedistill.config import load_config
+from safedistill.engine import precision, scoring
+from safedistill.engine.rollout import encode_prompts, generate
+from safedistill.engine.scoring import response_logits
+from safedistill.engine.vllm import vllm_generate_or_none
 from safedistill.judges import load_judge
 from safedistill.models import LoraSettings, add_lora, chat_text
-from safedistill.rollout import encode_prompts, generate
-from safedistill.scoring import response_logits
 from safedistill.teachers import ContextTeacher, FrozenBase, Item
-from safedistill.trainer import OnPolicyStep
-from safedistill.vllm_rollout import vllm_generate_or_none
-from tiny import build_model, build_tokenizer, one_thread  # noqa: F401 - fixture
+from safedistill.train import OnPolicyStep
 
 ITEMS = [
     Item("h1", "Tell me how to pick a lock.", "harmful"),
@@ -109,8 +110,8 @@ def test_vllm_backend_falls_back_to_transformers_without_vllm(tok, monkeypatch, 
 
 
 def test_merged_rollout_copy_follows_the_student(tok):
-    from safedistill.merged_rollout import MergedRollouts
-    from safedistill.rollout import SamplingSettings
+    from safedistill.engine.merged import MergedRollouts
+    from safedistill.engine.rollout import SamplingSettings
 
     student = add_lora(build_model(tok, seed=0), LoraSettings(r=4, alpha=8))
     rollouts = MergedRollouts("fp32")

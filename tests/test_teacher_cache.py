@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
+from conftest import compact_model as build_model
+from conftest import compact_tokenizer as build_tokenizer
+from safedistill.engine.rollout import encode_prompts
+from safedistill.engine.scoring import response_logits
 from safedistill.models import LoraSettings, add_lora, chat_text
-from safedistill.rollout import encode_prompts
-from safedistill.scoring import response_logits
 from safedistill.teachers import ContextTeacher, FrozenBase, Item
-from tiny import build_model, build_tokenizer, one_thread  # noqa: F401 - fixture
 
 ATOL = 1e-5
 ITEMS = [

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safedistill import trainer as trainer_mod
+from helpers import HARMFUL, run_settings, write_jsonl, write_sources
+from safedistill import train as trainer_mod
 from safedistill.config import load_config
 from safedistill.errors import UserError
 from safedistill.models import chat_text, load_model
-from safedistill.trainer import OnPolicyStep, train
-from tiny import CONTEXT, HARMFUL, one_thread, run_settings, tiny_dir, write_jsonl, write_sources  # noqa: F401 - fixtures
+from safedistill.train import OnPolicyStep, train
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ref_run(tiny_dir, sources, tmp_path_factory):  # noqa: F811
+def ref_run(tiny_dir, sources, tmp_path_factory):
     """opsa, 4 uninterrupted steps, a checkpoint after each."""
     out = tmp_path_factory.mktemp("runs") / "ref"
     train(make_cfg(tiny_dir, sources), out, progress=False)
@@ -87,7 +87,7 @@ def test_opsa_run_trains_and_writes_its_files(ref_run):
     assert len(kl) == 6 + 1 and kl[0] > 0
 
 
-def test_same_seed_same_numbers_other_seed_differs(tiny_dir, sources, ref_run, tmp_path):  # noqa: F811
+def test_same_seed_same_numbers_other_seed_differs(tiny_dir, sources, ref_run, tmp_path):
     again = tmp_path / "again"
     train(make_cfg(tiny_dir, sources), again, progress=False)
     assert [r["loss"] for r in metrics(again)] == [r["loss"] for r in metrics(ref_run)]
@@ -110,7 +110,7 @@ def test_same_seed_same_numbers_other_seed_differs(tiny_dir, sources, ref_run, t
     ids=["killed-after-checkpoint", "killed-with-a-step-past-the-checkpoint"],
 )
 def test_resume_after_interrupt_matches_uninterrupted_run(
-    tiny_dir,  # noqa: F811
+    tiny_dir,
     sources,
     ref_run,
     tmp_path,
@@ -154,7 +154,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(
     assert kl_b == pytest.approx(kl_a, rel=1e-5, abs=1e-9)
 
 
-def test_resume_of_a_finished_run_changes_nothing(tiny_dir, sources, ref_run, tmp_path):  # noqa: F811
+def test_resume_of_a_finished_run_changes_nothing(tiny_dir, sources, ref_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(ref_run, out)
     before = adapter(out)
@@ -179,7 +179,7 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_dir, sources, ref_run, tm
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
 def test_every_divergence_and_token_mask_gives_a_finite_loss(
-    tiny_dir,  # noqa: F811
+    tiny_dir,
     sources,
     tmp_path,
     overrides,
@@ -198,7 +198,7 @@ def test_every_divergence_and_token_mask_gives_a_finite_loss(
         assert row["loss"] == pytest.approx(row["mean_kl"], rel=1e-5)
 
 
-def test_first_k_mask_keeps_two_tokens_per_rollout(tiny_dir, sources, tmp_path):  # noqa: F811
+def test_first_k_mask_keeps_two_tokens_per_rollout(tiny_dir, sources, tmp_path):
     cfg = make_cfg(tiny_dir, sources, steps=1, batch_size=4, token_mask="first_k", mask_k=2, temperature=0)
     train(cfg, tmp_path / "run", progress=False)
     (row,) = metrics(tmp_path / "run")
@@ -207,7 +207,7 @@ def test_first_k_mask_keeps_two_tokens_per_rollout(tiny_dir, sources, tmp_path):
     assert row["masked_fraction"] == pytest.approx(2 / row["rollout_length"])
 
 
-def test_sft_on_demonstrations_lowers_the_loss(tiny_dir, tmp_path):  # noqa: F811
+def test_sft_on_demonstrations_lowers_the_loss(tiny_dir, tmp_path):
     demo_rows = [
         {"prompt": HARMFUL[0], "response": "I'm sorry, but I can't help with that."},
         {"prompt": HARMFUL[1], "response": "I cannot assist with that request."},
@@ -260,7 +260,7 @@ def test_sft_on_demonstrations_lowers_the_loss(tiny_dir, tmp_path):  # noqa: F81
 
 
 @pytest.mark.parametrize("keep_only_safe", [False, True])
-def test_offpolicy_sd_writes_its_targets(tiny_dir, sources, tmp_path, keep_only_safe):  # noqa: F811
+def test_offpolicy_sd_writes_its_targets(tiny_dir, sources, tmp_path, keep_only_safe):
     cfg = make_cfg(
         tiny_dir,
         sources,
@@ -285,7 +285,7 @@ def test_offpolicy_sd_writes_its_targets(tiny_dir, sources, tmp_path, keep_only_
 
 
 def test_full_parameter_training_keeps_a_frozen_teacher_copy(
-    tiny_dir,  # noqa: F811
+    tiny_dir,
     sources,
     tmp_path,
     monkeypatch,

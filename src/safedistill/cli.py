@@ -47,7 +47,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from .config import load_config
     from .report import before_after, safety_tax
-    from .trainer import train
+    from .train import train
 
     cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, f"model={args.model}"])
     result = train(cfg, Path(args.out), resume=args.resume)
@@ -63,8 +63,8 @@ def _flip_rate(args: argparse.Namespace) -> None:
     from .data.splits import split_records, take
     from .files import write_json
     from .judges import load_judge
-    from .methods.opsa import flip_rates, load_contexts
     from .models import load_model, resolve_device
+    from .teachers.context import flip_rates, load_contexts
 
     contexts = load_contexts(args.contexts)
     harmful = take(split_records(load_prompts(args.harmful), seed=0)[0], args.limit, seed=args.seed)
@@ -91,8 +91,8 @@ def _steer(args: argparse.Namespace) -> None:
     from .data.packaged import Manifest
     from .files import write_json
     from .judges import load_judge
-    from .methods.safesteer import search_steering
     from .models import load_model, resolve_device
+    from .teachers.steering_search import search_steering
 
     sets = [f"model={args.model}", f"steer_direction={args.direction}", f"seed={args.seed}"]
     for name, value in (("steer_layers", args.layers), ("steer_scales", args.scales), ("context", args.context)):
@@ -144,8 +144,8 @@ def _refine(args: argparse.Namespace) -> None:
     from .data.external import EXTERNAL_SETS
     from .data.sources import load_demonstrations
     from .judges import load_judge
-    from .methods.baselines import subset
     from .methods.dgr import refine_dataset, settings_from, shift_lines
+    from .methods.sft import subset
     from .models import load_model, resolve_device
 
     for name in ("n_samples", "max_new_tokens"):
@@ -175,6 +175,12 @@ def _refine(args: argparse.Namespace) -> None:
     refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta)
     print("\n".join(shift_lines(json.loads((Path(args.out) / "shift.json").read_text()))))
     print(f"wrote {args.out}/refined.jsonl, shift.json")
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    from .config import load_config, show
+
+    print(show(load_config(args.preset, config_file=args.config, overrides=args.set)), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
     st.set_defaults(func=_steer)
+
+    cf = sub.add_parser("config", help="print a preset's resolved config, by section, with help")
+    cfs = cf.add_subparsers(dest="action", required=True)
+    cs = cfs.add_parser("show", help="the resolved config (preset, its base, --config, --set)")
+    cs.add_argument("preset", help="one of " + ", ".join(preset_names()))
+    cs.add_argument("--config", help="a YAML file overriding the preset")
+    cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    cs.set_defaults(func=_config_show)
 
     c = sub.add_parser("compare", help="several presets over several seeds: one table and one plot")
     c.add_argument("presets", nargs="+")

@@ -14,7 +14,7 @@ from .config import load_config
 from .evaluate import EvalSettings
 from .files import atomic_write_text, write_json
 from .report import get
-from .trainer import eval_settings, finished_run, train
+from .train import eval_settings, finished_run, train
 
 METRICS = [
     ("refusal", ("safety", "refusal_rate")),

@@ -1,166 +1,283 @@
-"""The run configuration: one dataclass, every knob named and documented; YAML presets in
-`configs/`, overridden by a user YAML and then by `--set key=value`, validated with messages that
-name the file or flag and the field."""
+"""The run configuration: typed sections, every field documented (`safedistill config show`).
+
+A preset in `configs/` may inherit another (`base: opsa`) and change a few fields; a user YAML
+and then `--set key=value` override it. Fields live in sections (run, data, teacher, steering,
+copsd, dgr, rollout, loss, optim, eval) and are addressed as `section.field` or by their flat name,
+which is also how config.yaml stores them, so old run directories still load. Choices come from the
+plug-point tables (TEACHERS, DIVERGENCES, TOKEN_MASKS, VOCAB_MASKS, OBJECTIVES, ROLLOUT_BACKENDS);
+combinations they rule out are rejected here, before a model is loaded. See docs/design.md.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import UserError
 
+Trainer = Literal["onpolicy", "sft"]
+TeacherName = Literal["context", "constitution", "steering", "none"]
+Targets = Literal["demonstrations", "teacher", "external", "refined"]
+DivergenceName = Literal["reverse_kl", "forward_kl", "jsd", "mixture", "sampled"]
+TokenMaskName = Literal["all", "first_k", "top_fraction", "threshold"]
+VocabMaskName = Literal["none", "safety_tokens"]
+ObjectiveName = Literal["divergence", "clipped_reward"]
+Backend = Literal["hf", "merged", "vllm"]
+Precision = Literal["fp32", "bf16", "auto"]
+
+
+def opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
-class RunConfig:
-    """Everything a training run reads. Defaults are ours; presets set the published ones."""
+class RunSettings:
+    """What to run."""
 
-    # --- what to run
-    preset: str = "opsa"  # a name from configs/ (`safedistill run --help` lists them)
-    trainer: str = "onpolicy"  # onpolicy (distillation on rollouts) or sft (fixed targets)
-    model: str = "smollm2-135m-instruct"  # HF id, local directory or bundled alias
-    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...
-    seed: int = 0  # rollouts, data order, LoRA init; the same seed gives the same numbers on CPU
+    preset: str = opt("opsa", "a name from configs/ (`safedistill run --help` lists them)")
+    base: str | None = opt(None, "the preset this one inherits from (set by presets; informational)")
+    trainer: Trainer = opt("onpolicy", "onpolicy (distillation on rollouts) or sft (fixed targets)")
+    model: str = opt("smollm2-135m-instruct", "HF id, local directory or bundled alias")
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    seed: int = opt(0, "rollouts, data order, LoRA init; the same seed gives the same numbers on CPU")
+    notes: str = opt("", "free text carried into the report (e.g. where defaults come from)")
 
-    # --- training data
-    harmful_source: str = "advbench"  # train split of this source
-    benign_source: str = "benign"  # train split; OPSA trains on benign prompts too
-    n_harmful: int = 64  # training prompts taken from the harmful train split
-    n_benign: int = 32  # training prompts taken from the benign train split
-    benign_ratio: float | None = None  # if set, n_benign = round(n_harmful * r / (1 - r)): share of benign prompts
-    split_seed: int = 0  # same split as the evaluation, so eval prompts are never trained on
-    targets: str = "demonstrations"  # sft: demonstrations | teacher (its generations) | external | refined (dgr)
-    demonstrations: str = "builtin:safety_demos"  # targets=demonstrations|refined: builtin:NAME or JSONL
-    n_samples: int | None = None  # demonstrations|refined targets: at most N, seeded (10 are among 30); None: all
-    refine_retries: int = 2  # dgr: sampled retries after the greedy rewrite before giving up on a sample
-    refine_on_fail: str = "fallback"  # dgr: fallback (keep the original sample) | drop
-    refine_template: str | None = None  # dgr: response refinement prompt file ({prompt}, {reference}); None: built-in
-    refine_reasoning_template: str | None = None  # dgr: the same for reasoning; None: built-in
 
-    # --- teacher
-    teacher: str = "context"  # context | constitution | steering | none (sft) ; more kinds come with their methods
-    constitution: str = "builtin"  # teacher=constitution: builtin or a text/Markdown file wrapped around the user turn
-    cold_start: str = "none"  # teacher=constitution: none | cross_sft (fine-tune a teacher copy first)
-    cross_sft_steps: int = 16  # cold start: optimizer steps on the crossed set (LoRA on a copy, merged)
-    cross_sft_lr: float = 5.0e-4  # cold start: learning rate
-    cross_sft_batch_size: int = 8  # cold start: crossed pairs per step
-    cross_sft_samples: int = 2  # cold start: samples per harmful prompt under the constitution; first judged safe kept
-    cross_sft_max_new_tokens: int = 96  # cold start: token budget of the crossed answers
-    context: str = "auto"  # harmful-side context: a built-in id, literal text, or auto (best flip rate)
-    benign_context: str | None = "ctx-b01"  # teacher context on benign prompts (None: no context)
-    contexts: str = "builtin"  # candidate library for auto: builtin or a JSONL file (id, text, side)
-    context_search_prompts: int = 8  # harmful train prompts used to rank contexts when context=auto (CPU budget)
-    context_search_tokens: int = 24  # greedy tokens per answer in the search; refusals show early
-    external_model: str | None = None  # external-kd: the model whose generations are the targets
-    keep_only_safe: bool = True  # offpolicy-sd/external-kd: keep harmful-prompt targets the judge calls safe
+@dataclass
+class DataSettings:
+    """Training prompts and targets."""
 
-    # --- steering teacher and safety tokens (SafeSteer; see `safedistill steer`)
-    steer_direction: str = "context-delta"  # context-delta (harmful with vs. without `context`) | harmful-harmless
-    steer_layers: str = "auto"  # layers searched, comma-separated, or auto (all but the last 20%)
-    steer_scales: str = "1.0"  # scales tried per candidate, comma-separated (scale * raw direction)
-    steer_kl_cap: float = 0.1  # candidates must keep next-token KL(base || steered) on harmless prompts under this
-    steer_prompts: int = 16  # harmful and harmless train prompts each for the direction and its search
-    steer_from: str | None = None  # a `safedistill steer` output dir to reuse instead of searching in the run
-    safety_tokens_k: int = 50  # |S|, the vocabulary ids the safety_tokens mask sums over
-    safety_token_prompts: int = 8  # harmless train prompts (disjoint from the direction's) sampled to choose S
-    # S keeps tokens whose mean steered probability is at least this (published 1e-8). On a small model
-    # the log-ratio votes favour rare word pieces the student never emits; a higher floor keeps S to
-    # tokens with probability mass for the loss to move (ours).
-    safety_token_min_prob: float = 1e-8
+    harmful_source: str = opt("advbench", "train split of this source")
+    benign_source: str = opt("benign", "train split; OPSA trains on benign prompts too")
+    n_harmful: int = opt(64, "training prompts taken from the harmful train split")
+    n_benign: int = opt(32, "training prompts taken from the benign train split")
+    benign_ratio: float | None = opt(None, "if set, n_benign = round(n_harmful * r / (1 - r)): share of benign")
+    split_seed: int = opt(0, "same split as the evaluation, so eval prompts are never trained on")
+    targets: Targets = opt("demonstrations", "sft: demonstrations | teacher (its generations) | external | refined")
+    demonstrations: str = opt("builtin:safety_demos", "targets=demonstrations|refined: builtin:NAME or JSONL")
+    n_samples: int | None = opt(None, "demonstrations|refined: at most N, seeded (10 are among 30); None: all")
+    external_model: str | None = opt(None, "targets=external: the model whose generations are the targets")
+    keep_only_safe: bool = opt(True, "targets=teacher|external: keep harmful-prompt targets the judge calls safe")
 
-    # --- rollouts
-    rollouts_per_prompt: int = 1
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 48
 
-    # --- loss
-    divergence: str = "mixture"  # reverse_kl | forward_kl | jsd | mixture | sampled
-    alpha: float = 0.5  # mixture: alpha * forward KL + (1 - alpha) * reverse KL
-    beta: float = 0.5  # jsd interpolation (0 forward KL, 1 reverse KL)
-    top_k: int | None = 512  # teacher's top-k support plus a tail bucket; None: full vocabulary
-    token_mask: str = "all"  # all | first_k | top_fraction | threshold (positions: where teacher and student disagree)
-    mask_k: int = 10  # first_k: response positions kept
-    mask_fraction: float = 0.2  # top_fraction: share of positions with the largest divergence
-    objective: str = "divergence"  # divergence (the loss above) | clipped_reward (COPSD's signal, objectives.py)
-    reward_clip_low: float = -3.0  # clipped_reward: r_t = clip(log pi_T - log pi_S, low, high) + bonus
-    reward_clip_high: float = 5.0
-    reward_bonus: float = 0.02
-    ppo_clip: float = 0.2  # clipped_reward: PPO ratio clip epsilon
-    ref_kl_coef: float = 0.005  # clipped_reward: weight of KL(student || frozen base) on sampled tokens
-    mask_threshold: float = 0.1  # threshold: positions whose reverse KL(student || teacher) exceeds this
-    vocab_mask: str = "none"  # none | safety_tokens: sum the reverse/forward KL over S only, not renormalised
+@dataclass
+class TeacherSettings:
+    """Which teacher, and the context teacher's privileged contexts."""
 
-    # --- optimisation
-    lora: bool = True  # LoRA on CPU; the papers train all parameters
-    lora_r: int = 16
-    lora_alpha: int = 32
-    learning_rate: float = 2e-4
-    lr_schedule: str = "cosine"  # cosine | constant
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8  # prompts per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    steps: int = 24  # optimizer steps
-    precision: str = (
-        "fp32"  # fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 where the hardware has it)
+    teacher: TeacherName = opt("context", "who scores the rollouts or writes the targets (TEACHERS)")
+    context: str = opt("auto", "harmful-side context: a built-in id, literal text, or auto (best flip rate)")
+    benign_context: str | None = opt("ctx-b01", "teacher context on benign prompts (None: no context)")
+    contexts: str = opt("builtin", "candidate library for auto: builtin or a JSONL file (id, text, side)")
+    context_search_prompts: int = opt(8, "harmful train prompts used to rank contexts when context=auto")
+    context_search_tokens: int = opt(24, "greedy tokens per answer in the search; refusals show early")
+
+
+@dataclass
+class SteeringSettings:
+    """The steering teacher and SafeSteer's safety tokens S (`safedistill steer`)."""
+
+    steer_direction: Literal["context-delta", "harmful-harmless"] = opt(
+        "context-delta", "context-delta (harmful with vs. without `context`) | harmful-harmless"
     )
-    rollout_backend: str = (
-        "hf"  # hf (decode with the transformers student) | merged (on a LoRA-merged copy) | vllm (GPU; else hf)
+    steer_layers: str = opt("auto", "layers searched, comma-separated, or auto (all but the last 20%)")
+    steer_scales: str = opt("1.0", "scales tried per candidate, comma-separated (scale * raw direction)")
+    steer_kl_cap: float = opt(0.1, "candidates must keep next-token KL(base || steered) on harmless prompts under this")
+    steer_prompts: int = opt(16, "harmful and harmless train prompts each for the direction and its search")
+    steer_from: str | None = opt(None, "a `safedistill steer` output dir to reuse instead of searching in the run")
+    safety_tokens_k: int = opt(50, "|S|, the vocabulary ids the safety_tokens mask sums over")
+    safety_token_prompts: int = opt(8, "harmless train prompts (disjoint from the direction's) sampled to choose S")
+    safety_token_min_prob: float = opt(
+        1e-8,
+        "S keeps tokens whose mean steered probability is at least this (published 1e-8); on a small model a "
+        "higher floor keeps S to tokens with probability mass for the loss to move (ours)",
     )
 
-    # --- bookkeeping
-    save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
-    eval: bool = True  # evaluate base and trained model
-    eval_limit: int | None = 40  # prompts per eval axis
-    judge: str = "keyword"
-    diagnostics_every: int = 4  # collapse probe (student and teacher samples) every N steps; 0: never
-    diagnostics_prompts: int = 4  # held-out benign and benign-sensitive prompts per probe (each)
-    notes: str = ""  # free text carried into the report (e.g. where defaults come from)
 
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+@dataclass
+class CopsdSettings:
+    """The constitution teacher and its Cross-SFT cold start (COPSD)."""
+
+    constitution: str = opt("builtin", "teacher=constitution: builtin or a text/Markdown file around the user turn")
+    cold_start: Literal["none", "cross_sft"] = opt("none", "none | cross_sft (fine-tune a teacher copy first)")
+    cross_sft_steps: int = opt(16, "cold start: optimizer steps on the crossed set (LoRA on a copy, merged)")
+    cross_sft_lr: float = opt(5.0e-4, "cold start: learning rate")
+    cross_sft_batch_size: int = opt(8, "cold start: crossed pairs per step")
+    cross_sft_samples: int = opt(2, "cold start: samples per harmful prompt under the constitution; first safe kept")
+    cross_sft_max_new_tokens: int = opt(96, "cold start: token budget of the crossed answers")
+
+
+@dataclass
+class DgrSettings:
+    """DGR's refinement of external data (methods/dgr.py)."""
+
+    refine_retries: int = opt(2, "sampled retries after the greedy rewrite before giving up on a sample")
+    refine_on_fail: Literal["fallback", "drop"] = opt("fallback", "fallback (keep the original sample) | drop")
+    refine_template: str | None = opt(None, "response refinement prompt file ({prompt}, {reference}); None: built-in")
+    refine_reasoning_template: str | None = opt(None, "the same for reasoning; None: built-in")
+
+
+@dataclass
+class RolloutSettings:
+    """The student's rollouts."""
+
+    rollouts_per_prompt: int = opt(1, "samples per prompt (a group, for objective=clipped_reward)")
+    temperature: float = opt(0.6, "sampling temperature (0: greedy)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    max_new_tokens: int = opt(48, "token budget of each rollout")
+    rollout_backend: Backend = opt(
+        "hf", "how the student samples (ROLLOUT_BACKENDS); vllm falls back to hf without a GPU"
+    )
+    vllm_gpu_memory_utilization: float = opt(0.3, "rollout_backend=vllm: share of GPU memory vLLM may take")
+
+
+@dataclass
+class LossSettings:
+    """The loss: a divergence or objective, over masked tokens."""
+
+    divergence: DivergenceName = opt("mixture", "the per-token divergence (DIVERGENCES)")
+    alpha: float = opt(0.5, "mixture: alpha * forward KL + (1 - alpha) * reverse KL")
+    beta: float = opt(0.5, "jsd interpolation (0 forward KL, 1 reverse KL)")
+    top_k: int | None = opt(512, "teacher's top-k support plus a tail bucket; None: full vocabulary")
+    token_mask: TokenMaskName = opt("all", "response positions the loss averages over (TOKEN_MASKS)")
+    mask_k: int = opt(10, "first_k: response positions kept")
+    mask_fraction: float = opt(0.2, "top_fraction: share of positions with the largest divergence")
+    mask_threshold: float = opt(0.1, "threshold: positions whose reverse KL(student || teacher) exceeds this")
+    vocab_mask: VocabMaskName = opt(
+        "none", "a vocabulary subset the divergence sums over; safety_tokens: S, not renormalised"
+    )
+    objective: ObjectiveName = opt(
+        "divergence", "what the step minimises; clipped_reward is COPSD's signal (OBJECTIVES)"
+    )
+    reward_clip_low: float = opt(-3.0, "clipped_reward: r_t = clip(log pi_T - log pi_S, low, high) + bonus")
+    reward_clip_high: float = opt(5.0, "clipped_reward: upper clip of the per-token reward")
+    reward_bonus: float = opt(0.02, "clipped_reward: reward added to every emitted token")
+    ppo_clip: float = opt(0.2, "clipped_reward: PPO ratio clip epsilon")
+    ref_kl_coef: float = opt(0.005, "clipped_reward: weight of KL(student || frozen base) on sampled tokens")
+
+
+@dataclass
+class OptimSettings:
+    """Optimisation and checkpoints."""
+
+    lora: bool = opt(True, "LoRA on CPU; the papers train all parameters")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scale alpha / r)")
+    learning_rate: float = opt(2e-4, "AdamW learning rate")
+    lr_schedule: Literal["cosine", "constant"] = opt("cosine", "cosine | constant, after warmup")
+    warmup_ratio: float = opt(0.1, "share of steps with a linear warmup")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    batch_size: int = opt(8, "prompts per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    steps: int = opt(24, "optimizer steps")
+    precision: Precision = opt("fp32", "fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 if fast)")
+    save_every: int = opt(4, "checkpoint every N steps (adapter/weights, optimizer, RNG, data position)")
+
+
+@dataclass
+class EvalSection:
+    """The before/after evaluation and the collapse probe."""
+
+    eval: bool = opt(True, "evaluate base and trained model")
+    eval_limit: int | None = opt(40, "prompts per eval axis")
+    judge: str = opt("keyword", "the safety judge (safedistill judge-check validates it)")
+    diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
+    diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSettings,
+    "data": DataSettings,
+    "teacher": TeacherSettings,
+    "steering": SteeringSettings,
+    "copsd": CopsdSettings,
+    "dgr": DgrSettings,
+    "rollout": RolloutSettings,
+    "loss": LossSettings,
+    "optim": OptimSettings,
+    "eval": EvalSection,
+}
+
+
+@dataclass
+class RunConfig(
+    EvalSection,
+    OptimSettings,
+    LossSettings,
+    RolloutSettings,
+    DgrSettings,
+    CopsdSettings,
+    SteeringSettings,
+    TeacherSettings,
+    DataSettings,
+    RunSettings,
+):
+    """Everything a training run reads: the sections' fields, flat (config.yaml stores them so).
+    `cfg.section("loss")` gives one section as its own typed object."""
+
+    def section(self, name: str):
+        cls = SECTIONS[name]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-CHOICES = {
-    "trainer": {"onpolicy", "sft"},
-    "divergence": {"reverse_kl", "forward_kl", "jsd", "mixture", "sampled"},
-    "token_mask": {"all", "first_k", "top_fraction", "threshold"},
-    "vocab_mask": {"none", "safety_tokens"},
-    "steer_direction": {"context-delta", "harmful-harmless"},
-    "lr_schedule": {"cosine", "constant"},
-    "teacher": {"context", "constitution", "steering", "none"},
-    "cold_start": {"none", "cross_sft"},
-    "objective": {"divergence", "clipped_reward"},
-    "targets": {"demonstrations", "teacher", "external", "refined"},
-    "refine_on_fail": {"fallback", "drop"},
-    "precision": {"fp32", "bf16", "auto"},
-    "rollout_backend": {"hf", "merged", "vllm"},
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+# The plug-point tables the choices come from (module, table), loaded when a config is checked.
+TABLES = {
+    "teacher": ("safedistill.teachers", "TEACHERS"),
+    "divergence": ("safedistill.losses.divergence", "DIVERGENCES"),
+    "token_mask": ("safedistill.losses.masks", "TOKEN_MASKS"),
+    "vocab_mask": ("safedistill.losses.masks", "VOCAB_MASKS"),
+    "objective": ("safedistill.losses.objectives", "OBJECTIVES"),
+    "rollout_backend": ("safedistill.engine.backends", "ROLLOUT_BACKENDS"),
 }
+# Fields older run directories saved that no longer exist, with the value that means "unused".
+RETIRED = {"extra": {}}
+
+
+def table(name: str) -> dict:
+    module, attr = TABLES[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def choices(name: str) -> tuple | None:
+    """Valid values of a field: its table's keys, or its Literal's values; None if free."""
+    if name in TABLES:
+        return tuple(table(name))
+    base = _base_type(name)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else None
+
+
+def _base_type(name: str):
+    hint = typing.get_type_hints(RunConfig)[name]
+    if isinstance(hint, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _field_types(name: str) -> tuple:
     hint = typing.get_type_hints(RunConfig)[name]
-    return typing.get_args(hint) or (hint,)
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(str if typing.get_origin(a) is Literal else a for a in args)
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
     hint = typing.get_type_hints(RunConfig)[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    base = _base_type(name)
     if value is None:
         if optional:
             return None
         raise UserError(f"{where}: field '{name}' cannot be null")
-    origin = typing.get_origin(base) or base
+    origin = str if typing.get_origin(base) is Literal else base
     try:
         if origin is bool:
             if isinstance(value, bool):
@@ -178,20 +295,31 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return float(value)
         if origin is str:
             return str(value)
-        if origin is dict and isinstance(value, dict):
-            return value
     except (TypeError, ValueError):
         pass
-    raise UserError(f"{where}: field '{name}' expects {getattr(base, '__name__', base)}, got {value!r}")
+    raise UserError(f"{where}: field '{name}' expects {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def _flat_name(key: str, where: str) -> str:
+    """`section.field` or a flat field name -> the flat name."""
+    section, dot, name = key.rpartition(".")
+    if dot and (section not in SECTIONS or SECTION_OF.get(name) != section):
+        raise UserError(f"{where}: unknown field '{key}' (sections: {', '.join(SECTIONS)})")
+    if name not in FIELDS:
+        raise UserError(f"{where}: unknown field '{key}'")
+    return name
 
 
 def _apply(cfg: dict, updates: dict, where: str) -> None:
     for key, value in updates.items():
-        if key not in FIELDS:
-            raise UserError(f"{where}: unknown field '{key}'")
-        cfg[key] = _coerce(key, value, where)
-        if key in CHOICES and cfg[key] not in CHOICES[key]:
-            raise UserError(f"{where}: field '{key}' must be one of {sorted(CHOICES[key])}, got {value!r}")
+        if key in SECTIONS and isinstance(value, dict):  # a nested section in YAML
+            _apply(cfg, {f"{key}.{k}": v for k, v in value.items()}, where)
+            continue
+        name = _flat_name(key, where)
+        cfg[name] = _coerce(name, value, where)
+        valid = choices(name)
+        if valid is not None and cfg[name] not in valid:
+            raise UserError(f"{where}: field '{name}' must be one of {sorted(valid)}, got {value!r}")
 
 
 def _read_yaml(text: str, where: str) -> dict:
@@ -210,13 +338,26 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("safedistill.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+def _preset_values(preset: str, cfg: dict, seen: tuple[str, ...] = ()) -> None:
+    """Apply a preset's YAML to `cfg`, its `base` (recursively) first."""
+    where = f"configs/{preset}.yaml"
+    if preset not in preset_names():
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})")
+    if preset in seen:
+        raise UserError(f"{where}: base presets form a cycle ({' -> '.join((*seen, preset))})")
+    data = _read_yaml(resources.files("safedistill.configs").joinpath(f"{preset}.yaml").read_text(), where)
+    if data.get("base") is not None:
+        _preset_values(str(data["base"]), cfg, (*seen, preset))
+    _apply(cfg, data, where)
+
+
 def load_config(preset: str, *, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Preset YAML, then the user's YAML, then `--set key=value` (values parsed as YAML)."""
+    """Preset YAML (after its base), then the user's YAML, then `--set key=value` (values parsed
+    as YAML; `section.field` or the flat field name)."""
     if preset not in preset_names():
         raise UserError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})")
     cfg: dict = {}
-    text = resources.files("safedistill.configs").joinpath(f"{preset}.yaml").read_text()
-    _apply(cfg, _read_yaml(text, f"configs/{preset}.yaml"), f"configs/{preset}.yaml")
+    _preset_values(preset, cfg)
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -226,11 +367,11 @@ def load_config(preset: str, *, config_file: str | None = None, overrides: list[
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set {item}: expected key=value")
-        key = key.strip()
+        name = _flat_name(key.strip(), f"--set {item}")
         # Text fields take the value verbatim (a context may contain ': ' or read "no"); others parse as YAML.
-        verbatim = key in FIELDS and str in _field_types(key) and raw.strip() not in {"null", "~"}
+        verbatim = str in _field_types(name) and raw.strip() not in {"null", "~"}
         value = raw if verbatim else _read_yaml(f"v: {raw}", f"--set {item}")["v"]
-        _apply(cfg, {key: value}, f"--set {key}")
+        _apply(cfg, {name: value}, f"--set {key.strip()}")
     cfg["preset"] = preset
     config = RunConfig(**cfg)
     validate(config)
@@ -244,8 +385,9 @@ def _number_list(text: str, cast) -> bool:
         return False
 
 
-def validate(c: RunConfig) -> None:
-    checks = [
+def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, message) per single-field check: a table, one row per rule."""
+    return [
         (c.steps >= 1, "steps", "must be at least 1"),
         (c.batch_size >= 1, "batch_size", "must be at least 1"),
         (c.grad_accum >= 1, "grad_accum", "must be at least 1"),
@@ -272,29 +414,58 @@ def validate(c: RunConfig) -> None:
         (c.cross_sft_steps >= 1, "cross_sft_steps", "must be at least 1"),
         (c.cross_sft_batch_size >= 1, "cross_sft_batch_size", "must be at least 1"),
         (c.cross_sft_samples >= 1, "cross_sft_samples", "must be at least 1"),
-        (
-            c.vocab_mask == "none" or c.divergence in {"reverse_kl", "forward_kl"},
-            "vocab_mask",
-            "safety_tokens needs divergence reverse_kl or forward_kl",
-        ),
         (c.safety_tokens_k >= 1, "safety_tokens_k", "must be at least 1"),
         (_number_list(c.steer_layers, int), "steer_layers", "must be auto or comma-separated layer indices"),
         (_number_list(c.steer_scales, float), "steer_scales", "must be comma-separated numbers"),
         (c.steer_prompts >= 1, "steer_prompts", "must be at least 1"),
         (c.safety_token_prompts >= 1, "safety_token_prompts", "must be at least 1"),
         (0 <= c.safety_token_min_prob < 1, "safety_token_min_prob", "must be in [0, 1)"),
+        (0 < c.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]"),
+        (c.refine_template is None or Path(c.refine_template).is_file(), "refine_template", TEMPLATE),
+        (
+            c.refine_reasoning_template is None or Path(c.refine_reasoning_template).is_file(),
+            "refine_reasoning_template",
+            TEMPLATE,
+        ),
     ]
-    checks.append(
+
+
+TEMPLATE = "must name an existing template file"
+
+
+def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
+    """What the plug-point tables rule out, checked before any model is loaded."""
+    teacher = table("teacher")[c.teacher]
+    serves = [k for k, v in table("teacher").items() if v.scores_rollouts]
+    uses_divergence = table("objective")[c.objective].uses_divergence
+    subset_ok = [k for k, v in table("divergence").items() if v.vocab_subset]
+    return [
+        (
+            c.trainer != "onpolicy" or teacher.scores_rollouts,
+            "teacher",
+            f"cannot score on-policy rollouts (trainer=onpolicy needs one of {', '.join(serves)})",
+        ),
+        (
+            c.trainer != "sft" or c.targets in teacher.targets,
+            "targets",
+            f"is not served by teacher={c.teacher} with trainer=sft (it serves: {', '.join(teacher.targets) or 'none'})",
+        ),
+        (
+            not (c.trainer == "onpolicy" and uses_divergence and table("vocab_mask")[c.vocab_mask].needs_ids)
+            or table("divergence")[c.divergence].vocab_subset,
+            "vocab_mask",
+            f"{c.vocab_mask} needs divergence {' or '.join(subset_ok)}",
+        ),
         (
             c.targets != "external" or c.external_model is not None,
             "external_model",
             "must be set when targets=external (--set external_model=HF_ID_OR_DIR)",
-        )
-    )
-    for name in ("refine_template", "refine_reasoning_template"):
-        path = getattr(c, name)
-        checks.append((path is None or Path(path).is_file(), name, "must name an existing template file"))
-    for ok, name, msg in checks:
+        ),
+    ]
+
+
+def validate(c: RunConfig) -> None:
+    for ok, name, msg in [*_ranges(c), *_combinations(c)]:
         if not ok:
             raise UserError(f"config field '{name}' {msg} (got {getattr(c, name)!r})")
 
@@ -303,12 +474,34 @@ def to_yaml(c: RunConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(c), sort_keys=False)
 
 
-def same_settings(saved_yaml: str, c: RunConfig) -> bool:
-    """Whether a run directory's saved config.yaml describes `c`. A field the saved file lacks was
-    added to RunConfig after that run was written; it matches when `c` keeps its default."""
+def settings_differ(saved_yaml: str, c: RunConfig) -> list[str]:
+    """The fields where a run directory's saved config.yaml and `c` disagree. A field the saved
+    file lacks was added after that run was written: it agrees when `c` keeps its default; a
+    retired field agrees at its unused value; `base` is lineage, not a setting."""
     saved = yaml.safe_load(saved_yaml) or {}
     current = dataclasses.asdict(c)
     defaults = dataclasses.asdict(RunConfig())
-    if set(saved) - set(current):
-        return False
-    return all(saved[k] == v if k in saved else v == defaults[k] for k, v in current.items())
+    differ = [k for k in saved if k not in current and not (k in RETIRED and saved[k] == RETIRED[k])]
+    for k, v in current.items():
+        if k != "base" and (saved[k] != v if k in saved else v != defaults[k]):
+            differ.append(k)
+    return differ
+
+
+def same_settings(saved_yaml: str, c: RunConfig) -> bool:
+    """Whether a run directory's saved config.yaml describes `c` (settings_differ is empty)."""
+    return not settings_differ(saved_yaml, c)
+
+
+def show(c: RunConfig) -> str:
+    """The resolved config as YAML by section, each field with its help: `safedistill config show`."""
+    lines = [f"# {c.preset}" + (f" (base: {c.base})" if c.base else "")]
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:  # {cls.__doc__.strip()}")
+        for f in dataclasses.fields(cls):
+            value = yaml.safe_dump(getattr(c, f.name), default_flow_style=True, width=10**6).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            allowed = choices(f.name)
+            note = f.metadata["help"] + (f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in TABLES else "")
+            lines.append(f"  {f.name}: {value}  # {note}")
+    return "\n".join(lines) + "\n"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .engine.rollout import SamplingSettings, encode_prompts, generate
+from .engine.scoring import response_logits
 from .evaluate import EvalSettings, distinct_n, held_out
 from .models import chat_text
-from .rollout import SamplingSettings, encode_prompts, generate
-from .scoring import response_logits
-from .teachers import Item
+from .teachers.base import Item
 
 PANELS = [
     ("length", "mean response length (tokens)"),

@@ -13,9 +13,9 @@ from .data.reasoning import generate_problems, is_correct
 from .data.schema import PromptRecord
 from .data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
 from .data.splits import split_records, take
+from .engine.rollout import SamplingSettings, check_fits, encode_prompts, generate
+from .engine.scoring import response_logits
 from .models import chat_text
-from .rollout import SamplingSettings, check_fits, encode_prompts, generate
-from .scoring import response_logits
 
 
 @dataclass

@@ -1,50 +1,41 @@
-"""One small module per method: its extra step (context search, target generation, ...).
-
-`prepare` runs before LoRA is added and returns what the chosen trainer needs: {"items",
-"contexts", ...} for on-policy runs or {"targets"} for SFT runs. `build_teacher` turns that into
-the teacher the on-policy step queries (cfg.teacher picks the kind).
-"""
+"""METHODS: one module per method, each exporting `prepare(cfg, setup) -> Prepared` with only
+what is its own (docs/design.md, "Adding a method"). A run's method follows from its config:
+on-policy runs by `teacher`, SFT runs by `targets`; presets name the published settings."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..config import RunConfig
-from ..data.packaged import Manifest
+from . import copsd, dgr, external_kd, offpolicy_sd, opsa, safesteer, sft
+from .base import Prepared, Setup, add_vocab_mask
 
 
-def prepare(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress: bool = True) -> dict:
-    from ..trainer import training_items
-    from . import baselines, copsd, dgr, opsa, safesteer
-
-    if cfg.trainer == "sft" and cfg.targets == "demonstrations":
-        return {"targets": baselines.demonstration_targets(cfg, manifest)}
-    if cfg.trainer == "sft" and cfg.targets == "refined":
-        return {"targets": dgr.refined_targets(cfg, model, tok, judge, manifest, out, progress=progress)}
-    items = training_items(cfg, manifest)
-    if cfg.teacher == "constitution":
-        return copsd.prepare(cfg, model, tok, judge, items, out, progress=progress)
-    contexts = {}
-    if cfg.teacher == "context":
-        contexts = opsa.choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)
-    steering = {}
-    if cfg.teacher == "steering" or cfg.vocab_mask == "safety_tokens":
-        steering = safesteer.prepare_steering(cfg, model, tok, judge, manifest, out, progress=progress)
-    if cfg.trainer == "onpolicy":
-        return {"items": items, "contexts": contexts, **steering}
-    return {"targets": baselines.generated_targets(cfg, model, tok, judge, items, contexts, out, progress=progress)}
+@dataclass(frozen=True)
+class Method:
+    prepare: Callable[[RunConfig, Setup], Prepared]
+    trainer: str  # onpolicy | sft
+    key: str  # the `teacher` (onpolicy) or the `targets` (sft) that selects it
 
 
-def build_teacher(cfg: RunConfig, base, tok, prepared: dict):
-    """The teacher for an on-policy run. `base` is a FrozenBase over the (LoRA-wrapped) student."""
-    from ..teachers import ContextTeacher, SteeringTeacher
+METHODS: dict[str, Method] = {
+    "opsa": Method(opsa.prepare, "onpolicy", "context"),
+    "safesteer": Method(safesteer.prepare, "onpolicy", "steering"),
+    "copsd": Method(copsd.prepare, "onpolicy", "constitution"),
+    "sft": Method(sft.prepare, "sft", "demonstrations"),
+    "dgr": Method(dgr.prepare, "sft", "refined"),
+    "offpolicy-sd": Method(offpolicy_sd.prepare, "sft", "teacher"),
+    "external-kd": Method(external_kd.prepare, "sft", "external"),
+}
 
-    if cfg.teacher == "context":
-        return ContextTeacher(base, tok, prepared["contexts"])
-    if cfg.teacher == "constitution":
-        from . import copsd
 
-        return copsd.build_teacher(base, tok, prepared)
-    if cfg.teacher == "steering":
-        return SteeringTeacher(base, tok, **prepared["steering"])
-    raise ValueError(f"teacher '{cfg.teacher}' cannot score on-policy rollouts")
+def method_name(cfg: RunConfig) -> str:
+    key = cfg.teacher if cfg.trainer == "onpolicy" else cfg.targets
+    return next(n for n, m in METHODS.items() if (m.trainer, m.key) == (cfg.trainer, key))
+
+
+def prepare(cfg: RunConfig, setup: Setup) -> Prepared:
+    """The method's own preparation (before LoRA is added), then the vocabulary mask's ids."""
+    prepared = METHODS[method_name(cfg)].prepare(cfg, setup)
+    return add_vocab_mask(cfg, setup, prepared) if cfg.trainer == "onpolicy" else prepared

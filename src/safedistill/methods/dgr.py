@@ -23,12 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.schema import Demonstration
+from ..engine.rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
+from ..engine.scoring import response_logits
+from ..engine.sft import target_ids
 from ..errors import UserError
 from ..files import write_json, write_jsonl
 from ..models import chat_text
-from ..rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
-from ..scoring import response_logits
-from ..sft import target_ids
+from .base import Prepared, Setup
+from .sft import demonstration_targets
 
 # The refinement prompts, sent as the user turn of the target model's chat template. {prompt} is the
 # request, {reference} the external sample's response (or reasoning). Override with a text file.
@@ -334,8 +336,6 @@ def settings_from(cfg, seed: int | None = None) -> RefineSettings:
 def refined_targets(cfg, model, tok, judge, manifest, out: Path, *, progress=True) -> list[Demonstration]:
     """The dgr preset's SFT targets: cfg.demonstrations (limited to n_samples) refined by the base
     model before LoRA is added. A resumed run reads refined.jsonl back."""
-    from .baselines import demonstration_targets
-
     path = Path(out) / "refined.jsonl"
     if path.exists():
         return read_refined(path)
@@ -345,3 +345,7 @@ def refined_targets(cfg, model, tok, judge, manifest, out: Path, *, progress=Tru
     if not data:
         raise UserError("every sample was dropped by refinement; use refine_on_fail=fallback or more retries")
     return data
+
+
+def prepare(cfg, s: Setup) -> Prepared:
+    return Prepared(targets=refined_targets(cfg, s.model, s.tok, s.judge, s.manifest, s.out, progress=s.progress))

@@ -3,17 +3,12 @@ Only the teacher's prompt carries it; the student answers the bare prompt, as at
 
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
-from .data.sources import builtin_bytes
-from .errors import UserError
-from .models import chat_text
-from .rollout import encode_prompts
-from .scoring import common_prefix
-from .teachers import ContextTeacher, Item
+from ..data.sources import builtin_bytes
+from ..errors import UserError
+from ..models import chat_text
+from .base import Item, PrefixTeacher
 
 REQUEST_HEADER = "## The request"
 REQUEST_FOOTER = "Assess the risk silently, choose path A, B or C, then reply to the request directly."
@@ -38,29 +33,14 @@ def wrap(constitution: str, prompt: str) -> str:
     return f"{constitution}\n\n{REQUEST_HEADER}\n\n{prompt}\n\n{REQUEST_FOOTER}"
 
 
-class FrozenModel:
-    """FrozenBase's interface over a separate frozen model (e.g. the Cross-SFT teacher)."""
+class ConstitutionTeacher(PrefixTeacher):
+    """A frozen model (the base, or COPSD's calibrated Cross-SFT copy) that reads the constitution
+    wrapped around the user turn; the constitution prefix's KV cache is reused (PrefixTeacher).
+    `reference` stays the original model even when `base` is the calibrated copy."""
 
-    def __init__(self, model):
-        self.model = model.eval().requires_grad_(False)
-
-    @contextlib.contextmanager
-    def weights(self, student) -> Iterator:
-        yield self.model
-
-
-class ConstitutionTeacher(ContextTeacher):
-    """ContextTeacher whose privileged text wraps the user turn instead of sitting in the system
-    role; the constitution prefix is the same for every prompt, so its KV cache is reused."""
-
-    def __init__(self, base, tokenizer, constitution: str, *, use_cache: bool = True):
-        self.base, self.tokenizer, self.use_cache = base, tokenizer, use_cache
+    def __init__(self, base, tokenizer, constitution: str, *, reference=None, use_cache: bool = True):
+        super().__init__(base, tokenizer, reference=reference, use_cache=use_cache)
         self.constitution = constitution
-        self.contexts = {}
-        self._kv: dict[str, object] = {}
-        a, b = encode_prompts(tokenizer, [chat_text(tokenizer, wrap(constitution, x)) for x in ("A", "B")])
-        prefix = common_prefix([a, b])
-        self._prefix = defaultdict(lambda: prefix)
 
     def prompt_text(self, item: Item) -> str:
         return chat_text(self.tokenizer, wrap(self.constitution, item.prompt))

@@ -1,4 +1,4 @@
-"""Activation steering: residual activations, difference-of-means directions, the hook that adds a
+"""The steering teacher and activation steering: residual activations, difference-of-means directions, the hook that adds a
 vector at one layer's input, and the refusal-direction candidate search (Arditi et al.).
 
 Works on any decoder whose layers sit at `model.model.layers` (Llama, Qwen2/3, Mistral, Gemma),
@@ -14,9 +14,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .models import chat_text
-from .rollout import encode_prompts
+from ..engine.rollout import encode_prompts
+from ..engine.scoring import response_logits
+from ..errors import UserError
+from ..models import chat_text
+from .base import Item
 
 REFUSAL_PREFIXES = (
     "I'm sorry",
@@ -217,3 +219,19 @@ def search_candidates(
     best = max(ok, key=lambda r: r["refusal_score_harmful"]) if ok else min(rows, key=lambda r: r["kl_harmless"])
     chosen = {**best, "kl_cap": kl_cap, "kl_cap_met": bool(ok), "base_refusal_score_harmful": base_score}
     return rows, chosen
+
+
+class SteeringTeacher:
+    """Base model with `scale * vector` added at one layer's input (activation steering). It sees
+    the same prompt as the student; only the hidden states differ."""
+
+    def __init__(self, base, tokenizer, *, layer: int, vector: torch.Tensor, scale: float = 1.0):
+        self.base, self.tokenizer, self.reference = base, tokenizer, base
+        self.layer, self.vector, self.scale = layer, vector, scale
+
+    @torch.no_grad()
+    def logits(self, student, items: Sequence[Item], responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        prompts = encode_prompts(self.tokenizer, [chat_text(self.tokenizer, it.prompt) for it in items])
+        with self.base.weights(student) as model, steer(model, self.layer, self.vector, self.scale):
+            logits, _ = response_logits(model, prompts, responses, pad_id=self.tokenizer.pad_token_id)
+        return logits

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class Processes:

@@ -14,12 +14,15 @@ import importlib.util
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import RunConfig
-from .models import resolve_model
+from ..models import resolve_model
 from .rollout import GenerationStats, Rollout, SamplingSettings, check_fits, encode_prompts, finish, stop_token_ids
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def vllm_available() -> bool:
@@ -66,7 +69,7 @@ class VLLMGenerate:
             self.llm = LLM(
                 model=resolve_model(self.cfg.model),
                 dtype="bfloat16" if self.cfg.precision != "fp32" else "float32",
-                gpu_memory_utilization=float(self.cfg.extra.get("vllm_gpu_memory_utilization", 0.3)),
+                gpu_memory_utilization=float(self.cfg.vllm_gpu_memory_utilization),
                 enable_prefix_caching=True,  # the chat template's system prefix is shared by every prompt
                 seed=self.cfg.seed,
             )

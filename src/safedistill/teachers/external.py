@@ -1,41 +1,19 @@
-"""Targets for the SFT-style baselines.
-
-- `sft`: external safety demonstrations (built-in set written by this project, or a JSONL file);
-  with `demonstrations` and `n_samples` equal to a `dgr` run's, it is that run's baseline.
-- `offpolicy-sd` (ThinkSafe-style): the context-conditioned base model's own generations on the
-  same prompts as OPSA, kept on harmful prompts only where the judge calls them safe.
-- `external-kd` (SafeChain-style): another model's generations on the same prompts.
+"""Teachers that write targets instead of scoring rollouts: another model (`external-kd`,
+SafeChain-style) or the context-conditioned base model itself (`offpolicy-sd`, ThinkSafe-style),
+generating on the training prompts; on harmful prompts only answers the judge calls safe are kept
+(keep_only_safe). The SFT step then trains on them.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from ..data.schema import Demonstration
-from ..data.sources import load_demonstrations
+from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
 from ..files import write_jsonl
 from ..models import chat_text, load_model
-from ..rollout import SamplingSettings, generate
-
-
-def demonstration_targets(cfg, manifest) -> list[Demonstration]:
-    """cfg.demonstrations, limited to n_samples by a seeded shuffle (so 10 samples are a subset of 30)."""
-    demos = load_demonstrations(
-        cfg.demonstrations, manifest, harmful_source=cfg.harmful_source, split_seed=cfg.split_seed
-    )
-    return subset(demos, cfg.n_samples, cfg.seed)
-
-
-def subset(demos: list[Demonstration], n: int | None, seed: int) -> list[Demonstration]:
-    """At most n demonstrations by a seeded shuffle: for one seed, the first 10 are among the first 30."""
-    if n is None:
-        return list(demos)
-    demos = list(demos)
-    random.Random(seed).shuffle(demos)
-    return demos[:n]
 
 
 def generated_targets(cfg, model, tok, judge, items, contexts: dict, out: Path, *, progress: bool = True):

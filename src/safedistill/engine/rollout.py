@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .models import context_window
+from ..errors import UserError
+from ..models import context_window
 from .scoring import accepts_logits_to_keep, expand_cache, prefix_kv, shared_prefix_length
 
 

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @functools.cache

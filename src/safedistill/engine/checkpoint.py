@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

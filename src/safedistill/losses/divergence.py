@@ -8,11 +8,28 @@ reduce them with `masked_mean` over the response mask.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "mixture", "sampled")
+
+@dataclass(frozen=True)
+class Divergence:
+    """One entry of DIVERGENCES: what it computes and which options it honours."""
+
+    help: str
+    top_k: bool  # restricted to the teacher's top-k plus a tail bucket when top_k is set
+    vocab_subset: bool  # can be summed over a vocabulary subset (vocab_mask: safety_tokens)
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "reverse_kl": Divergence("sum_v p_S (log p_S - log p_T): mode-seeking", True, True),
+    "forward_kl": Divergence("sum_v p_T (log p_T - log p_S): mass-covering", True, True),
+    "jsd": Divergence("generalized JSD(beta), TRL's convention: 0 forward KL, 1 reverse KL", True, False),
+    "mixture": Divergence("alpha * forward KL + (1 - alpha) * reverse KL (OPSA)", True, False),
+    "sampled": Divergence("reverse-KL score-function surrogate on the sampled tokens", False, False),
+}
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -82,6 +99,8 @@ def token_stats(
     """What a step logs per response position ([B, T] float32 each), a few rows at a time:
     reverse_kl, student_entropy, teacher_entropy, token_kl (log p_S - log p_T of the sampled
     token) and, with vocab_ids, the student's total probability on them (mass_on_ids)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ")
     shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     s2, t2 = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     tok = tokens.reshape(-1, 1).to(s2.device)
@@ -160,8 +179,6 @@ def per_token_divergence(
     alpha: float = 0.5,
     top_k: int | None = None,
     vocab_ids: torch.Tensor | None = None,
-    old_logprobs: torch.Tensor | None = None,
-    ratio_clip: float | None = None,
 ) -> torch.Tensor:
     """Per-token loss [B, T] (float32) between student and teacher logits [B, T, V].
 
@@ -172,16 +189,15 @@ def per_token_divergence(
       mixture     alpha * forward KL + (1 - alpha) * reverse KL
       sampled     score-function surrogate on the sampled tokens y_t: r_t * log p_S(y_t) with
                   r_t = stopgrad(log p_S(y_t) - log p_T(y_t)); its gradient equals that of reverse
-                  KL in expectation over y_t ~ p_S, but its value is not a KL (log `sampled_kl`).
-                  With old_logprobs the reward is weighted by the (detached) importance ratio
-                  exp(log p_S(y_t) - old_logprobs), capped at ratio_clip if given.
+                  KL in expectation over y_t ~ p_S, but its value is not a KL (token_stats'
+                  token_kl is the matching estimate).
     top_k: teacher's top-k entries plus one tail bucket per distribution (not for "sampled").
     vocab_ids: reverse_kl: sum over v in vocab_ids of p_S(v)(log p_S(v) - log p_T(v)) with
       full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0);
       forward_kl: the same with student and teacher swapped (SafeSteer's ablation).
     """
     if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCES}")
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {tuple(DIVERGENCES)}")
     if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must both be [B, T, V] with the same shape, got "
@@ -193,13 +209,10 @@ def per_token_divergence(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if vocab_ids is not None and kind not in ("reverse_kl", "forward_kl"):
+    if vocab_ids is not None and not DIVERGENCES[kind].vocab_subset:
         raise ValueError(f"vocab_ids is only supported with kind='reverse_kl' or 'forward_kl', not {kind!r}")
     if vocab_ids is not None and top_k is not None:
         raise ValueError("vocab_ids and top_k cannot be combined")
-    if kind != "sampled" and (old_logprobs is not None or ratio_clip is not None):
-        raise ValueError("old_logprobs and ratio_clip are only used with kind='sampled'")
-    bt = student_logits.shape[:2]
     if kind == "reverse_kl" and vocab_ids is None and (top_k is None or top_k >= student_logits.shape[-1]):
         return full_reverse_kl(student_logits, teacher_logits)
 
@@ -209,17 +222,8 @@ def per_token_divergence(
     if kind == "sampled":
         if top_k is not None:
             raise ValueError("top_k is not supported with kind='sampled'")
-        if ratio_clip is not None and old_logprobs is None:
-            raise ValueError("ratio_clip needs old_logprobs")
         logp_s, logp_t = _gather_tokens(ls, lt, tokens)
-        reward = (logp_s - logp_t).detach()
-        if old_logprobs is not None:
-            _check_bt("old_logprobs", old_logprobs, bt)
-            ratio = (logp_s - old_logprobs.float()).exp().detach()
-            if ratio_clip is not None:
-                ratio = ratio.clamp(max=ratio_clip)
-            reward = reward * ratio
-        return reward * logp_s
+        return (logp_s - logp_t).detach() * logp_s
 
     if vocab_ids is not None:
         if vocab_ids.dim() != 1 or vocab_ids.dtype != torch.long:
@@ -243,18 +247,6 @@ def per_token_divergence(
     return alpha * _kl(lt, ls) + (1.0 - alpha) * _kl(ls, lt)  # mixture
 
 
-def sampled_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Detached per-token estimate log p_S(y_t) - log p_T(y_t) [B, T] (unbiased for reverse KL
-    when y_t ~ p_S); for logging next to the "sampled" surrogate, whose value is not a KL."""
-    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
-        raise ValueError("student_logits and teacher_logits must both be [B, T, V], same shape")
-    with torch.no_grad():
-        ls = F.log_softmax(student_logits.float(), dim=-1)
-        lt = F.log_softmax(teacher_logits.float(), dim=-1)
-        logp_s, logp_t = _gather_tokens(ls, lt, tokens)
-        return logp_s - logp_t
-
-
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(m*v)/sum(m); returns 0 (keeping the graph) when the mask is empty.
 
@@ -265,49 +257,3 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.float()
     v = torch.where(m != 0, values.float(), 0.0)
     return (v * m).sum() / m.sum().clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def top_fraction_mask(
-    scores: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    fraction: float | None = None,
-    threshold: float | None = None,
-) -> torch.Tensor:
-    """Position mask selecting, within `mask`, the positions whose score (e.g. per-token
-    teacher-student divergence, detached) is above `threshold`, or in the top `fraction` of each
-    sequence's valid positions (at least one per non-empty sequence). Returns a float mask [B,T].
-
-    Used to spend the distillation signal on the few tokens where student and teacher disagree.
-    Ties at the cut-off are broken by position (earlier first). Exactly one option must be set.
-    """
-    if (fraction is None) == (threshold is None):
-        raise ValueError("give exactly one of fraction or threshold")
-    if scores.shape != mask.shape or scores.dim() != 2:
-        raise ValueError(f"scores {tuple(scores.shape)} and mask {tuple(mask.shape)} must be [B, T]")
-    valid = mask != 0
-    scores = scores.detach().float()
-    if threshold is not None:
-        return (valid & (scores > threshold)).float()
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    n = valid.sum(dim=1, keepdim=True)
-    k = torch.ceil(n.double() * fraction - 1e-9).clamp(min=1)  # epsilon: 0.07 * 100 != 7 in fp
-    lo = torch.finfo(torch.float32).min  # valid NaN/-inf scores still rank above padding
-    ranked = scores.nan_to_num(nan=lo, neginf=lo).masked_fill(~valid, float("-inf"))
-    order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
-    return (valid & (rank < k)).float()
-
-
-def first_k_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep only the first k valid (mask==1) positions of each row. Returns a float mask.
-
-    The earliest response tokens decide whether a reply starts to comply or refuse.
-    """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    valid = mask != 0
-    return (valid & (valid.long().cumsum(dim=-1) <= k)).float()

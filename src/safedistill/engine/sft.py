@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import RunConfig
-from .data.schema import Demonstration
-from .models import chat_text
+from ..data.schema import Demonstration
+from ..models import chat_text
 from .rollout import encode_prompts, stop_token_ids
 from .scoring import response_logits
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def target_ids(tok, d: Demonstration, stop: int) -> list[int]:

@@ -12,7 +12,12 @@ Shapes are [B, T] per-token tensors with a [B, T] response mask; rows of one gro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from .divergence import DIVERGENCES, masked_mean, per_token_divergence
 
 
 def clipped_reward(
@@ -96,23 +101,49 @@ def clipped_reward_objective(
     return loss, stats
 
 
-def clipped_reward_step(
-    cfg, model, reference, prompts, responses, student_logits, teacher_logits, tokens, mask, *, pad_id: int
-) -> tuple[torch.Tensor, dict]:
-    """The on-policy step's loss for objective=clipped_reward: per-token loss and logged figures.
-    The reference forward (adapter off, or the frozen copy) runs only when the KL term is on."""
-    from .divergence import masked_mean
-    from .scoring import response_logits
+@dataclass
+class Scored:
+    """One micro-batch after rollout and scoring: what every objective reads."""
+
+    prompts: list[list[int]]  # student prompt ids
+    responses: list[list[int]]  # sampled ids, the stop token included when the answer finished
+    tokens: torch.Tensor  # [B, T] the responses, padded with 0
+    mask: torch.Tensor  # [B, T] response positions
+    student_logits: torch.Tensor  # [B, T, V] with grad
+    teacher_logits: torch.Tensor  # [B, T, V] no grad
+    vocab_ids: torch.Tensor | None  # vocab_mask ids (SafeSteer's S), else None
+
+
+def divergence_objective(cfg, batch: Scored, student, reference, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """The on-policy distillation loss: cfg.divergence per token (top_k and vocab_ids as it allows)."""
+    kind = DIVERGENCES[cfg.divergence]
+    per_token = per_token_divergence(
+        batch.student_logits,
+        batch.teacher_logits,
+        cfg.divergence,
+        tokens=batch.tokens,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        top_k=cfg.top_k if kind.top_k and batch.vocab_ids is None else None,
+        vocab_ids=batch.vocab_ids,
+    )
+    return per_token, {}
+
+
+def clipped_reward_step(cfg, batch: Scored, student, reference, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """COPSD's signal: per-token loss and logged figures. The reference forward (adapter off, or
+    the frozen copy) runs only when the KL term is on."""
+    from ..engine.scoring import response_logits
 
     ref_logits = None
     if reference is not None and cfg.ref_kl_coef:
-        with torch.no_grad(), reference.weights(model) as ref:
-            ref_logits, _ = response_logits(ref, prompts, responses, pad_id=pad_id)
+        with torch.no_grad(), reference.weights(student) as ref:
+            ref_logits, _ = response_logits(ref, batch.prompts, batch.responses, pad_id=pad_id)
     loss, stats = clipped_reward_objective(
-        student_logits,
-        teacher_logits,
-        tokens,
-        mask,
+        batch.student_logits,
+        batch.teacher_logits,
+        batch.tokens,
+        batch.mask,
         group_size=cfg.rollouts_per_prompt,
         ref_logits=ref_logits,
         low=cfg.reward_clip_low,
@@ -122,9 +153,22 @@ def clipped_reward_step(
         kl_coef=cfg.ref_kl_coef,
     )
     info = {
-        "reward_mean": float(masked_mean(stats["reward"], mask)),
-        "clip_fraction": float(masked_mean(stats["clipped"].float(), mask)),
+        "reward_mean": float(masked_mean(stats["reward"], batch.mask)),
+        "clip_fraction": float(masked_mean(stats["clipped"].float(), batch.mask)),
     }
     if "ref_kl" in stats:
-        info["ref_kl"] = float(masked_mean(stats["ref_kl"], mask))
+        info["ref_kl"] = float(masked_mean(stats["ref_kl"], batch.mask))
     return loss, info
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable  # (cfg, Scored, student, reference, pad_id) -> (per-token loss [B, T], metrics)
+    help: str
+    uses_divergence: bool  # reads cfg.divergence (and so vocab_mask)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "divergence": Objective(divergence_objective, "the masked per-token divergence (docs/design.md)", True),
+    "clipped_reward": Objective(clipped_reward_step, "COPSD's clipped reward, group-normalised, PPO-clip", False),
+}

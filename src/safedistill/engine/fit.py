@@ -1,0 +1,94 @@
+"""The one optimisation loop: the trainer and COPSD's Cross-SFT cold start both run it.
+
+A step function maps (model, batch, step, micro) to (loss, metrics); `fit` owns batching,
+gradient accumulation, the gradient sync across processes, clipping and the optimizer step, and
+yields each finished step so the caller logs and checkpoints as it needs."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import Processes
+
+StepFn = Callable[..., tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What picks a step's examples: `batch_size` per micro-batch, `grad_accum` micro-batches."""
+
+    batch_size: int
+    grad_accum: int
+    seed: int
+
+
+def batch_for_step(items: Sequence, step: int, micro: int, batching) -> list:
+    """Deterministic in (seed, step): a fresh seeded permutation per epoch, so a resumed run
+    sees exactly the batches the uninterrupted one would have. `batching` needs batch_size,
+    grad_accum and seed (a Batching or the run config)."""
+    per_step = batching.batch_size
+    start = (step * batching.grad_accum + micro) * per_step
+    epoch, offset = divmod(start, len(items))
+    order = list(range(len(items)))
+    random.Random(batching.seed * 7919 + epoch).shuffle(order)
+    picked = []
+    while len(picked) < per_step:
+        if offset >= len(order):
+            epoch, offset = epoch + 1, 0
+            order = list(range(len(items)))
+            random.Random(batching.seed * 7919 + epoch).shuffle(order)
+        picked.append(items[order[offset]])
+        offset += 1
+    return picked
+
+
+@dataclass
+class StepDone:
+    step: int  # 0-based index of the step just taken
+    logs: list[dict]  # one metrics dict per micro-batch
+    grad_norm: float
+    seconds: float
+
+
+def fit(
+    model,
+    step_fn: StepFn,
+    data: Sequence,
+    optimizer,
+    batching: Batching,
+    *,
+    steps: int,
+    max_grad_norm: float,
+    scheduler=None,
+    procs: Processes | None = None,
+    start: int = 0,
+    desc: str = "training",
+    progress: bool = True,
+) -> Iterator[StepDone]:
+    """Steps `start` .. `steps`-1; each yields once its optimizer update is done."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        logs: list[dict] = []
+        for micro in range(batching.grad_accum):
+            batch = batch_for_step(data, step, micro, batching)
+            loss, info = step_fn(model, procs.shard(batch) if procs else batch, step, micro)
+            (loss / batching.grad_accum).backward()
+            logs.append(info)
+        if procs:
+            procs.average_gradients_(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{sum(d['loss'] for d in logs) / len(logs):.3f}")
+        yield StepDone(step, logs, float(grad_norm), time.perf_counter() - t0)
+    bar.close()

@@ -1,0 +1,48 @@
+"""Teachers: one Teacher protocol (base.py) and one module per kind.
+
+  context.py        base model + privileged system context; its library and flip-rate search
+  steering.py       base model + a steering vector at one layer; steering_search.py finds it (and S)
+  constitution.py   a frozen model reading a constitution around the user turn
+  calibrated.py     COPSD's Cross-SFT cold start: the constitution teacher's calibrated copy
+  external.py       targets written by another model or by the context teacher (SFT methods)
+
+TEACHERS maps the config's `teacher` to what that kind can do; config validation derives the
+allowed (teacher, trainer, targets) combinations from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import FrozenBase, FrozenModel, Item, PromptedTeacher, Teacher
+from .constitution import ConstitutionTeacher
+from .context import ContextTeacher
+from .steering import SteeringTeacher
+
+
+@dataclass(frozen=True)
+class TeacherKind:
+    help: str
+    scores_rollouts: bool  # usable with trainer=onpolicy
+    targets: tuple[str, ...]  # sft `targets` it can serve
+
+
+TEACHERS: dict[str, TeacherKind] = {
+    "context": TeacherKind("the base model with a privileged system context (OPSA)", True, ("teacher",)),
+    "steering": TeacherKind("the base model with a refusal direction added at one layer (SafeSteer)", True, ()),
+    "constitution": TeacherKind("a frozen model reading a constitution; cold_start=cross_sft calibrates it", True, ()),
+    "none": TeacherKind("no teacher: SFT on fixed targets", False, ("demonstrations", "external", "refined")),
+}
+
+__all__ = [
+    "TEACHERS",
+    "ConstitutionTeacher",
+    "ContextTeacher",
+    "FrozenBase",
+    "FrozenModel",
+    "Item",
+    "PromptedTeacher",
+    "SteeringTeacher",
+    "Teacher",
+    "TeacherKind",
+]

@@ -1,0 +1,245 @@
+"""The steering teacher's search: the refusal direction and its (position, layer, scale), then the
+safety token set S that vocab_mask=safety_tokens sums over (SafeSteer). Both are fixed before
+training and saved:
+
+  steering.json                    every candidate with its figures, and the chosen one
+  steering_direction.safetensors   the chosen vector (float64) and all directions [P, L, d]
+  safety_tokens.json               S: ids, decoded strings, votes, mean steered probability
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import RunConfig
+from ..data.packaged import Manifest
+from ..data.sources import load_prompts
+from ..data.splits import split_records, take
+from ..engine.rollout import SamplingSettings, encode_prompts, generate
+from ..engine.scoring import response_logits
+from ..errors import UserError
+from ..files import write_json
+from ..models import chat_text
+from .base import Item
+from .context import choose_contexts, context_text, load_contexts
+from .steering import mean_difference, post_instruction_length, search_candidates, steer
+
+FILES = ("steering.json", "steering_direction.safetensors", "safety_tokens.json")
+SAMPLES = 8  # steered samples per harmless prompt (published)
+HORIZON = 7  # H: S is read off the first H-1 new tokens (published)
+VOTE_TOP = 200  # each position's top entries by log-ratio get a vote (published)
+
+
+def parse_list(text: str, cast, field: str) -> list | None:
+    if text.strip() in {"", "auto"}:
+        return None
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{field}: expected comma-separated numbers or auto, got {text!r}") from None
+
+
+@torch.no_grad()
+def safety_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    layer: int,
+    vector: torch.Tensor,
+    scale: float,
+    k: int = 50,
+    seed: int = 0,
+    min_prob: float = 1e-8,
+) -> list[dict]:
+    """S: on `prompts`, SAMPLES steered samples of HORIZON-1 tokens each; at every sampled position
+    the VOTE_TOP entries with the largest log p_steered - log p_base get one vote; the k most voted
+    non-special tokens whose mean steered probability is >= min_prob are kept."""
+    texts = [chat_text(tokenizer, p) for p in prompts for _ in range(SAMPLES)]
+    settings = SamplingSettings(max_new_tokens=HORIZON - 1, temperature=1.0, batch_size=32, seed=seed)
+    with steer(model, layer, vector, scale):
+        rollouts, _ = generate(model, tokenizer, texts, settings, progress=False)
+    keep = [r for r in rollouts if r.response_ids]
+    if not keep:
+        raise UserError("safety tokens: every steered sample was empty")
+    prompt_ids = encode_prompts(tokenizer, [chat_text(tokenizer, p) for p in prompts])
+    prompt_ids = [prompt_ids[i // SAMPLES] for i, r in enumerate(rollouts) if r.response_ids]
+    responses = [r.response_ids for r in keep]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    V = None
+    votes = prob_sum = ratio_sum = None
+    n_pos = 0
+    for start in range(0, len(keep), 32):
+        p, r = prompt_ids[start : start + 32], responses[start : start + 32]
+        base, mask = response_logits(model, p, r, pad_id=pad)
+        with steer(model, layer, vector, scale):
+            steered, _ = response_logits(model, p, r, pad_id=pad)
+        lb, ls = base.float().log_softmax(-1), steered.float().log_softmax(-1)
+        valid = mask.bool()
+        diff, ls = (ls - lb)[valid], ls[valid]  # [N, V]
+        if V is None:
+            V = diff.size(-1)
+            votes, prob_sum, ratio_sum = torch.zeros(V), torch.zeros(V, dtype=torch.float64), torch.zeros(V)
+        top = diff.topk(min(VOTE_TOP, V), dim=-1).indices
+        votes += torch.bincount(top.flatten().cpu(), minlength=V).float()
+        prob_sum += ls.exp().double().sum(0).cpu()
+        ratio_sum += diff.sum(0).cpu()
+        n_pos += diff.size(0)
+    mean_prob = prob_sum / n_pos
+    eligible = votes > 0
+    eligible &= mean_prob >= min_prob
+    specials = [i for i in tokenizer.all_special_ids if i < V]
+    eligible[specials] = False
+    order = sorted(
+        (int(i) for i in eligible.nonzero().flatten()),
+        key=lambda i: (-float(votes[i]), -float(ratio_sum[i]), i),
+    )[:k]
+    return [
+        {
+            "id": i,
+            "text": tokenizer.decode([i]),
+            "votes": int(votes[i]),
+            "mean_steered_prob": float(mean_prob[i]),
+            "mean_log_ratio": float(ratio_sum[i] / n_pos),
+        }
+        for i in order
+    ]
+
+
+def steering_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[str], list[str], list[str]]:
+    """(harmful, harmless for the direction, harmless for S): train-side prompts only; the two
+    harmless sets are disjoint."""
+    harmful_train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
+    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
+    harmful = [r.prompt for r in take(harmful_train, cfg.steer_prompts, seed=cfg.seed)]
+    benign = [r.prompt for r in take(benign_train, cfg.steer_prompts + cfg.safety_token_prompts, seed=cfg.seed + 2)]
+    if not harmful or len(benign) < 2:
+        raise UserError("steering needs harmful and harmless train prompts (steer_prompts, benign_source)")
+    cut = min(cfg.steer_prompts, len(benign) - 1)
+    return harmful, benign[:cut], benign[cut:]
+
+
+def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None, out: Path, *, progress=True) -> dict:
+    """Direction, candidate search and S, written to `out`; returns what load_steering returns."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    harmful, harmless, s_prompts = steering_prompts(cfg, manifest)
+    n_pos = post_instruction_length(tok, harmful + harmless)
+    context = None
+    if cfg.steer_direction == "context-delta":
+        if cfg.context == "auto":
+            items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
+            context = choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
+        else:
+            context = context_text(cfg.context, load_contexts(cfg.contexts))
+        directions = mean_difference(model, tok, harmful, harmful, n_pos, system_a=context)
+    else:
+        directions = mean_difference(model, tok, harmful, harmless, n_pos)
+    rows, chosen = search_candidates(
+        model,
+        tok,
+        directions,
+        harmful,
+        harmless,
+        layers=parse_list(cfg.steer_layers, int, "steer_layers"),
+        scales=parse_list(cfg.steer_scales, float, "steer_scales") or [1.0],
+        kl_cap=cfg.steer_kl_cap,
+        progress=progress,
+    )
+    if not chosen["kl_cap_met"]:
+        print(
+            f"warning: no steering candidate met the KL cap {cfg.steer_kl_cap}; took the lowest-KL one", file=sys.stderr
+        )
+    vector = directions[chosen["position"] + n_pos, chosen["layer"]]
+    tokens = safety_tokens(
+        model,
+        tok,
+        s_prompts,
+        layer=chosen["layer"],
+        vector=vector,
+        scale=chosen["scale"],
+        k=cfg.safety_tokens_k,
+        seed=cfg.seed,
+        min_prob=cfg.safety_token_min_prob,
+    )
+    chosen.update(steered_refusals(model, tok, judge, harmful[: cfg.context_search_prompts], chosen, vector, cfg))
+    suffix = encode_prompts(tok, [chat_text(tok, harmful[0])])[0][-n_pos:]
+    write_json(
+        out / "steering.json",
+        {
+            "model": cfg.model,
+            "direction": cfg.steer_direction,
+            "context": context,
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "post_instruction_tokens": [tok.decode([t]) for t in suffix],
+            "candidates": rows,
+            "chosen": chosen,
+        },
+    )
+    save_file({"vector": vector.clone(), "directions": directions.contiguous()}, out / FILES[1])
+    write_json(
+        out / "safety_tokens.json",
+        {
+            "k": cfg.safety_tokens_k,
+            "n_prompts": len(s_prompts),
+            "samples": SAMPLES,
+            "horizon": HORIZON,
+            "tokens": tokens,
+        },
+    )
+    return load_steering(out)
+
+
+def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, vector, cfg) -> dict:
+    """What the chosen candidate does to greedy answers on harmful prompts (the teacher flip rate
+    OPSA ranks contexts by): refusal rate without and with steering, and the share flipped."""
+    settings = SamplingSettings(max_new_tokens=cfg.context_search_tokens, temperature=0.0, batch_size=32)
+    texts = [chat_text(tok, p) for p in harmful]
+    base, _ = generate(model, tok, texts, settings, progress=False)
+    with steer(model, chosen["layer"], vector, chosen["scale"]):
+        steered, _ = generate(model, tok, texts, settings, progress=False)
+    b = [judge.is_refusal(r.text) for r in base]
+    s = [judge.is_refusal(r.text) for r in steered]
+    n = max(1, len(harmful))
+    return {
+        "greedy_refusal_rate_base": sum(b) / n,
+        "greedy_refusal_rate_steered": sum(s) / n,
+        "flip_rate": sum(y and not x for x, y in zip(b, s, strict=True)) / n,
+        "n_flip_prompts": len(harmful),
+        "steered_examples": [r.text for r in steered[:3]],
+    }
+
+
+def load_steering(directory: Path) -> dict:
+    """{"steering": {layer, vector, scale}, "vocab_ids": LongTensor, "safety_tokens": [...]}."""
+    directory = Path(directory)
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    if missing:
+        raise UserError(f"{directory}: not a `safedistill steer` output (missing {', '.join(missing)})")
+    chosen = json.loads((directory / "steering.json").read_text())["chosen"]
+    tokens = json.loads((directory / "safety_tokens.json").read_text())["tokens"]
+    vector = load_file(directory / FILES[1])["vector"]
+    return {
+        "steering": {"layer": int(chosen["layer"]), "vector": vector, "scale": float(chosen["scale"])},
+        "vocab_ids": torch.tensor([t["id"] for t in tokens], dtype=torch.long),
+        "safety_tokens": tokens,
+    }
+
+
+def prepare_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress=True) -> dict:
+    """Reuse `steer_from` (or this run's own files on resume); otherwise search now."""
+    if cfg.steer_from:
+        prepared = load_steering(Path(cfg.steer_from))
+        for name in FILES:  # the run directory documents what it trained with
+            (Path(out) / name).write_bytes((Path(cfg.steer_from) / name).read_bytes())
+        return prepared
+    if all((Path(out) / f).is_file() for f in FILES):
+        return load_steering(out)
+    return search_steering(cfg, model, tok, judge, manifest, out, progress=progress)

@@ -1,0 +1,339 @@
+"""The recipe: a training run top to bottom (`train`), and the on-policy step in one screen.
+
+train: base evaluation, the method's preparation (methods/), LoRA, the fit loop (engine/fit.py)
+with checkpoints, the trained model, the final evaluation and the report. Two step kinds: the
+on-policy step below (rollout -> teacher scores -> loss -> metrics; docs/design.md, "One
+on-policy step") and the SFT step (engine/sft.py) on fixed targets.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import methods
+from .config import RunConfig, same_settings, settings_differ, to_yaml
+from .data.packaged import Manifest
+from .diagnostics import CollapseProbe, text_stats
+from .engine.backends import rollout_backend
+from .engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .engine.distributed import Processes
+from .engine.fit import Batching, StepDone, fit
+from .engine.precision import autocast, resolve_precision
+from .engine.rollout import SamplingSettings, stop_token_ids
+from .engine.scoring import response_logits
+from .engine.sft import SFTStep
+from .errors import UserError
+from .evaluate import EvalSettings, evaluate
+from .files import append_jsonl, atomic_write_text, write_json, write_jsonl
+from .judges import load_judge
+from .losses.divergence import masked_mean, token_stats
+from .losses.masks import TOKEN_MASKS
+from .losses.objectives import OBJECTIVES, Scored
+from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
+from .teachers.base import FrozenBase, Item, Teacher
+
+
+def eval_settings(cfg: RunConfig) -> EvalSettings:
+    return EvalSettings(
+        harmful=cfg.harmful_source,
+        benign=cfg.benign_source,
+        limit=cfg.eval_limit,
+        seed=cfg.seed,
+        split_seed=cfg.split_seed,
+        judge=cfg.judge,
+    )
+
+
+def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str | None) -> dict:
+    path = out / f"eval_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    results, generations = evaluate(
+        model,
+        tok,
+        load_judge(cfg.judge),
+        eval_settings(cfg),
+        model_name=cfg.model,
+        adapter=adapter_note,
+    )
+    write_jsonl(out / f"generations_{name}.jsonl", generations)
+    write_json(path, results)
+    return results
+
+
+class KLByPosition:
+    """Running mean of the reverse KL per response position over the run (kl_by_position.json,
+    plotted in the report); its sums travel in checkpoints so a resumed run continues them."""
+
+    def __init__(self, max_new_tokens: int):
+        self.sum = torch.zeros(max_new_tokens + 1)
+        self.count = torch.zeros(max_new_tokens + 1)
+
+    def add(self, reverse_kl: torch.Tensor, mask: torch.Tensor) -> None:
+        width = min(mask.size(1), self.sum.numel())
+        self.sum[:width] += (reverse_kl * mask)[:, :width].sum(0).cpu()
+        self.count[:width] += mask[:, :width].sum(0).cpu()
+
+    def mean(self) -> list[float]:
+        return (self.sum / self.count.clamp(min=1)).tolist()
+
+    def state(self) -> dict:
+        return {"kl_sum": self.sum.tolist(), "kl_count": self.count.tolist()}
+
+    def load(self, state: dict) -> None:
+        if "kl_sum" in state:
+            self.sum, self.count = torch.tensor(state["kl_sum"]), torch.tensor(state["kl_count"])
+
+
+class OnPolicyStep:
+    """One micro-batch: rollout -> teacher scores -> student scores -> loss -> metrics."""
+
+    def __init__(self, cfg: RunConfig, tok, teacher: Teacher, judge, *, vocab_ids: torch.Tensor | None = None):
+        self.cfg, self.tok, self.teacher, self.judge = cfg, tok, teacher, judge
+        self.vocab_ids = vocab_ids if cfg.vocab_mask == "safety_tokens" else None
+        if cfg.vocab_mask == "safety_tokens" and vocab_ids is None:
+            raise ValueError("vocab_mask=safety_tokens needs the safety token ids")
+        self.probe = CollapseProbe(cfg, tok, judge) if cfg.diagnostics_every else None
+        self.stops = stop_token_ids(tok)
+        self.generate = rollout_backend(cfg)
+        self.objective = OBJECTIVES[cfg.objective].loss
+        self.token_mask = TOKEN_MASKS[cfg.token_mask].select
+        self.kl = KLByPosition(cfg.max_new_tokens)
+
+    def __call__(self, model, batch: list[Item], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        items = [it for it in batch for _ in range(self.cfg.rollouts_per_prompt)]
+        diag = self.probe(model, self.teacher) if self.probe and micro == 0 and self.probe.due(step) else {}
+        precision = resolve_precision(self.cfg.precision, next(model.parameters()).device)
+        t0 = time.perf_counter()
+        rollouts, responses, gen = self.rollout(model, items, step, micro)
+        t1 = time.perf_counter()
+        teacher_logits = self.teacher_scores(model, items, responses, precision)
+        t2 = time.perf_counter()
+        scored = self.student_scores(model, rollouts, responses, teacher_logits, precision)
+        loss, loss_mask, stats, extra = self.loss(model, scored)
+        times = {"rollout_tokens_per_s": gen.tokens_per_s, "t_rollout": t1 - t0, "t_teacher": t2 - t1}
+        times["t_student"] = time.perf_counter() - t2
+        self.kl.add(stats["reverse_kl"], scored.mask)
+        return loss, {**self.metrics(items, rollouts, scored, loss, loss_mask, stats, times), **extra, **diag}
+
+    def rollout(self, model, items: list[Item], step: int, micro: int):
+        """Student samples (no grad) with a seed fixed by (seed, step, micro); the stop token is
+        part of what the student must learn to produce, so a finished answer keeps it."""
+        cfg = self.cfg
+        sampling = SamplingSettings(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=len(items),
+            seed=cfg.seed * 1_000_003 + step * 101 + micro,
+        )
+        model.eval()
+        prompts = [chat_text(self.tok, it.prompt) for it in items]
+        rollouts, gen = self.generate(model, self.tok, prompts, sampling, progress=False)
+        responses = [r.response_ids + ([self.stops[0]] if r.finished else []) for r in rollouts]
+        return rollouts, [r if r else [self.stops[0]] for r in responses], gen
+
+    def teacher_scores(self, model, items: list[Item], responses: list[list[int]], precision: str) -> torch.Tensor:
+        with autocast(precision, next(model.parameters()).device):
+            return self.teacher.logits(model, items, responses)
+
+    def student_scores(self, model, rollouts, responses, teacher_logits, precision: str) -> Scored:
+        model.train()
+        prompts = [r.prompt_ids for r in rollouts]
+        with autocast(precision, next(model.parameters()).device):
+            student_logits, mask = response_logits(model, prompts, responses, pad_id=self.tok.pad_token_id)
+        tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+        for i, r in enumerate(responses):
+            tokens[i, : len(r)] = torch.tensor(r)
+        return Scored(prompts, responses, tokens, mask, student_logits, teacher_logits, self.vocab_ids)
+
+    def loss(self, model, s: Scored):
+        """The objective's per-token loss, averaged over the token mask's positions. A loss over a
+        few ids can shrink mass instead of moving it: entropy and mass on S are logged."""
+        per_token, extra = self.objective(self.cfg, s, model, self.teacher.reference, self.tok.pad_token_id)
+        stats = token_stats(s.student_logits, s.teacher_logits, s.tokens, s.vocab_ids)
+        loss_mask = self.token_mask(s.mask, stats["reverse_kl"], self.cfg)
+        if s.vocab_ids is not None:
+            extra["student_mass_on_s"] = float(masked_mean(stats["mass_on_ids"], s.mask))
+        return masked_mean(per_token, loss_mask), loss_mask, stats, extra
+
+    def metrics(self, items, rollouts, s: Scored, loss, loss_mask, stats, times: dict) -> dict:
+        mask = s.mask
+        n_tok = int(mask.sum())
+        harmful = [i for i, it in enumerate(items) if it.group == "harmful"]
+        refused = sum(self.judge.is_refusal(rollouts[i].text) for i in harmful)
+        return {
+            "loss": loss.item(),
+            "student_entropy": float(masked_mean(stats["student_entropy"], mask)),
+            "mean_kl": float(masked_mean(stats["reverse_kl"], mask)),
+            "sampled_kl": float(masked_mean(stats["token_kl"], mask)),
+            "masked_fraction": float(loss_mask.sum() / mask.sum()),
+            "rollout_length": n_tok / len(items),
+            "student_refusal_rate": refused / len(harmful) if harmful else 0.0,
+            "tokens": n_tok,
+            **times,
+            "teacher_entropy": float(masked_mean(stats["teacher_entropy"], mask)),
+            "rollout_distinct_2": text_stats([r.text for r in rollouts], [len(r) for r in s.responses])["distinct_2"],
+        }
+
+    def kl_by_position(self) -> list[float]:
+        return self.kl.mean()
+
+
+def make_scheduler(optimizer, cfg: RunConfig):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = int(round(cfg.warmup_ratio * cfg.steps))
+    if cfg.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def finished_run(cfg: RunConfig, out: Path) -> dict | None:
+    """{'base', 'final'} of a run in `out` that already ran to its final eval with these settings,
+    read from disk so that re-running a comparison does not reload the model for it; else None."""
+    files = [out / "config.yaml", out / "eval_base.json", out / "eval_final.json"]
+    if not cfg.eval or not all(f.is_file() for f in files) or not same_settings(files[0].read_text(), cfg):
+        return None
+    return {"base": json.loads(files[1].read_text()), "final": json.loads(files[2].read_text())}
+
+
+def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
+    if (out / "config.yaml").exists() and not resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and (out / "config.yaml").exists():
+        differ = settings_differ((out / "config.yaml").read_text(), cfg)
+        if differ:
+            raise UserError(
+                f"{out}/config.yaml differs from this run's config in {', '.join(differ)}; resume with the same settings"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+
+
+def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared):
+    """The step function for the run's trainer, over the (LoRA-wrapped) student."""
+    if cfg.trainer == "sft":
+        return SFTStep(cfg, tok)
+    teacher = prepared.make_teacher(FrozenBase(model, share_weights=cfg.lora), tok)
+    return OnPolicyStep(cfg, tok, teacher, judge, vocab_ids=prepared.vocab_ids)
+
+
+def resume_from_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, step_fn, procs) -> int:
+    """The step to start at: 0, or the latest checkpoint's (weights, optimizer, RNG, KL sums
+    restored). Metrics past the checkpoint belong to the step that was lost; it is redone."""
+    start = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = meta["step"]
+        if isinstance(step_fn, OnPolicyStep):
+            step_fn.kl.load(meta["extra"])
+        print(f"resuming from {ckpt.name}", file=sys.stderr)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists() and procs.is_main:
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    return start
+
+
+def save_state(out: Path, step: int, model, optimizer, scheduler, step_fn) -> None:
+    extra = step_fn.kl.state() if isinstance(step_fn, OnPolicyStep) else {}
+    path = out / "checkpoints" / f"step-{step}"
+    save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
+
+
+def metrics_row(done: StepDone, procs: Processes, scheduler, started: float) -> dict:
+    """Micro-batch metrics averaged (some, like the collapse probe, come from the first only),
+    then across processes, plus the step's optimizer and timing figures."""
+    logs = done.logs
+    keys = dict.fromkeys(k for d in logs for k in d)
+    row = procs.average_metrics({k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys})
+    row.update(
+        step=done.step + 1,
+        lr=scheduler.get_last_lr()[0],
+        grad_norm=done.grad_norm,
+        step_seconds=done.seconds,
+        tokens_per_s=sum(d["tokens"] for d in logs) / done.seconds,
+        wall_time=time.perf_counter() - started,
+    )
+    return row
+
+
+def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """The whole run. Returns {'base': eval, 'final': eval} (either None when cfg.eval is off)."""
+    out = Path(out)
+    procs = Processes(resolve_device(cfg.device))
+    procs.check(cfg.batch_size)
+    progress = progress and procs.is_main
+    if procs.is_main:
+        prepare_out(out, cfg, resume)
+    procs.barrier()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    manifest = Manifest()
+    model, tok = load_model(cfg.model, device=procs.device)
+    judge = load_judge(cfg.judge)
+    started = time.perf_counter()
+    base_eval = run_eval(model, tok, cfg, out, "base", None) if cfg.eval and procs.is_main else None
+    with procs.main_first():  # process 0 writes the caches (flip rates, targets) the others read
+        prepared = methods.prepare(cfg, methods.Setup(model, tok, judge, manifest, out, progress))
+    if procs.is_main:
+        write_json(out / "manifest.json", manifest.to_list())
+    if cfg.lora:
+        model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+    step_fn = build_step(cfg, model, tok, judge, prepared)
+    params = [p for p in model.parameters() if p.requires_grad]
+    procs.broadcast_(params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+    start = resume_from_checkpoint(cfg, out, model, optimizer, scheduler, step_fn, procs) if resume else 0
+    batching = Batching(cfg.batch_size, cfg.grad_accum, cfg.seed)
+    loop = fit(
+        model,
+        step_fn,
+        prepared.data,
+        optimizer,
+        batching,
+        steps=cfg.steps,
+        max_grad_norm=cfg.max_grad_norm,
+        scheduler=scheduler,
+        procs=procs,
+        start=start,
+        desc=f"{cfg.preset} training",
+        progress=progress,
+    )
+    for done in loop:
+        row = metrics_row(done, procs, scheduler, started)  # every process joins the all-reduce
+        if procs.is_main:
+            append_jsonl(out / "metrics.jsonl", row)
+            if (done.step + 1) % cfg.save_every == 0 or done.step + 1 == cfg.steps:
+                save_state(out, done.step + 1, model, optimizer, scheduler, step_fn)
+    procs.barrier()
+    if not procs.is_main:
+        return {"base": None, "final": None, "config": asdict(cfg)}
+    return finish(cfg, out, model, tok, step_fn, base_eval)
+
+
+def finish(cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None) -> dict:
+    """The trained model saved, evaluated (LoRA merged: same function, no adapter overhead) and
+    reported."""
+    from .report import run_report
+
+    if isinstance(step_fn, OnPolicyStep):
+        write_json(out / "kl_by_position.json", step_fn.kl_by_position())
+    model.eval()
+    if not (out / "final").exists():
+        save_model(model, tok, out / "final")
+    if cfg.lora:
+        model = model.merge_and_unload()
+    final_eval = run_eval(model, tok, cfg, out, "final", str(out / "final") if cfg.lora else None) if cfg.eval else None
+    atomic_write_text(out / "report.md", run_report(out, cfg, base_eval, final_eval))
+    return {"base": base_eval, "final": final_eval, "config": asdict(cfg)}
