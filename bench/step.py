@@ -42,8 +42,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safedistill.divergence import masked_mean, per_token_divergence  # noqa: E402
-
 from safedistill.config import RunConfig  # noqa: E402
 from safedistill.data.sources import load_prompts  # noqa: E402
 from safedistill.data.splits import split_records, take  # noqa: E402
@@ -52,8 +50,9 @@ from safedistill.engine import scoring  # noqa: E402
 from safedistill.engine.merged import MergedRollouts  # noqa: E402
 from safedistill.engine.precision import autocast, resolve_precision  # noqa: E402
 from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate  # noqa: E402
-from safedistill.engine.scoring import common_prefix, response_logits  # noqa: E402
+from safedistill.engine.scoring import response_logits  # noqa: E402
 from safedistill.judges import load_judge  # noqa: E402
+from safedistill.losses.divergence import masked_mean, per_token_divergence  # noqa: E402
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model, resolve_model  # noqa: E402
 from safedistill.teachers import ContextTeacher, FrozenBase, Item  # noqa: E402
 from safedistill.teachers.context import context_text, load_contexts  # noqa: E402
@@ -64,13 +63,8 @@ TEMPLATE = "{privileged_context}\n\n{prompt}"
 
 
 class TemplateTeacher(ContextTeacher):
-    """The context teacher with TRL SDFT's prompt layout: one user turn, context then prompt."""
-
-    def __init__(self, base, tokenizer, contexts, *, use_cache: bool = True):
-        super().__init__(base, tokenizer, contexts, use_cache=use_cache)
-        for group, ctx in contexts.items():
-            a, b = encode_prompts(tokenizer, [self._text(x, ctx) for x in ("A", "B")])
-            self._prefix[group] = common_prefix([a, b])
+    """The context teacher with TRL SDFT's prompt layout: one user turn, context then prompt (the
+    cached prefix follows from prompt_text)."""
 
     def _text(self, prompt: str, ctx: str) -> str:
         return chat_text(self.tokenizer, TEMPLATE.format(privileged_context=ctx, prompt=prompt))
@@ -203,7 +197,7 @@ def safedistill_steps(setup, args, precision: str) -> dict:
         total = time.perf_counter() - t0
         rollouts, gen = captured["rollouts"]
         resp = [len(r.response_ids) + r.finished for r in rollouts]
-        prefix = {g: len(p) for g, p in teacher._prefix.items()}
+        prefix = {g: len(teacher.prefix(g)) for g in teacher.contexts}
         t_prompts = encode_prompts(tok, [teacher.prompt_text(it) for it in setup["items"]])
         rows.append(
             {

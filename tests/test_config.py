@@ -196,3 +196,65 @@ def test_saved_config_missing_a_newer_field_matches_only_at_its_default():
     )
     assert not same_settings(to_yaml(cfg), load_config("opsa", overrides=["steps=4"]))
     assert not same_settings(yaml.safe_dump(saved | {"no_such_field": 1}), cfg)
+
+
+def test_choices_come_from_the_plug_point_tables():
+    import typing
+
+    from safedistill.config import TABLES, choices, table
+
+    for name in TABLES:
+        assert set(choices(name)) == set(table(name))
+        hint = typing.get_type_hints(RunConfig)[name]
+        assert set(typing.get_args(hint)) == set(table(name)), name
+
+
+@pytest.mark.parametrize(
+    "preset, item, field",
+    [
+        ("opsa", "teacher=none", "teacher"),
+        ("safesteer", "trainer=sft", "targets"),
+        ("sft", "teacher=steering", "targets"),
+        ("safesteer", "divergence=mixture", "vocab_mask"),
+    ],
+)
+def test_incompatible_combinations_fail_at_load(preset, item, field):
+    with pytest.raises(UserError) as e:
+        load_config(preset, overrides=[item])
+    assert f"'{field}'" in str(e.value)
+
+
+def test_dotted_section_names_and_flat_aliases():
+    cfg = load_config("opsa", overrides=["loss.divergence=reverse_kl", "optim.steps=3", "teacher.context=ctx-h01"])
+    assert (cfg.divergence, cfg.steps, cfg.context) == ("reverse_kl", 3, "ctx-h01")
+    assert cfg.section("loss").divergence == "reverse_kl"
+    with pytest.raises(UserError, match="loss.steps"):
+        load_config("opsa", overrides=["loss.steps=3"])
+
+
+def test_nested_sections_in_a_user_yaml(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("optim:\n  steps: 5\nrollout:\n  max_new_tokens: 9\n")
+    cfg = load_config("opsa", config_file=str(f))
+    assert (cfg.steps, cfg.max_new_tokens) == (5, 9)
+
+
+def test_old_run_directory_configs_still_match():
+    """config.yaml files written before `extra` was retired and `base` existed."""
+    from safedistill.config import same_settings, settings_differ
+
+    cfg = load_config("safesteer-fkl", overrides=["steps=3"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    del saved["base"], saved["vllm_gpu_memory_utilization"]
+    assert same_settings(yaml.safe_dump(saved | {"extra": {}}), cfg)
+    assert settings_differ(yaml.safe_dump(saved | {"extra": {"k": 1}}), cfg) == ["extra"]
+
+
+def test_config_show_prints_sections_with_help(capsys):
+    from safedistill.cli import main
+
+    assert main(["config", "show", "safesteer-fkl", "--set", "optim.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "# safesteer-fkl (base: safesteer)" in out
+    assert "loss:" in out and "  divergence: forward_kl  # the per-token divergence (DIVERGENCES)" in out
+    assert "  steps: 2  # optimizer steps" in out

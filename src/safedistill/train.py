@@ -223,7 +223,8 @@ def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared):
     if cfg.trainer == "sft":
         return SFTStep(cfg, tok)
     teacher = prepared.make_teacher(FrozenBase(model, share_weights=cfg.lora), tok)
-    return OnPolicyStep(cfg, tok, teacher, judge, vocab_ids=prepared.vocab_ids)
+    masks = {"vocab_ids": prepared.vocab_ids} if prepared.vocab_ids is not None else {}
+    return OnPolicyStep(cfg, tok, teacher, judge, **masks)
 
 
 def resume_from_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, step_fn, procs) -> int:

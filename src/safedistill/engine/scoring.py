@@ -69,21 +69,9 @@ def response_logits(
         if k:
             prefix_cache = _prefix_pass(model, prompts[0][:k])
             prompts = [p[k:] for p in prompts]
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    width = max(lengths)
-    t_max = max(1, max(len(r) for r in responses))
+    ids, index, mask = _packed(prompts, responses, pad_id)
+    width = ids.size(1)
     device = next(model.parameters()).device
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
-    # Per row, the positions len(prompt)-1 ... len(prompt)+len(response)-2 predict the response.
-    index = torch.zeros(len(prompts), t_max, dtype=torch.long)
-    mask = torch.zeros(len(prompts), t_max)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        n = len(r)
-        index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
-        index[i, n:] = max(len(p) - 1, 0)
-        mask[i, :n] = 1
     index = index.to(device)
     # Vocabulary projections only at those positions: the prompt positions' would be thrown away.
     # Given the positions themselves, transformers gathers the hidden states (a contiguous
@@ -110,6 +98,23 @@ def response_logits(
         shifted = index - first
         out = logits.gather(1, shifted.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
     return out, mask.to(device)
+
+
+def _packed(prompts, responses, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+response ids [B, W]; per row, the positions len(prompt)-1 ...
+    len(prompt)+len(response)-2 that predict the response [B, T]; the response mask [B, T]."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    t_max = max(1, max(len(r) for r in responses))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    index = torch.zeros(len(prompts), t_max, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t_max)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
+        n = len(r)
+        index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        index[i, n:] = max(len(p) - 1, 0)
+        mask[i, :n] = 1
+    return ids, index, mask
 
 
 @functools.cache

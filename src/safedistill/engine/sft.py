@@ -1,4 +1,5 @@
-"""The SFT step shared by the off-policy baselines: cross-entropy on the response tokens only."""
+"""The SFT step (cross-entropy on the response tokens only) shared by the SFT methods and the
+Cross-SFT cold start, and the NLL of SFT targets under a model (DGR's distribution shift)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.schema import Demonstration
 from ..models import chat_text
@@ -51,3 +53,20 @@ class SFTStep:
             "target_length": n_tok / len(batch),
             "t_student": time.perf_counter() - t0,
         }
+
+
+def sequence_nll(model, tok, samples: list[Demonstration], *, batch_size: int = 8, progress=True) -> list[tuple]:
+    """(summed NLL in nats, token count) of each sample's SFT target given its chat-formatted prompt."""
+    model.eval()
+    stop = stop_token_ids(tok)[0]
+    out = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="nll", disable=not progress, leave=False):
+        batch = samples[start : start + batch_size]
+        prompts = encode_prompts(tok, [chat_text(tok, d.prompt) for d in batch])
+        targets = [target_ids(tok, d, stop) for d in batch]
+        logits, mask = response_logits(model, prompts, targets, pad_id=tok.pad_token_id)
+        logp = logits.float().log_softmax(-1)
+        for i, t in enumerate(targets):
+            picked = logp[i, : len(t)].gather(-1, torch.tensor(t, device=logp.device).unsqueeze(-1))
+            out.append((float(-picked.sum()), len(t)))
+    return out

@@ -8,6 +8,7 @@ reduce them with `masked_mean` over the response mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,15 +22,7 @@ class Divergence:
     help: str
     top_k: bool  # restricted to the teacher's top-k plus a tail bucket when top_k is set
     vocab_subset: bool  # can be summed over a vocabulary subset (vocab_mask: safety_tokens)
-
-
-DIVERGENCES: dict[str, Divergence] = {
-    "reverse_kl": Divergence("sum_v p_S (log p_S - log p_T): mode-seeking", True, True),
-    "forward_kl": Divergence("sum_v p_T (log p_T - log p_S): mass-covering", True, True),
-    "jsd": Divergence("generalized JSD(beta), TRL's convention: 0 forward KL, 1 reverse KL", True, False),
-    "mixture": Divergence("alpha * forward KL + (1 - alpha) * reverse KL (OPSA)", True, False),
-    "sampled": Divergence("reverse-KL score-function surrogate on the sampled tokens", False, False),
-}
+    over_vocab: Callable | None  # (log p_S, log p_T, alpha, beta) -> [B, T]; None: sampled tokens
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -100,7 +93,9 @@ def token_stats(
     reverse_kl, student_entropy, teacher_entropy, token_kl (log p_S - log p_T of the sampled
     token) and, with vocab_ids, the student's total probability on them (mass_on_ids)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ")
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ"
+        )
     shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     s2, t2 = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     tok = tokens.reshape(-1, 1).to(s2.device)
@@ -134,6 +129,25 @@ def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
         return _kl(ls, lt)
     logm = torch.logsumexp(torch.stack([ls + math.log(1.0 - beta), lt + math.log(beta)]), dim=0)
     return beta * _kl(lt, logm) + (1.0 - beta) * _kl(ls, logm)
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "reverse_kl": Divergence("sum_v p_S (log p_S - log p_T): mode-seeking", True, True, lambda s, t, a, b: _kl(s, t)),
+    "forward_kl": Divergence("sum_v p_T (log p_T - log p_S): mass-covering", True, True, lambda s, t, a, b: _kl(t, s)),
+    "jsd": Divergence(
+        "generalized JSD(beta), TRL's convention: 0 forward KL, 1 reverse KL",
+        True,
+        False,
+        lambda s, t, a, b: _jsd(s, t, b),
+    ),
+    "mixture": Divergence(
+        "alpha * forward KL + (1 - alpha) * reverse KL (OPSA)",
+        True,
+        False,
+        lambda s, t, a, b: a * _kl(t, s) + (1.0 - a) * _kl(s, t),
+    ),
+    "sampled": Divergence("reverse-KL score-function surrogate on the sampled tokens", False, False, None),
+}
 
 
 def _top_k_with_tail(ls: torch.Tensor, lt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,23 +210,7 @@ def per_token_divergence(
       full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0);
       forward_kl: the same with student and teacher swapped (SafeSteer's ablation).
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {tuple(DIVERGENCES)}")
-    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            "student_logits and teacher_logits must both be [B, T, V] with the same shape, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if vocab_ids is not None and not DIVERGENCES[kind].vocab_subset:
-        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl' or 'forward_kl', not {kind!r}")
-    if vocab_ids is not None and top_k is not None:
-        raise ValueError("vocab_ids and top_k cannot be combined")
+    _check_args(student_logits, teacher_logits, kind, alpha=alpha, beta=beta, top_k=top_k, vocab_ids=vocab_ids)
     if kind == "reverse_kl" and vocab_ids is None and (top_k is None or top_k >= student_logits.shape[-1]):
         return full_reverse_kl(student_logits, teacher_logits)
 
@@ -232,19 +230,30 @@ def per_token_divergence(
         if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
             raise ValueError(f"vocab_ids must lie in [0, {V})")
         vocab_ids = vocab_ids.to(ls.device)
-        ls_v, lt_v = ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids)
-        return _kl(ls_v, lt_v) if kind == "reverse_kl" else _kl(lt_v, ls_v)
-
-    if top_k is not None and top_k < ls.shape[-1]:
+        ls, lt = ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids)
+    elif top_k is not None and top_k < ls.shape[-1]:
         ls, lt = _top_k_with_tail(ls, lt, top_k)
+    return DIVERGENCES[kind].over_vocab(ls, lt, alpha, beta)
 
-    if kind == "reverse_kl":
-        return _kl(ls, lt)
-    if kind == "forward_kl":
-        return _kl(lt, ls)
-    if kind == "jsd":
-        return _jsd(ls, lt, beta)
-    return alpha * _kl(lt, ls) + (1.0 - alpha) * _kl(ls, lt)  # mixture
+
+def _check_args(student_logits, teacher_logits, kind: str, *, alpha, beta, top_k, vocab_ids) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {tuple(DIVERGENCES)}")
+    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must both be [B, T, V] with the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if vocab_ids is not None and not DIVERGENCES[kind].vocab_subset:
+        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl' or 'forward_kl', not {kind!r}")
+    if vocab_ids is not None and top_k is not None:
+        raise ValueError("vocab_ids and top_k cannot be combined")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

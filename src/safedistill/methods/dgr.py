@@ -20,12 +20,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.schema import Demonstration
-from ..engine.rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
-from ..engine.scoring import response_logits
-from ..engine.sft import target_ids
+from ..engine.rollout import SamplingSettings, generate
+from ..engine.sft import sequence_nll
 from ..errors import UserError
 from ..files import write_json, write_jsonl
 from ..models import chat_text
@@ -168,23 +166,6 @@ def refine(model, tok, judge, samples: list[Demonstration], s: RefineSettings, *
 
 
 @torch.no_grad()
-def sequence_nll(model, tok, samples: list[Demonstration], *, batch_size: int = 8, progress=True) -> list[tuple]:
-    """(summed NLL in nats, token count) of each sample's SFT target given its chat-formatted prompt."""
-    model.eval()
-    stop = stop_token_ids(tok)[0]
-    out = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="nll", disable=not progress, leave=False):
-        batch = samples[start : start + batch_size]
-        prompts = encode_prompts(tok, [chat_text(tok, d.prompt) for d in batch])
-        targets = [target_ids(tok, d, stop) for d in batch]
-        logits, mask = response_logits(model, prompts, targets, pad_id=tok.pad_token_id)
-        logp = logits.float().log_softmax(-1)
-        for i, t in enumerate(targets):
-            picked = logp[i, : len(t)].gather(-1, torch.tensor(t, device=logp.device).unsqueeze(-1))
-            out.append((float(-picked.sum()), len(t)))
-    return out
-
-
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
@@ -258,6 +239,16 @@ def refine_dataset(
                 "free_answer": answer.text,
             }
         )
+    shift = _shift(meta, samples, outcomes, before, after, (sim_before, sim_after), s)
+    write_jsonl(out / "refined.jsonl", rows)
+    write_json(out / "shift.json", shift)
+    return [outcomes[i].sample for i in kept]
+
+
+def _shift(meta: dict, samples, outcomes, before, after: dict, similarity: tuple, s: RefineSettings) -> dict:
+    """shift.json: counts, retries, the data's NLL under the model and its similarity to the
+    model's own answers, before and after refinement."""
+    sim_before, sim_after = similarity
     status = Counter(o.status for o in outcomes)
     refined = [i for i, o in enumerate(outcomes) if o.status == "refined"]
     unchanged = sum(
@@ -265,7 +256,7 @@ def refine_dataset(
         == (outcomes[i].original.response, outcomes[i].original.reasoning)
         for i in refined
     )
-    shift = {
+    return {
         **meta,
         "counts": {
             "total": len(samples),
@@ -291,9 +282,6 @@ def refine_dataset(
         },
         "settings": asdict(s),
     }
-    write_jsonl(out / "refined.jsonl", rows)
-    write_json(out / "shift.json", shift)
-    return [outcomes[i].sample for i in kept]
 
 
 def shift_lines(shift: dict) -> list[str]:

@@ -72,25 +72,8 @@ def safety_tokens(
     prompt_ids = [prompt_ids[i // SAMPLES] for i, r in enumerate(rollouts) if r.response_ids]
     responses = [r.response_ids for r in keep]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    V = None
-    votes = prob_sum = ratio_sum = None
-    n_pos = 0
-    for start in range(0, len(keep), 32):
-        p, r = prompt_ids[start : start + 32], responses[start : start + 32]
-        base, mask = response_logits(model, p, r, pad_id=pad)
-        with steer(model, layer, vector, scale):
-            steered, _ = response_logits(model, p, r, pad_id=pad)
-        lb, ls = base.float().log_softmax(-1), steered.float().log_softmax(-1)
-        valid = mask.bool()
-        diff, ls = (ls - lb)[valid], ls[valid]  # [N, V]
-        if V is None:
-            V = diff.size(-1)
-            votes, prob_sum, ratio_sum = torch.zeros(V), torch.zeros(V, dtype=torch.float64), torch.zeros(V)
-        top = diff.topk(min(VOTE_TOP, V), dim=-1).indices
-        votes += torch.bincount(top.flatten().cpu(), minlength=V).float()
-        prob_sum += ls.exp().double().sum(0).cpu()
-        ratio_sum += diff.sum(0).cpu()
-        n_pos += diff.size(0)
+    votes, prob_sum, ratio_sum, n_pos = _votes(model, prompt_ids, responses, pad, (layer, vector, scale))
+    V = votes.numel()
     mean_prob = prob_sum / n_pos
     eligible = votes > 0
     eligible &= mean_prob >= min_prob
@@ -112,6 +95,31 @@ def safety_tokens(
     ]
 
 
+def _votes(model, prompt_ids, responses, pad: int, steering: tuple) -> tuple:
+    """Per vocabulary entry: votes (top VOTE_TOP log-ratio at a position), summed steered
+    probability (float64) and summed log-ratio over the sampled positions; and their count."""
+    V = None
+    votes = prob_sum = ratio_sum = None
+    n_pos = 0
+    for start in range(0, len(responses), 32):
+        p, r = prompt_ids[start : start + 32], responses[start : start + 32]
+        base, mask = response_logits(model, p, r, pad_id=pad)
+        with steer(model, *steering):
+            steered, _ = response_logits(model, p, r, pad_id=pad)
+        lb, ls = base.float().log_softmax(-1), steered.float().log_softmax(-1)
+        valid = mask.bool()
+        diff, ls = (ls - lb)[valid], ls[valid]  # [N, V]
+        if V is None:
+            V = diff.size(-1)
+            votes, prob_sum, ratio_sum = torch.zeros(V), torch.zeros(V, dtype=torch.float64), torch.zeros(V)
+        top = diff.topk(min(VOTE_TOP, V), dim=-1).indices
+        votes += torch.bincount(top.flatten().cpu(), minlength=V).float()
+        prob_sum += ls.exp().double().sum(0).cpu()
+        ratio_sum += diff.sum(0).cpu()
+        n_pos += diff.size(0)
+    return votes, prob_sum, ratio_sum, n_pos
+
+
 def steering_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[str], list[str], list[str]]:
     """(harmful, harmless for the direction, harmless for S): train-side prompts only; the two
     harmless sets are disjoint."""
@@ -131,16 +139,7 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
     out.mkdir(parents=True, exist_ok=True)
     harmful, harmless, s_prompts = steering_prompts(cfg, manifest)
     n_pos = post_instruction_length(tok, harmful + harmless)
-    context = None
-    if cfg.steer_direction == "context-delta":
-        if cfg.context == "auto":
-            items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
-            context = choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
-        else:
-            context = context_text(cfg.context, load_contexts(cfg.contexts))
-        directions = mean_difference(model, tok, harmful, harmful, n_pos, system_a=context)
-    else:
-        directions = mean_difference(model, tok, harmful, harmless, n_pos)
+    context, directions = steering_directions(cfg, model, tok, judge, manifest, out, harmful, harmless, n_pos, progress)
     rows, chosen = search_candidates(
         model,
         tok,
@@ -184,17 +183,22 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         },
     )
     save_file({"vector": vector.clone(), "directions": directions.contiguous()}, out / FILES[1])
-    write_json(
-        out / "safety_tokens.json",
-        {
-            "k": cfg.safety_tokens_k,
-            "n_prompts": len(s_prompts),
-            "samples": SAMPLES,
-            "horizon": HORIZON,
-            "tokens": tokens,
-        },
-    )
+    meta = {"k": cfg.safety_tokens_k, "n_prompts": len(s_prompts), "samples": SAMPLES, "horizon": HORIZON}
+    write_json(out / "safety_tokens.json", {**meta, "tokens": tokens})
     return load_steering(out)
+
+
+def steering_directions(cfg: RunConfig, model, tok, judge, manifest, out: Path, harmful, harmless, n_pos, progress):
+    """(context, directions [P, L, d]): context-delta contrasts harmful prompts with and without
+    the safety context (the best by flip rate when context=auto); harmful-harmless the two sets."""
+    if cfg.steer_direction != "context-delta":
+        return None, mean_difference(model, tok, harmful, harmless, n_pos)
+    if cfg.context == "auto":
+        items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
+        context = choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
+    else:
+        context = context_text(cfg.context, load_contexts(cfg.contexts))
+    return context, mean_difference(model, tok, harmful, harmful, n_pos, system_a=context)
 
 
 def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, vector, cfg) -> dict:
