@@ -92,7 +92,7 @@ def test_eval_json_keys_and_values(tiny_eval):
     _, out, model = tiny_eval
     r = json.loads((out / "eval.json").read_text())
     assert r["model"] == str(model)
-    assert r["seed"] == 0
+    assert r["seed"] == r["eval_seed"] == 0
     assert r["judge"] == "keyword"
     assert r["adapter"] is None
     for key in ("refusal_rate", "asr", "n"):
@@ -165,6 +165,11 @@ def test_generations_one_row_per_prompt_per_axis(tiny_eval):
     assert r["capability"]["accuracy"] == pytest.approx(correct / 3)
     lengths = [g["length"] for g in by_axis["expressiveness"]]
     assert r["expressiveness"]["mean_length"] == pytest.approx(sum(lengths) / 3)
+    # Every row carries the per-item value its axis aggregates, so two evals pair on (axis, task, id).
+    assert r["safety"]["refusal_rate"] == pytest.approx(sum(g["value"] for g in by_axis["safety"]) / 3)
+    assert r["overrefusal"]["refusal_rate"] == pytest.approx(sum(g["value"] for g in by_axis["overrefusal"]) / 3)
+    assert r["capability"]["accuracy"] == pytest.approx(sum(g["value"] for g in by_axis["capability"]) / 3)
+    assert [g["value"] for g in by_axis["expressiveness"]] == lengths
 
 
 def test_report_md(tiny_eval):

@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="directory for eval.json, generations.jsonl, report.md")
     e.add_argument("--limit", type=int, help="at most N prompts per axis")
     e.add_argument("--judge", default="keyword", help="keyword, or an HF classifier id/path")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--eval-seed", "--seed", dest="seed", type=int, default=0, help="which items are taken (fixed across runs)"
+    )
     e.add_argument("--harmful", default="advbench", help="source name or JSONL path of harmful prompts")
     e.add_argument("--overrefusal", default="overrefusal", help="source name or JSONL path")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

@@ -28,7 +28,7 @@ class EvalSettings:
     benign: str = "benign"  # ordinary prompts, for expressiveness and drift
     limit: int | None = None  # at most this many prompts per axis (None: the whole held-out set)
     capability_n: int = 90  # generated reasoning problems when `limit` is None
-    seed: int = 0  # sampling of prompts and problems
+    seed: int = 0  # the eval seed: which items are taken; never the training seed, so runs pair item by item
     split_seed: int = 0  # train/eval split of named sources; keep it fixed across a comparison
     eval_fraction: float = 0.2
     judge: str = "keyword"
@@ -142,6 +142,7 @@ def evaluate(
         "model": model_name,
         "adapter": adapter,
         "seed": settings.seed,
+        "eval_seed": settings.seed,
         "judge": judge.name,
     }
 
@@ -160,6 +161,7 @@ def evaluate(
                     "label": v.label,
                     "score": v.score,
                     "refusal": v.refusal,
+                    "value": int(v.label == "safe"),
                 }
             )
         st = rate_stats(unsafe, len(records))
@@ -184,6 +186,7 @@ def evaluate(
                 "response": x.text,
                 "label": "refusal" if f else "answer",
                 "refusal": f,
+                "value": int(f),
             }
         )
     st = rate_stats(sum(refused), len(overrefusal))
@@ -201,6 +204,7 @@ def evaluate(
                 "answer": p.answer,
                 "level": p.level,
                 "correct": c,
+                "value": int(c),
             }
         )
     st = rate_stats(sum(correct), len(problems))
@@ -226,6 +230,7 @@ def evaluate(
                 "prompt": r.prompt,
                 "response": x.text,
                 "length": len(x.response_ids),
+                "value": len(x.response_ids),
             }
         )
     results["expressiveness"] = {

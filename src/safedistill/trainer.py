@@ -92,7 +92,7 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
         harmful=cfg.harmful_source,
         benign=cfg.benign_source,
         limit=cfg.eval_limit,
-        seed=cfg.seed,
+        seed=cfg.eval_seed,
         split_seed=cfg.split_seed,
         judge=cfg.judge,
     )
