@@ -190,8 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--eval-seed", "--seed", dest="seed", type=int, default=0, help="which items are taken (fixed across runs)"
     )
-    e.add_argument("--harmful", default="advbench", help="source name or JSONL path of harmful prompts")
-    e.add_argument("--overrefusal", default="overrefusal", help="source name or JSONL path")
+    e.add_argument(
+        "--harmful",
+        default="advbench",
+        help="advbench (its held-out split, as runs use), strongreject, xstest-unsafe, harmbench, ... or a JSONL path",
+    )
+    e.add_argument(
+        "--overrefusal",
+        default="xstest-safe",
+        help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
+    )
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     e.set_defaults(func=_eval)
 

@@ -98,10 +98,14 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
     )
 
 
-def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str | None) -> dict:
+def run_eval(
+    model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str | None, *, progress: bool = True
+) -> dict:
     path = out / f"eval_{name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if progress:
+        print(f"evaluating {'base' if name == 'base' else 'trained'} model", flush=True)
     results, generations = evaluate(
         model,
         tok,
@@ -109,6 +113,7 @@ def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str
         eval_settings(cfg),
         model_name=cfg.model,
         adapter=adapter_note,
+        progress=progress,
     )
     write_jsonl(out / f"generations_{name}.jsonl", generations)
     write_json(path, results)
@@ -289,7 +294,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     judge = load_judge(cfg.judge)
     started = time.perf_counter()
 
-    base_eval = run_eval(model, tok, cfg, out, "base", None) if cfg.eval and procs.is_main else None
+    base_eval = run_eval(model, tok, cfg, out, "base", None, progress=progress) if cfg.eval and procs.is_main else None
 
     # Method-specific preparation: a teacher for on-policy runs, targets for SFT runs.
     with procs.main_first():  # process 0 writes the caches (flip rates, targets) the others read
@@ -388,7 +393,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         save_model(model, tok, out / "final")
     if cfg.lora:
         model = model.merge_and_unload()  # same function, no adapter overhead in the final eval
-    final_eval = run_eval(model, tok, cfg, out, "final", str(out / "final") if cfg.lora else None) if cfg.eval else None
+    adapter_note = str(out / "final") if cfg.lora else None
+    final_eval = run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress) if cfg.eval else None
 
     from .report import run_report
 
