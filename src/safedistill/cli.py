@@ -91,7 +91,7 @@ def _steer(args: argparse.Namespace) -> None:
     from .data.packaged import Manifest
     from .files import write_json
     from .judges import load_judge
-    from .methods.safesteer import search_steering
+    from .methods.safesteer import describe_choice, search_steering
     from .models import load_model, resolve_device
 
     sets = [f"model={args.model}", f"steer_direction={args.direction}", f"seed={args.seed}"]
@@ -107,13 +107,7 @@ def _steer(args: argparse.Namespace) -> None:
     import json
 
     chosen = json.loads((out / "steering.json").read_text())["chosen"]
-    print(
-        f"chosen: layer {chosen['layer']}, position {chosen['position']}, scale {chosen['scale']} · "
-        f"refusal score {chosen['base_refusal_score_harmful']:+.2f} -> {chosen['refusal_score_harmful']:+.2f} "
-        f"(harmful) · KL on harmless {chosen['kl_harmless']:.3f} (cap {chosen['kl_cap']}, met: {chosen['kl_cap_met']}) · "
-        f"greedy refusals {chosen['greedy_refusal_rate_base']:.2f} -> {chosen['greedy_refusal_rate_steered']:.2f} "
-        f"on {chosen['n_flip_prompts']} harmful prompts"
-    )
+    print(f"chosen: {describe_choice(chosen)}")
     print("safety tokens: " + " ".join(repr(t["text"]) for t in prepared["safety_tokens"]))
     print(f"wrote {out}/steering.json, steering_direction.safetensors, safety_tokens.json")
 

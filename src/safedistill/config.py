@@ -64,7 +64,12 @@ class RunConfig:
     steer_direction: str = "context-delta"  # context-delta (harmful with vs. without `context`) | harmful-harmless
     steer_layers: str = "auto"  # layers searched, comma-separated, or auto (all but the last 20%)
     steer_scales: str = "1.0"  # scales tried per candidate, comma-separated (scale * raw direction)
-    steer_kl_cap: float = 0.1  # candidates must keep next-token KL(base || steered) on harmless prompts under this
+    # published (andyrdt/refusal_direction select_direction.py): ablating the direction on harmless prompts keeps
+    # next-token KL <= steer_kl_cap, adding it makes harmless prompts refuse (refusal score >= 0), rank by how low
+    # ablating it drives the refusal score on harmful prompts | legacy-add-kl: KL with the vector *added* <= cap,
+    # rank by refusal score on harmful prompts with it added (this project's first rule)
+    steer_selection: str = "published"
+    steer_kl_cap: float = 0.1  # the KL cap of either selection rule (next-token KL on harmless prompts)
     steer_prompts: int = 16  # harmful and harmless train prompts each for the direction and its search
     steer_from: str | None = None  # a `safedistill steer` output dir to reuse instead of searching in the run
     safety_tokens_k: int = 50  # |S|, the vocabulary ids the safety_tokens mask sums over
@@ -136,6 +141,7 @@ CHOICES = {
     "token_mask": {"all", "first_k", "top_fraction", "threshold"},
     "vocab_mask": {"none", "safety_tokens"},
     "steer_direction": {"context-delta", "harmful-harmless"},
+    "steer_selection": {"published", "legacy-add-kl"},
     "lr_schedule": {"cosine", "constant"},
     "teacher": {"context", "constitution", "steering", "none"},
     "cold_start": {"none", "cross_sft"},

@@ -190,6 +190,8 @@ def steering_section(out) -> list[str]:
     import json
     from pathlib import Path
 
+    from .methods.safesteer import describe_choice
+
     lines: list[str] = []
     steering, tokens = Path(out) / "steering.json", Path(out) / "safety_tokens.json"
     if steering.exists():
@@ -198,19 +200,8 @@ def steering_section(out) -> list[str]:
         lines += [
             "## Steering direction",
             "",
-            f"`{s['direction']}` direction, layer {c['layer']}, post-instruction position {c['position']}, "
-            f"scale {c['scale']} (norm {c['norm']:.2f}); refusal score on harmful prompts "
-            f"{c['base_refusal_score_harmful']:+.2f} -> {c['refusal_score_harmful']:+.2f}; next-token KL on harmless "
-            f"prompts {c['kl_harmless']:.3f} (cap {c['kl_cap']}"
-            + ("" if c["kl_cap_met"] else ", NOT met")
-            + "); "
-            + (
-                f"greedy refusals on {c['n_flip_prompts']} harmful prompts {c['greedy_refusal_rate_base']:.2f} -> "
-                f"{c['greedy_refusal_rate_steered']:.2f}; "
-                if "flip_rate" in c
-                else ""
-            )
-            + f"{len(s['candidates'])} candidates in steering.json.",
+            f"`{s['direction']}` direction, post-instruction {describe_choice(c)}; "
+            f"{len(s['candidates'])} candidates in steering.json.",
             "",
         ]
     if tokens.exists():
