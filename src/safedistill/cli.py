@@ -46,15 +46,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .report import before_after, safety_tax
+    from .report import before_after_section
     from .trainer import train
 
     cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, f"model={args.model}"])
     result = train(cfg, Path(args.out), resume=args.resume)
     if result["base"] and result["final"]:
-        print("\n".join(before_after(result["base"], result["final"])))
-        tax, err = safety_tax(result["base"], result["final"])
-        print(f"safety tax (capability lost): {tax:+.3f} ± {err:.3f}")
+        print("\n".join(before_after_section(Path(args.out), result["base"], result["final"])))
     print(f"wrote {args.out}/report.md")
 
 
