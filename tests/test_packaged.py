@@ -28,6 +28,7 @@ from safedistill.data.sources import (
     EVAL_ONLY,
     NAMED_SOURCES,
     XSTEST_MEMBER,
+    check_trainable,
     load_jailbreak_templates,
     load_prompts,
     overlapping,
@@ -234,6 +235,9 @@ def test_uncensorbench_keeps_reference_answers():
 @pytest.mark.parametrize("source", ["xstest-safe", "xstest-unsafe", "strongreject", "uncensorbench"])
 def test_benchmarks_are_eval_only_and_stable(source):
     assert source in EVAL_ONLY and source in NAMED_SOURCES
+    with pytest.raises(UserError, match=f"{source}.*cannot be used for training"):
+        check_trainable(source)
+    check_trainable("advbench")
     first, again = load_prompts(source), load_prompts(source)
     assert first == again  # same ids, prompts and order on every load
     # Should a user split one anyway, the sides are disjoint and cover it.

@@ -231,6 +231,13 @@ NAMED_SOURCES: dict[str, Callable[[Manifest | None], list[PromptRecord]]] = {
 EVAL_ONLY = {"overrefusal", "xstest-safe", "xstest-unsafe", "strongreject", "uncensorbench"}
 
 
+def check_trainable(source: str) -> None:
+    """UserError if `source` is an eval-only benchmark: training on it would score the model on
+    prompts it was trained on."""
+    if source in EVAL_ONLY:
+        raise UserError(f"data source {source!r} is an evaluation benchmark and cannot be used for training")
+
+
 def load_prompts(source: str, manifest: Manifest | None = None) -> list[PromptRecord]:
     """Load a prompt source by name or path; raises UserError naming the problem."""
     if source in NAMED_SOURCES:
