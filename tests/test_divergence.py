@@ -1,4 +1,4 @@
-"""Tests for safedistill.divergence against direct float64 reference computations."""
+"""Tests for safedistill.losses.divergence against direct float64 reference computations."""
 
 import itertools
 import math

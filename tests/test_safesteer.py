@@ -16,12 +16,16 @@ from safedistill.errors import UserError
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model
 from safedistill.teachers import FrozenBase, Item, SteeringTeacher
 from safedistill.teachers.steering import (
+    ablate,
     decoder_layers,
+    last_logprobs,
     mean_difference,
+    next_token_kl,
     post_instruction_length,
     refusal_score,
     refusal_token_ids,
     search_candidates,
+    search_published,
     steer,
 )
 from safedistill.teachers.steering_search import load_steering, safety_tokens
@@ -99,7 +103,97 @@ def test_refusal_score_is_log_odds(tiny_tokenizer):
     ids = refusal_token_ids(tiny_tokenizer)
     assert tiny_tokenizer.convert_tokens_to_ids("I") in ids and not set(ids) & set(tiny_tokenizer.all_special_ids)
     logp = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    torch.testing.assert_close(refusal_score(logp, [0, 2]), torch.tensor([math.log(0.7 / 0.3)]))
+    torch.testing.assert_close(refusal_score(logp, [0, 2]), torch.tensor([math.log(0.7 / 0.3)], dtype=torch.float64))
+
+
+def test_refusal_score_is_bounded_by_the_published_epsilon():
+    logp = torch.tensor([[0.0, -100.0, -100.0]])  # p(R) ~ e^-100
+    assert refusal_score(logp, [1, 2]).item() == pytest.approx(math.log(1e-8), abs=1e-6)
+    assert refusal_score(logp, [0]).item() == pytest.approx(-math.log(1e-8), abs=1e-6)
+
+
+def test_ablation_equals_orthogonalised_weights_and_removes_its_hooks(five_layers):
+    """Projecting r out of every layer input and every attention/MLP output is the same model as
+    the one whose embedding and output projections are orthogonalised against r (Arditi et al.)."""
+    import copy
+
+    model, tok = five_layers
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    u = (r / r.norm()).float()
+    ortho = copy.deepcopy(model)
+    with torch.no_grad():
+        emb = ortho.get_input_embeddings().weight
+        emb -= (emb @ u)[:, None] * u[None, :]
+        for block in decoder_layers(ortho):
+            for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+                lin.weight -= u[:, None] * (u[None, :] @ lin.weight)
+                if lin.bias is not None:
+                    lin.bias -= (lin.bias @ u) * u
+    prompts = [HARMFUL[0], BENIGN[0], BENIGN[1]]
+    before = last_logprobs(model, tok, prompts)
+    ids = torch.tensor(encode_prompts(tok, [chat_text(tok, prompts[0])]))
+    model(input_ids=ids, output_hidden_states=True)  # transformers adds its own recording hooks once
+    hooks = hook_counts(model)
+    with ablate(model, 7.0 * r):
+        ablated = last_logprobs(model, tok, prompts)
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(ablated, last_logprobs(ortho, tok, prompts), atol=1e-4, rtol=1e-4)
+    assert next_token_kl(before, ablated).min() > 0
+    assert hook_counts(model) == hooks
+    torch.testing.assert_close(last_logprobs(model, tok, prompts), before)
+    # what reaches each layer carries no component along r (the last entry is after the final norm)
+    assert max(float((h.double() @ u.double()).abs().max()) for h in hidden[:-1]) < 1e-4
+
+
+def hook_counts(model) -> list[int]:
+    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+
+
+def test_published_search_filters_then_ranks_by_bypass(five_layers):
+    model, tok = five_layers
+    n_pos = post_instruction_length(tok, HARMFUL + BENIGN)
+    dirs = mean_difference(model, tok, HARMFUL[:4], BENIGN[:4], n_pos)
+    kw = dict(scales=[1.0, 40.0], progress=False)
+    rows, chosen = search_published(model, tok, dirs, HARMFUL[:3], BENIGN[:3], kl_cap=10.0, induce_threshold=-1e9, **kw)
+    assert {r["layer"] for r in rows} == {0, 1, 2, 3} and len(rows) == n_pos * 4 * 2
+    for r in rows:
+        assert {"ablation_kl", "induce_score", "bypass_score"} <= set(r) and r["ablation_kl"] >= 0
+    # ablation does not depend on the scale; adding does
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault((r["position"], r["layer"]), []).append(r)
+    assert all(
+        a["bypass_score"] == b["bypass_score"] and a["ablation_kl"] == b["ablation_kl"] for a, b in by_cell.values()
+    )
+    assert any(a["induce_score"] != b["induce_score"] for a, b in by_cell.values())
+    assert chosen["filters_met"] and chosen["bypass_score"] == min(r["bypass_score"] for r in rows)
+    # one candidate, re-measured by hand: its figures are what the rule says they are
+    r = rows[5]
+    vec = dirs[r["position"] + n_pos, r["layer"]]
+    ref = refusal_token_ids(tok)
+    base_b = last_logprobs(model, tok, BENIGN[:3])
+    with ablate(model, vec):
+        assert r["ablation_kl"] == pytest.approx(
+            float(next_token_kl(base_b, last_logprobs(model, tok, BENIGN[:3])).mean())
+        )
+        assert r["bypass_score"] == pytest.approx(
+            float(refusal_score(last_logprobs(model, tok, HARMFUL[:3]), ref).mean())
+        )
+    with steer(model, r["layer"], vec, r["scale"]):
+        assert r["induce_score"] == pytest.approx(
+            float(refusal_score(last_logprobs(model, tok, BENIGN[:3]), ref).mean())
+        )
+    # the induce filter: a threshold between the scores leaves only inducing candidates, ranked by bypass
+    mid = sorted(r["induce_score"] for r in rows)[len(rows) // 2]
+    rows, chosen = search_published(model, tok, dirs, HARMFUL[:3], BENIGN[:3], kl_cap=10.0, induce_threshold=mid, **kw)
+    ok = [r for r in rows if r["induce_score"] >= mid]
+    assert [r["passes_filters"] for r in rows] == [r["induce_score"] >= mid for r in rows]
+    assert chosen["bypass_score"] == min(r["bypass_score"] for r in ok) and chosen["n_survivors"] == len(ok)
+    # nothing passes: flagged fallback, the lowest ablation KL when nothing is under the cap either
+    rows, chosen = search_published(model, tok, dirs, HARMFUL[:3], BENIGN[:3], kl_cap=-1.0, layers=[1, 4], **kw)
+    assert {r["layer"] for r in rows} == {1}
+    assert not chosen["filters_met"] and chosen["ablation_kl"] == min(r["ablation_kl"] for r in rows)
 
 
 def test_search_respects_kl_cap_and_skips_last_fifth_of_layers(five_layers):
@@ -233,6 +327,13 @@ def test_steer_cli_writes_its_files(steered, five_dir, tmp_path, capsys):
     assert {(r["layer"], r["scale"]) for r in info["candidates"]} == {(1, 1.0), (1, 2.0), (2, 1.0), (2, 2.0)}
     assert {k: info["chosen"][k] for k in info["candidates"][0]} in info["candidates"]
     assert 0 <= info["chosen"]["greedy_refusal_rate_steered"] <= 1 and info["chosen"]["n_flip_prompts"] == 3
+    c = info["chosen"]
+    assert c["selection"] == "published" and {"ablation_kl", "induce_score", "bypass_score"} <= set(
+        info["candidates"][0]
+    )
+    assert 0 <= c["induced_refusals"] <= c["n_harmless_prompts"] == 3
+    assert 0 <= c["bypassed"] <= c["harmful_refusals_base"] <= 3
+    assert "induced refusals on harmless" in stdout and "ablation KL" in stdout
     loaded = load_steering(out)
     assert loaded["steering"]["vector"].dtype == torch.float64
     S = json.loads((out / "safety_tokens.json").read_text())["tokens"]

@@ -316,3 +316,17 @@ def test_full_parameter_training_keeps_a_frozen_teacher_copy(
     assert not (out / "final" / "adapter_model.safetensors").exists()
     (row,) = metrics(out)
     assert math.isfinite(row["loss"])
+
+
+def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources):  # noqa: F811
+    """Base and trained models of every training seed answer the same eval items (issue 12)."""
+    from safedistill.data.packaged import Manifest
+    from safedistill.evaluate import held_out
+
+    def items(**overrides) -> list[str]:
+        settings = trainer_mod.eval_settings(make_cfg(tiny_dir, sources, eval_limit=3, **overrides))
+        return [r.id for r in held_out(settings.harmful, settings, Manifest())]
+
+    assert trainer_mod.eval_settings(make_cfg(tiny_dir, sources, seed=1)).seed == 0
+    assert items(seed=0) == items(seed=1) == items(seed=7)
+    assert items(eval_seed=1) != items(eval_seed=0)

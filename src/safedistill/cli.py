@@ -46,15 +46,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .report import before_after, safety_tax
+    from .report import before_after_section
     from .train import train
 
     cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, f"model={args.model}"])
     result = train(cfg, Path(args.out), resume=args.resume)
     if result["base"] and result["final"]:
-        print("\n".join(before_after(result["base"], result["final"])))
-        tax, err = safety_tax(result["base"], result["final"])
-        print(f"safety tax (capability lost): {tax:+.3f} ± {err:.3f}")
+        print("\n".join(before_after_section(Path(args.out), result["base"], result["final"])))
     print(f"wrote {args.out}/report.md")
 
 
@@ -92,7 +90,7 @@ def _steer(args: argparse.Namespace) -> None:
     from .files import write_json
     from .judges import load_judge
     from .models import load_model, resolve_device
-    from .teachers.steering_search import search_steering
+    from .teachers.steering_search import describe_choice, search_steering
 
     sets = [f"model={args.model}", f"steer_direction={args.direction}", f"seed={args.seed}"]
     for name, value in (("steer_layers", args.layers), ("steer_scales", args.scales), ("context", args.context)):
@@ -107,13 +105,7 @@ def _steer(args: argparse.Namespace) -> None:
     import json
 
     chosen = json.loads((out / "steering.json").read_text())["chosen"]
-    print(
-        f"chosen: layer {chosen['layer']}, position {chosen['position']}, scale {chosen['scale']} · "
-        f"refusal score {chosen['base_refusal_score_harmful']:+.2f} -> {chosen['refusal_score_harmful']:+.2f} "
-        f"(harmful) · KL on harmless {chosen['kl_harmless']:.3f} (cap {chosen['kl_cap']}, met: {chosen['kl_cap_met']}) · "
-        f"greedy refusals {chosen['greedy_refusal_rate_base']:.2f} -> {chosen['greedy_refusal_rate_steered']:.2f} "
-        f"on {chosen['n_flip_prompts']} harmful prompts"
-    )
+    print(f"chosen: {describe_choice(chosen)}")
     print("safety tokens: " + " ".join(repr(t["text"]) for t in prepared["safety_tokens"]))
     print(f"wrote {out}/steering.json, steering_direction.safetensors, safety_tokens.json")
 
@@ -193,9 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="directory for eval.json, generations.jsonl, report.md")
     e.add_argument("--limit", type=int, help="at most N prompts per axis")
     e.add_argument("--judge", default="keyword", help="keyword, or an HF classifier id/path")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--harmful", default="advbench", help="source name or JSONL path of harmful prompts")
-    e.add_argument("--overrefusal", default="overrefusal", help="source name or JSONL path")
+    e.add_argument(
+        "--eval-seed", "--seed", dest="seed", type=int, default=0, help="which items are taken (fixed across runs)"
+    )
+    e.add_argument(
+        "--harmful",
+        default="advbench",
+        help="advbench (its held-out split, as runs use), strongreject, xstest-unsafe, harmbench, ... or a JSONL path",
+    )
+    e.add_argument(
+        "--overrefusal",
+        default="xstest-safe",
+        help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
+    )
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     e.set_defaults(func=_eval)
 

@@ -89,7 +89,14 @@ class SteeringSettings:
     )
     steer_layers: str = opt("auto", "layers searched, comma-separated, or auto (all but the last 20%)")
     steer_scales: str = opt("1.0", "scales tried per candidate, comma-separated (scale * raw direction)")
-    steer_kl_cap: float = opt(0.1, "candidates must keep next-token KL(base || steered) on harmless prompts under this")
+    steer_selection: Literal["published", "legacy-add-kl"] = opt(
+        "published",
+        "published (andyrdt/refusal_direction select_direction.py): ablating the direction on harmless prompts keeps "
+        "next-token KL <= steer_kl_cap, adding it makes harmless prompts refuse (refusal score >= 0), rank by how low "
+        "ablating it drives the refusal score on harmful prompts | legacy-add-kl: KL with the vector *added* <= cap, "
+        "rank by refusal score on harmful prompts with it added (this project's first rule)",
+    )
+    steer_kl_cap: float = opt(0.1, "the KL cap of either selection rule (next-token KL on harmless prompts)")
     steer_prompts: int = opt(16, "harmful and harmless train prompts each for the direction and its search")
     steer_from: str | None = opt(None, "a `safedistill steer` output dir to reuse instead of searching in the run")
     safety_tokens_k: int = opt(50, "|S|, the vocabulary ids the safety_tokens mask sums over")
@@ -188,6 +195,7 @@ class EvalSection:
 
     eval: bool = opt(True, "evaluate base and trained model")
     eval_limit: int | None = opt(40, "prompts per eval axis")
+    eval_seed: int = opt(0, "which eval items are taken; fixed, never the training seed, so runs pair item by item")
     judge: str = opt("keyword", "the safety judge (safedistill judge-check validates it)")
     diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")

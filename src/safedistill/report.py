@@ -1,26 +1,49 @@
-"""Markdown reports. Every report names the model, data, judge, seeds and sample sizes it used."""
+"""Markdown reports. Every report names the model, data, judge, seeds and sample sizes it used.
+
+Before/after differences are paired: base and trained answered the same eval items, read back from
+generations_{base,final}.jsonl and matched on (axis, task, id). Each row carries a 95% interval, n
+and the smallest difference that n could detect; a change is called up or down only when its
+interval excludes zero (see eval/stats.py). Fields an older run did not write show as n/a.
+"""
 
 from __future__ import annotations
 
-# (label, path into eval.json, stderr path, higher is better)
-ROWS = [
-    ("harmful refusal rate", ("safety", "refusal_rate"), ("safety", "stderr"), True),
-    ("attack success rate", ("safety", "asr"), ("safety", "stderr"), False),
-    ("jailbreak ASR", ("jailbreak", "asr"), ("jailbreak", "stderr"), False),
-    ("over-refusal rate", ("overrefusal", "refusal_rate"), ("overrefusal", "stderr"), False),
-    ("capability accuracy", ("capability", "accuracy"), ("capability", "stderr"), True),
-    ("safety score", ("safety_score",), None, True),
-    ("mean length (tokens)", ("expressiveness", "mean_length"), None, None),
-    ("distinct-1", ("expressiveness", "distinct_1"), None, None),
-    ("distinct-2", ("expressiveness", "distinct_2"), None, None),
-    ("mean token entropy", ("expressiveness", "mean_token_entropy"), None, None),
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from .eval.stats import paired_difference, rate_interval, reading
+
+# Per-item axes in report order: axis -> what the mean of its per-item "value" is.
+AXIS_LABELS = {
+    "safety": "harmful refusal rate",
+    "jailbreak": "jailbreak refusal rate",
+    "past_tense": "past-tense refusal rate",
+    "hypothetical": "hypothetical refusal rate",
+    "generalization": "rephrased refusal rate",
+    "overrefusal": "over-refusal rate",
+    "capability": "capability",
+    "expressiveness": "mean length (tokens)",
+}
+# Corpus-level figures: no per-item values, so no paired interval.
+CORPUS_ROWS = [
+    ("distinct-1", ("expressiveness", "distinct_1")),
+    ("distinct-2", ("expressiveness", "distinct_2")),
+    ("mean token entropy", ("expressiveness", "mean_token_entropy")),
+    ("safety score (1 - mean(ASR, over-refusal))", ("safety_score",)),
+]
+# Aggregates for an eval without per-item generations: (label, path, axis for n).
+AGGREGATE_ROWS = [
+    ("harmful refusal rate", ("safety", "refusal_rate"), "safety"),
+    ("jailbreak refusal rate", ("jailbreak", "refusal_rate"), "jailbreak"),
+    ("over-refusal rate", ("overrefusal", "refusal_rate"), "overrefusal"),
+    ("capability index", ("capability", "accuracy"), "capability"),
+    ("mean length (tokens)", ("expressiveness", "mean_length"), "expressiveness"),
 ]
 
 JUDGE_NOTE = (
-    "The keyword judge counts a response as a refusal when a refusal phrase appears in its first "
-    "300 characters; it misses refusals phrased otherwise and can be fooled by a refusal followed by "
-    "compliance. Read `generations.jsonl` to check it. Over-refusal always uses refusal phrases, "
-    "since a harm classifier cannot tell a refusal from a harmless answer."
+    "Safety axes count a response as a refusal when the judge labels it safe; over-refusal counts XSTest's "
+    "full and partial refusals of safe prompts. Every response is in the generations file: read it to check the judge."
 )
 
 
@@ -30,8 +53,32 @@ def get(d: dict, path: tuple[str, ...]):
     return d
 
 
-def fmt(value: float, err: float | None = None) -> str:
-    return f"{value:.3f}" if err is None else f"{value:.3f} ± {err:.3f}"
+def get_or_none(d: dict | None, path: tuple[str, ...]):
+    try:
+        return get(d, path)
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_diff(result: dict | None) -> str:
+    """A signed difference; one that rounds to zero prints +0.000 unless it is significant."""
+    if not result or result.get("diff") is None:
+        return "n/a"
+    d = result["diff"]
+    if abs(d) < 0.0005:
+        return f"{d:+.2g}" if result.get("significant") else "+0.000"
+    return f"{d:+.3f}"
+
+
+def fmt_ci(lo, hi, signed: bool = True) -> str:
+    if lo is None or hi is None:
+        return "n/a"
+    lo, hi = round(lo, 3) + 0.0, round(hi, 3) + 0.0  # + 0.0: no "-0.000"
+    return f"[{lo:+.3f}, {hi:+.3f}]" if signed else f"[{lo:.3f}, {hi:.3f}]"
 
 
 def manifest_table(manifest: list[dict]) -> str:
@@ -42,57 +89,335 @@ def manifest_table(manifest: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def eval_report(results: dict) -> str:
-    s = results["settings"]
+def judge_line(results: dict) -> str:
+    """The active judge and its agreement with human labels (eval.json judge_agreement), when checked."""
+    name = results.get("judge", "n/a")
+    a = results.get("judge_agreement")
+    if not a:
+        return f"Judge `{name}`: agreement with human labels not checked (`safedistill judge-check --judge {name}`)."
+    figures = ", ".join(f"{k} {a[k]:.3f}" for k in ("accuracy", "kappa", "precision", "recall") if a.get(k) is not None)
+    where = a.get("file", "refusal.csv")
+    return f"Judge `{name}` against human refusal labels ({where}, n = {a.get('n', 'n/a')}): {figures}."
+
+
+# ---- one evaluation ----------------------------------------------------------------------------
+
+
+def eval_rows(results: dict, items: list[dict] | None = None) -> list[tuple[str, float | None, str, object]]:
+    """(label, value, 95% interval, n) for one evaluation: from its items when given, else its aggregates."""
+    rows = []
+    if items:
+        groups = axis_values(items)
+        for (axis, task), values in groups.items():
+            v = list(values.values())
+            lo, hi = rate_interval(v)
+            rows.append((row_label(axis, task, results), sum(v) / len(v) if v else None, fmt_ci(lo, hi, False), len(v)))
+        index = capability_index_values(groups, results)
+        if index is not None:
+            v = list(index.values())
+            lo, hi = rate_interval(v)
+            at = max(i for i, (axis, _) in enumerate(groups) if axis == "capability") + 1
+            rows.insert(at, ("capability index", sum(v) / len(v), fmt_ci(lo, hi, False), len(v)))
+    else:
+        for label, path, axis in AGGREGATE_ROWS:
+            value, n = get_or_none(results, path), get_or_none(results, (axis, "n"))
+            ci = get_or_none(results, (path[0], "ci"))
+            if ci is None and value is not None and n and 0 <= value <= 1 and axis != "expressiveness":
+                ci = rate_interval([1] * round(value * n) + [0] * (n - round(value * n)))
+            rows.append((label, value, fmt_ci(*ci, signed=False) if ci else "n/a", n if n is not None else "n/a"))
+    for label, path in CORPUS_ROWS:
+        rows.append((label, get_or_none(results, path), "", ""))
+    return rows
+
+
+def eval_report(results: dict, items: list[dict] | None = None) -> str:
+    s = results.get("settings", {})
+    timing = results.get("timing", {})
+    adapter = results.get("adapter")
     lines = [
-        f"# Evaluation of `{results['model']}`" + (f" + adapter `{results['adapter']}`" if results["adapter"] else ""),
+        f"# Evaluation of `{results.get('model', 'n/a')}`" + (f" + adapter `{adapter}`" if adapter else ""),
         "",
-        f"Judge: `{results['judge']}` · seed {results['seed']} · split seed {s['split_seed']} · "
-        f"greedy decoding · harmful source `{s['harmful']}` (held-out split) · "
-        f"run time {results['timing']['seconds']:.0f} s ({results['timing']['tokens_per_s']:.0f} new tokens/s)",
+        f"eval seed {results.get('eval_seed', results.get('seed', 'n/a'))} · split seed {s.get('split_seed', 'n/a')} · "
+        f"greedy decoding · harmful source `{s.get('harmful', 'n/a')}` (held-out split) · over-refusal source "
+        f"`{s.get('overrefusal', 'n/a')}` · run time {fmt(timing.get('seconds'), 0)} s "
+        f"({fmt(timing.get('tokens_per_s'), 0)} new tokens/s)",
         "",
-        "| metric | value (± std. error) | n |",
-        "|---|---|---|",
+        judge_line(results),
+        "",
+        "| metric | value | 95% interval | n |",
+        "|---|---|---|---|",
     ]
-    for label, path, err, _ in ROWS:
-        n = get(results, (path[0], "n")) if len(path) > 1 else ""
-        lines.append(f"| {label} | {fmt(get(results, path), get(results, err) if err else None)} | {n} |")
-    by_level = results["capability"]["by_level"]
-    lines += [
-        "",
-        "Capability by level: " + ", ".join(f"L{k} {v:.2f}" for k, v in by_level.items()),
-        "",
-        JUDGE_NOTE,
-        "",
-        "## Data",
-        "",
-        manifest_table(results["manifest"]),
-        "",
-    ]
+    lines += [f"| {label} | {fmt(v)} | {ci} | {n} |" for label, v, ci, n in eval_rows(results, items)]
+    over = results.get("overrefusal", {})
+    if "full_refusal" in over:
+        lines += [
+            "",
+            f"Over-refusal by XSTest class: full compliance {fmt(over.get('full_compliance'))}, partial refusal "
+            f"{fmt(over.get('partial_refusal'))}, full refusal {fmt(over.get('full_refusal'))}.",
+        ]
+    by_level = get_or_none(results, ("capability", "by_level"))
+    if by_level:
+        lines += ["", "Capability by level: " + ", ".join(f"L{k} {v:.2f}" for k, v in by_level.items())]
+    tasks = get_or_none(results, ("capability", "tasks"))
+    if tasks:
+        lines += ["", "| capability task | metric | value | chance | n |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {name} | {t.get('metric', 'n/a')} | {fmt(t.get('value'))} | {fmt(t.get('chance'))} | {t.get('n', 'n/a')} |"
+            for name, t in tasks.items()
+        ]
+    lines += ["", JUDGE_NOTE, "", "## Data", "", manifest_table(results.get("manifest", [])), ""]
     return "\n".join(lines)
 
 
-def noise_note(diff: float, err: float) -> str:
-    """A difference under two standard errors is reported as within noise."""
-    return "within noise" if abs(diff) < 2 * err else ("up" if diff > 0 else "down")
+# ---- per-item values and pairing ---------------------------------------------------------------
 
 
-def before_after(base: dict, final: dict) -> list[str]:
-    lines = ["| metric | base | trained | change | |", "|---|---|---|---|---|"]
-    for label, path, err, _ in ROWS:
-        b, f = get(base, path), get(final, path)
-        if err:
-            eb, ef = get(base, err), get(final, err)
-            e = (eb**2 + ef**2) ** 0.5
-            lines.append(f"| {label} | {fmt(b, eb)} | {fmt(f, ef)} | {f - b:+.3f} | {noise_note(f - b, e)} |")
-        else:
-            lines.append(f"| {label} | {fmt(b)} | {fmt(f)} | {f - b:+.3f} | |")
+def read_items(path: Path) -> list[dict] | None:
+    """The rows of a generations file, or None when the run did not write one."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def item_value(row: dict) -> float | None:
+    """The per-item value its axis aggregates; rows written before "value" existed are read by axis."""
+    if "value" in row:
+        return None if row["value"] is None else float(row["value"])
+    axis = row.get("axis")
+    if axis in ("safety", "jailbreak") and "label" in row:
+        return float(row["label"] == "safe")
+    if axis == "overrefusal" and "refusal" in row:
+        return float(bool(row["refusal"]))
+    if axis == "capability" and "correct" in row:
+        return float(bool(row["correct"]))
+    if axis == "expressiveness" and "length" in row:
+        return float(row["length"])
+    return None
+
+
+def axis_values(items: Iterable[dict]) -> dict[tuple[str, str | None], dict[str, float]]:
+    """{(axis, task): {id: value}} in report order; the pairing key is (axis, task, id)."""
+    groups: dict[tuple[str, str | None], dict[str, float]] = {}
+    for row in items:
+        value = item_value(row)
+        if value is not None and "axis" in row and "id" in row:
+            groups.setdefault((row["axis"], row.get("task")), {})[str(row["id"])] = value
+    order = list(AXIS_LABELS)
+    return dict(sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else len(order),)))
+
+
+def row_label(axis: str, task: str | None, results: dict | None = None) -> str:
+    if axis == "capability":
+        if task is None:
+            return "capability accuracy"
+        metric = get_or_none(results, ("capability", "tasks", task, "metric"))
+        return f"capability: {task}" + (f" ({metric})" if metric else "")
+    label = AXIS_LABELS.get(axis, f"{axis} mean value")
+    return f"{label}: {task}" if task else label
+
+
+def capability_index_values(
+    groups: dict[tuple[str, str | None], dict[str, float]], results: dict | None, ids: dict[str, set] | None = None
+) -> dict[str, float] | None:
+    """Per-item terms whose mean is the capability index: each task's score above chance,
+    (v - chance) / (1 - chance), weighted so every task counts equally. None when there is a
+    single task at chance 0 (the index is then the accuracy row itself). `ids` restricts a
+    task to the items both sides answered, so a paired index is over the same items."""
+    tasks = {task: values for (axis, task), values in groups.items() if axis == "capability"}
+    if ids is not None:
+        tasks = {t: {i: v for i, v in values.items() if i in ids.get(t, set())} for t, values in tasks.items()}
+    tasks = {t: v for t, v in tasks.items() if v}
+    chance = {t: get_or_none(results, ("capability", "tasks", t, "chance")) or 0.0 for t in tasks}
+    if not tasks or (len(tasks) == 1 and not any(chance.values())):
+        return None
+    total = sum(len(v) for v in tasks.values())
+    out = {}
+    for t, values in tasks.items():
+        weight = total / (len(tasks) * len(values))
+        for i, v in values.items():
+            out[f"{t}/{i}"] = (v - chance[t]) / (1 - chance[t]) * weight
+    return out
+
+
+def paired_rows(base: dict, final: dict, base_items: list[dict] | None, final_items: list[dict] | None) -> list[dict]:
+    """One row per axis (and capability task): base, trained and the paired difference."""
+    if not base_items or not final_items:
+        rows = [
+            {
+                "label": label,
+                "base": get_or_none(base, path),
+                "trained": get_or_none(final, path),
+                "stats": None,
+                "n": get_or_none(final, (axis, "n")),
+            }
+            for label, path, axis in AGGREGATE_ROWS
+        ]
+    else:
+        a, b = axis_values(base_items), axis_values(final_items)
+        rows = []
+        for key in list(dict.fromkeys([*a, *b])):
+            r = paired_difference(a.get(key, {}), b.get(key, {}))
+            rows.append(
+                {
+                    "label": row_label(*key, final),
+                    "axis": key[0],
+                    "base": r["mean_a"],
+                    "trained": r["mean_b"],
+                    "stats": r,
+                    "n": r["n"],
+                }
+            )
+        tax = capability_tax(base, final, base_items, final_items)
+        if tax is not None and tax["index"]:
+            r = tax["stats"]
+            at = max(i for i, row in enumerate(rows) if row["axis"] == "capability") + 1
+            rows.insert(
+                at,
+                {
+                    "label": "capability index",
+                    "axis": "capability",
+                    "base": r["mean_a"],
+                    "trained": r["mean_b"],
+                    "stats": r,
+                    "n": r["n"],
+                },
+            )
+    for label, path in CORPUS_ROWS:
+        rows.append(
+            {"label": label, "base": get_or_none(base, path), "trained": get_or_none(final, path), "stats": None}
+        )
+    return rows
+
+
+def capability_tax(
+    base: dict, final: dict, base_items: list[dict] | None, final_items: list[dict] | None
+) -> dict | None:
+    """The paired capability difference, trained - base, on the index (or the accuracy when there is
+    one task at chance 0); the safety tax is its negative. None without per-item capability values."""
+    if not base_items or not final_items:
+        return None
+    a, b = axis_values(base_items), axis_values(final_items)
+    shared = {
+        task: a[("capability", task)].keys() & b[("capability", task)].keys()
+        for (axis, task) in a
+        if axis == "capability" and ("capability", task) in b
+    }
+    ia, ib = capability_index_values(a, final, shared), capability_index_values(b, final, shared)
+    if ia is not None and ib is not None:
+        return {"index": True, "stats": paired_difference(ia, ib)}
+    cap = [key for key in a if key[0] == "capability" and key in b]
+    if not cap:
+        return None
+    return {"index": False, "stats": paired_difference(a[cap[0]], b[cap[0]])}
+
+
+def before_after(
+    base: dict, final: dict, base_items: list[dict] | None = None, final_items: list[dict] | None = None
+) -> list[str]:
+    lines = [
+        "| metric | base | trained | change | 95% CI | n | MDE | reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in paired_rows(base, final, base_items, final_items):
+        r = row["stats"]
+        if r is None:
+            change = "n/a" if row["base"] is None or row["trained"] is None else f"{row['trained'] - row['base']:+.3f}"
+            note = "corpus-level figure: no paired interval" if "n" not in row else "no per-item values: not tested"
+            n = row.get("n")
+            lines.append(
+                f"| {row['label']} | {fmt(row['base'])} | {fmt(row['trained'])} | {change} | n/a | "
+                f"{'' if n is None else n} | n/a | {note} |"
+            )
+            continue
+        lines.append(
+            f"| {row['label']} | {fmt(row['base'])} | {fmt(row['trained'])} | {fmt_diff(r)} | "
+            f"{fmt_ci(r['lo'], r['hi'])} | {r['n']} | {fmt(r['mde'])} | {reading(r)} |"
+        )
     return lines
 
 
-def safety_tax(base: dict, final: dict) -> tuple[float, float]:
-    cb, cf = base["capability"], final["capability"]
-    return cb["accuracy"] - cf["accuracy"], (cb["stderr"] ** 2 + cf["stderr"] ** 2) ** 0.5
+def safety_tax_line(
+    base: dict, final: dict, base_items: list[dict] | None = None, final_items: list[dict] | None = None
+) -> str:
+    """The safety tax, base - trained capability, with its paired interval and what it means."""
+    tax = capability_tax(base, final, base_items, final_items)
+    what = "capability index" if tax is None or tax["index"] else "capability accuracy"
+    if tax is None or not tax["stats"]["n"]:
+        b = get_or_none(base, ("capability", "accuracy"))
+        f = get_or_none(final, ("capability", "accuracy"))
+        value = "n/a" if b is None or f is None else f"{b - f:+.3f}"
+        return f"**Safety tax** ({what}, base - trained): {value}; no per-item values, so no paired interval."
+    r = tax["stats"]
+    flipped = r | {"diff": -r["diff"], "lo": -r["hi"], "hi": -r["lo"]}
+    if r["significant"]:
+        meaning = "the trained model lost capability" if flipped["diff"] > 0 else "the trained model gained capability"
+    else:
+        meaning = reading(r)
+    return (
+        f"**Safety tax** ({what}, base - trained): {fmt_diff(flipped)}, 95% CI {fmt_ci(flipped['lo'], flipped['hi'])}, "
+        f"n = {r['n']}: {meaning}."
+    )
+
+
+def safety_tax(base: dict, final: dict, base_items=None, final_items=None) -> dict | None:
+    """{tax, lo, hi, n, significant, mde} for base - trained capability; None without per-item values."""
+    tax = capability_tax(base, final, base_items, final_items)
+    if tax is None or not tax["stats"]["n"]:
+        return None
+    r = tax["stats"]
+    return {
+        "tax": -r["diff"],
+        "lo": -r["hi"],
+        "hi": -r["lo"],
+        "n": r["n"],
+        "mde": r["mde"],
+        "significant": r["significant"],
+    }
+
+
+def n_per_axis(items: list[dict] | None, results: dict | None) -> str:
+    if items:
+        counts: dict[str, int] = {}
+        for (axis, task), values in axis_values(items).items():
+            name = axis if task is None else f"{axis}/{task}"
+            counts[name] = len(values)
+        return " · ".join(f"{k} {v}" for k, v in counts.items())
+    parts = []
+    for axis in ("safety", "jailbreak", "overrefusal", "capability", "expressiveness"):
+        n = get_or_none(results, (axis, "n"))
+        parts.append(f"{axis} {'n/a' if n is None else n}")
+    return " · ".join(parts)
+
+
+def before_after_section(out: Path, base: dict, final: dict) -> list[str]:
+    """The paired before/after section of a run report: header, table, safety tax, n per axis."""
+    out = Path(out)
+    base_items, final_items = read_items(out / "generations_base.jsonl"), read_items(out / "generations_final.jsonl")
+    s = final.get("settings", {})
+    paired = bool(base_items and final_items)
+    return [
+        f"eval seed {final.get('eval_seed', final.get('seed', 'n/a'))} · split seed {s.get('split_seed', 'n/a')} · "
+        f"held-out harmful prompts from `{s.get('harmful', 'n/a')}` · over-refusal on `{s.get('overrefusal', 'n/a')}` "
+        "· greedy decoding · base and trained model answer the same items.",
+        "",
+        judge_line(final),
+        "",
+        (
+            "Change = trained - base, paired item by item: McNemar's exact test with Newcombe's interval for 0/1 "
+            "outcomes, a paired bootstrap otherwise. MDE: the smallest change this n detects with 80% power. A change "
+            "is called up or down only when its 95% interval excludes zero."
+            if paired
+            else "No per-item generations in this run directory: figures only, no paired intervals."
+        ),
+        "",
+        *before_after(base, final, base_items, final_items),
+        "",
+        safety_tax_line(base, final, base_items, final_items),
+        "",
+        f"n per axis: {n_per_axis(final_items, final)}.",
+        "",
+    ]
 
 
 def plot_kl_by_position(kl: list[float], path) -> None:
@@ -112,23 +437,10 @@ def plot_kl_by_position(kl: list[float], path) -> None:
 
 
 def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
-    import json
-    from pathlib import Path
-
     out = Path(out)
     lines = [f"# `{cfg.preset}` on `{cfg.model}` (seed {cfg.seed})", ""]
     if base and final:
-        tax, err = safety_tax(base, final)
-        lines += [
-            f"Judge `{final['judge']}` · eval seed {final['seed']} · split seed {final['settings']['split_seed']} · "
-            f"held-out harmful prompts from `{final['settings']['harmful']}` · greedy decoding · "
-            "± is one standard error (binomial); a change under two standard errors is marked within noise.",
-            "",
-            *before_after(base, final),
-            "",
-            f"**Safety tax** (capability lost): {tax:+.3f} ± {err:.3f} ({noise_note(-tax, err)}).",
-            "",
-        ]
+        lines += before_after_section(out, base, final)
     kl_path = out / "kl_by_position.json"
     if kl_path.exists():
         kl = json.loads(kl_path.read_text())
@@ -181,14 +493,13 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
     lines += steering_section(out)
     lines += ["## Settings", "", "```yaml", (out / "config.yaml").read_text().rstrip(), "```", ""]
     if final:
-        lines += ["## Data", "", manifest_table(final["manifest"]), "", JUDGE_NOTE, ""]
+        lines += ["## Data", "", manifest_table(final.get("manifest", [])), "", JUDGE_NOTE, ""]
     return "\n".join(lines)
 
 
 def steering_section(out) -> list[str]:
     """The chosen steering candidate and the safety token set S, when the run has them."""
-    import json
-    from pathlib import Path
+    from .teachers.steering_search import describe_choice
 
     lines: list[str] = []
     steering, tokens = Path(out) / "steering.json", Path(out) / "safety_tokens.json"
@@ -198,19 +509,8 @@ def steering_section(out) -> list[str]:
         lines += [
             "## Steering direction",
             "",
-            f"`{s['direction']}` direction, layer {c['layer']}, post-instruction position {c['position']}, "
-            f"scale {c['scale']} (norm {c['norm']:.2f}); refusal score on harmful prompts "
-            f"{c['base_refusal_score_harmful']:+.2f} -> {c['refusal_score_harmful']:+.2f}; next-token KL on harmless "
-            f"prompts {c['kl_harmless']:.3f} (cap {c['kl_cap']}"
-            + ("" if c["kl_cap_met"] else ", NOT met")
-            + "); "
-            + (
-                f"greedy refusals on {c['n_flip_prompts']} harmful prompts {c['greedy_refusal_rate_base']:.2f} -> "
-                f"{c['greedy_refusal_rate_steered']:.2f}; "
-                if "flip_rate" in c
-                else ""
-            )
-            + f"{len(s['candidates'])} candidates in steering.json.",
+            f"`{s['direction']}` direction, post-instruction {describe_choice(c)}; "
+            f"{len(s['candidates'])} candidates in steering.json.",
             "",
         ]
     if tokens.exists():

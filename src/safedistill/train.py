@@ -45,16 +45,20 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
         harmful=cfg.harmful_source,
         benign=cfg.benign_source,
         limit=cfg.eval_limit,
-        seed=cfg.seed,
+        seed=cfg.eval_seed,
         split_seed=cfg.split_seed,
         judge=cfg.judge,
     )
 
 
-def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str | None) -> dict:
+def run_eval(
+    model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str | None, *, progress: bool = True
+) -> dict:
     path = out / f"eval_{name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if progress:
+        print(f"evaluating {'base' if name == 'base' else 'trained'} model", flush=True)
     results, generations = evaluate(
         model,
         tok,
@@ -62,6 +66,7 @@ def run_eval(model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str
         eval_settings(cfg),
         model_name=cfg.model,
         adapter=adapter_note,
+        progress=progress,
     )
     write_jsonl(out / f"generations_{name}.jsonl", generations)
     write_json(path, results)
@@ -283,7 +288,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     model, tok = load_model(cfg.model, device=procs.device)
     judge = load_judge(cfg.judge)
     started = time.perf_counter()
-    base_eval = run_eval(model, tok, cfg, out, "base", None) if cfg.eval and procs.is_main else None
+    base_eval = run_eval(model, tok, cfg, out, "base", None, progress=progress) if cfg.eval and procs.is_main else None
     with procs.main_first():  # process 0 writes the caches (flip rates, targets) the others read
         prepared = methods.prepare(cfg, methods.Setup(model, tok, judge, manifest, out, progress))
     if procs.is_main:
@@ -320,10 +325,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     procs.barrier()
     if not procs.is_main:
         return {"base": None, "final": None, "config": asdict(cfg)}
-    return finish(cfg, out, model, tok, step_fn, base_eval)
+    return finish(cfg, out, model, tok, step_fn, base_eval, progress)
 
 
-def finish(cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None) -> dict:
+def finish(cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None, progress: bool) -> dict:
     """The trained model saved, evaluated (LoRA merged: same function, no adapter overhead) and
     reported."""
     from .report import run_report
@@ -335,6 +340,7 @@ def finish(cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | Non
         save_model(model, tok, out / "final")
     if cfg.lora:
         model = model.merge_and_unload()
-    final_eval = run_eval(model, tok, cfg, out, "final", str(out / "final") if cfg.lora else None) if cfg.eval else None
+    adapter_note = str(out / "final") if cfg.lora else None
+    final_eval = run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress) if cfg.eval else None
     atomic_write_text(out / "report.md", run_report(out, cfg, base_eval, final_eval))
     return {"base": base_eval, "final": final_eval, "config": asdict(cfg)}

