@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from .engine.rollout import SamplingSettings, encode_prompts, generate
-from .engine.scoring import response_logits
+from .engine.scoring import mean_entropy, response_logits
 from .evaluate import EvalSettings, distinct_n, held_out
 from .models import chat_text
-from .teachers.base import Item
+from .teachers.base import Item, PromptedTeacher
 
 PANELS = [
     ("length", "mean response length (tokens)"),
@@ -35,15 +35,6 @@ def text_stats(texts: list[str], lengths: list[int]) -> dict:
         "distinct_1": distinct_n(words, 1),
         "distinct_2": distinct_n(words, 2),
     }
-
-
-def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over masked positions of -sum_v p log p, logits [B, T, V]."""
-    with torch.no_grad():
-        logp = logits.float().log_softmax(-1)
-        ent = -(logp.exp() * logp).sum(-1)
-        m = mask.float()
-        return float((ent * m).sum() / m.sum().clamp(min=1))
 
 
 class CollapseProbe:
@@ -88,8 +79,8 @@ class CollapseProbe:
         return stats
 
     def __call__(self, student, teacher) -> dict:
-        """{"diag_student_*", "diag_teacher_*"}; teacher figures only for teachers that expose
-        `base` (FrozenBase-like) and `prompt_text`."""
+        """{"diag_student_*", "diag_teacher_*"}; teacher figures only for teachers that read their
+        own prompt (PromptedTeacher: `prompt_text`, and `base`, the frozen weights they run)."""
         records = [*self.benign, *self.sensitive]
         was_training = student.training
         student.eval()
@@ -97,7 +88,7 @@ class CollapseProbe:
             f"diag_student_{k}": v
             for k, v in self._side(student, [chat_text(self.tok, r.prompt) for r in records]).items()
         }
-        if self.teacher_stats is None and hasattr(teacher, "base") and hasattr(teacher, "prompt_text"):
+        if self.teacher_stats is None and isinstance(teacher, PromptedTeacher):
             texts = [teacher.prompt_text(Item(r.id, r.prompt, "benign")) for r in records]
             with teacher.base.weights(student) as model:
                 self.teacher_stats = {f"diag_teacher_{k}": v for k, v in self._side(model, texts).items()}

@@ -75,7 +75,7 @@ def response_entropy(model, tokenizer, records, rollouts, batch_size: int) -> fl
     """Mean per-token entropy of the model's next-token distribution along its own answers."""
     import torch
 
-    from .diagnostics import mean_entropy
+    from .engine.scoring import mean_entropy
 
     total, count = 0.0, 0
     batch_size = min(batch_size, 8)  # [B, T, V] float32 logits: keep the peak memory small

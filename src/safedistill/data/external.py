@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 
 from ..files import sha256_bytes
 from .packaged import Manifest
@@ -63,9 +64,7 @@ def external_set(
     name: str, harmful: list[PromptRecord], *, split_seed: int = 0, manifest: Manifest | None = None
 ) -> list[Demonstration]:
     """Built-in set `name` over the train side of `harmful` (split as the evaluation splits it)."""
-    from .sources import builtin_bytes
-
-    data = builtin_bytes(f"{name}.json")
+    data = resources.files("safedistill.data").joinpath("builtin", f"{name}.json").read_bytes()
     train, _ = split_records(harmful, seed=split_seed)
     out = instantiate(name, json.loads(data), train)
     if manifest is not None:

@@ -167,3 +167,12 @@ def _prefix_pass(model, prefix_ids: Sequence[int]) -> DynamicCache:
 def prefix_kv(model, prefix_ids: Sequence[int]) -> DynamicCache:
     """The KV cache of a prefix, without gradient (for frozen models and generation)."""
     return _prefix_pass(model, prefix_ids)
+
+
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over masked positions of -sum_v p log p, logits [B, T, V]."""
+    with torch.no_grad():
+        logp = logits.float().log_softmax(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        m = mask.float()
+        return float((ent * m).sum() / m.sum().clamp(min=1))

@@ -43,7 +43,12 @@ class Teacher(Protocol):
 
 
 @runtime_checkable
-class PromptedTeacher(Teacher, Protocol):
+class PromptedTeacher(Protocol):
+    """What a teacher that reads its own prompt also exposes: the frozen weights it runs and that
+    prompt (the collapse probe samples the teacher through them)."""
+
+    base: Weights
+
     def prompt_text(self, item: Item) -> str: ...
 
 
