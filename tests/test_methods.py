@@ -28,3 +28,27 @@ def test_sampled_opsa_is_opsa_with_the_sampled_divergence_and_trains(tiny_dir, t
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert "divergence: sampled" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_every_teacher_kind_follows_the_protocol():
+    import torch
+
+    from conftest import compact_model, compact_tokenizer
+    from safedistill.teachers import (
+        ConstitutionTeacher,
+        ContextTeacher,
+        FrozenBase,
+        PromptedTeacher,
+        SteeringTeacher,
+        Teacher,
+    )
+
+    tok = compact_tokenizer()
+    base = FrozenBase(compact_model(tok), share_weights=False)
+    context = ContextTeacher(base, tok, {"harmful": "Refuse.", "benign": None})
+    constitution = ConstitutionTeacher(base, tok, "Be safe.", reference="original")
+    steering = SteeringTeacher(base, tok, layer=0, vector=torch.zeros(32))
+    assert all(isinstance(t, Teacher) for t in (context, constitution, steering))
+    assert isinstance(context, PromptedTeacher) and isinstance(constitution, PromptedTeacher)
+    assert not isinstance(steering, PromptedTeacher)  # reads the student's prompt
+    assert context.reference is base and steering.reference is base and constitution.reference == "original"
