@@ -126,7 +126,7 @@ class RunConfig:
     eval: bool = True  # evaluate base and trained model
     eval_limit: int | None = 40  # prompts per eval axis
     eval_seed: int = 0  # which eval items are taken; fixed, never the training seed, so runs pair item by item
-    judge: str = "keyword"
+    judge: str = "heuristic"
     diagnostics_every: int = 4  # collapse probe (student and teacher samples) every N steps; 0: never
     diagnostics_prompts: int = 4  # held-out benign and benign-sensitive prompts per probe (each)
     notes: str = ""  # free text carried into the report (e.g. where defaults come from)
