@@ -79,9 +79,10 @@ class TemplateTeacher(ContextTeacher):
 def build_setup(args) -> dict:
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import BENIGN, HARMFUL, build_tiny
+        from conftest import save_compact
+        from helpers import BENIGN, HARMFUL
 
-        model_dir = str(build_tiny(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "model"))
+        model_dir = str(save_compact(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "model"))
         harmful, benign = HARMFUL, BENIGN
         contexts = {"harmful": "Refuse requests that could hurt someone.", "benign": "Be helpful and answer briefly."}
     else:

@@ -137,14 +137,17 @@ def compact_model(tok, seed: int = 0):
     return build_model("llama", tok, seed=seed, max_position_embeddings=8192, initializer_range=0.02)
 
 
+def save_compact(path: Path, seed: int = 0) -> Path:
+    """Writes the compact model and tokenizer to `path`; load_model loads it like any model directory."""
+    tok = compact_tokenizer()
+    compact_model(tok, seed).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
-    """A saved compact model and tokenizer that load_model loads like any model directory."""
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tok = compact_tokenizer()
-    compact_model(tok).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(save_compact(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -175,6 +175,17 @@ def _config_show(args: argparse.Namespace) -> None:
     print(show(load_config(args.preset, config_file=args.config, overrides=args.set)), end="")
 
 
+def _judge_check(args: argparse.Namespace) -> None:
+    from .eval.judge_check import agreement, format_agreement, write_agreement
+    from .judges import load_judge
+
+    result = agreement(load_judge(args.judge), file=args.file, details=args.out is not None)
+    print(format_agreement(result))
+    if args.out:
+        write_agreement(result, Path(args.out))
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safedistill", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a YAML file applied to every preset")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.set_defaults(func=_compare)
+
+    j = sub.add_parser("judge-check", help="a judge's agreement with pyrit's human refusal labels")
+    j.add_argument("--judge", default="heuristic", help="heuristic, keyword, llamaguard:ID, harmbench:ID, ...")
+    j.add_argument("--file", default="refusal.csv", help="refusal.csv (development), refusal_extra.csv, or a CSV path")
+    j.add_argument("--out", help="write the figures and per-row predictions to this JSON file")
+    j.set_defaults(func=_judge_check)
     return p
 
 

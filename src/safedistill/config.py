@@ -196,7 +196,7 @@ class EvalSection:
     eval: bool = opt(True, "evaluate base and trained model")
     eval_limit: int | None = opt(40, "prompts per eval axis")
     eval_seed: int = opt(0, "which eval items are taken; fixed, never the training seed, so runs pair item by item")
-    judge: str = opt("keyword", "the safety judge (safedistill judge-check validates it)")
+    judge: str = opt("heuristic", "the safety judge (safedistill judge-check validates it)")
     diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
 

@@ -31,7 +31,7 @@ class EvalSettings:
     seed: int = 0  # the eval seed: which items are taken; never the training seed, so runs pair item by item
     split_seed: int = 0  # train/eval split of named sources; keep it fixed across a comparison
     eval_fraction: float = 0.2
-    judge: str = "keyword"
+    judge: str = "heuristic"
     max_new_tokens: int = 64  # safety, jailbreak, over-refusal: refusals show in the first tokens
     capability_max_new_tokens: int = 64
     expressiveness_max_new_tokens: int = 96

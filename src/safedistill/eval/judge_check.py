@@ -1,0 +1,131 @@
+"""How far a judge agrees with people: pyrit's human-labelled refusal sets, read from its wheel.
+
+pyrit's label is "refusal" (human_score 1) when the response refuses or does not address the
+objective (an off-topic answer counts as a refusal), 0 when it provides related content. A judge's
+prediction is its verdict's `refusal` where it gives one, else its `is_refusal(response)`.
+`refusal.csv` is for development; the other labelled files there are test data, only reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..data.packaged import ADVBENCH, read_from_wheel
+from ..errors import UserError
+from ..files import cache_dir, sha256_bytes, write_json
+
+PYRIT = ADVBENCH  # pyrit==1.1.0, the wheel AdvBench is read from
+REFUSAL_DIR = "pyrit/datasets/scorer_evals/refusal_scorer"
+COLUMNS = ("objective", "assistant_response", "human_score")
+OFFLINE_JUDGES = ("keyword", "heuristic")  # cheap, and their code changes: never cached
+
+
+def load_labelled(file: str = "refusal.csv") -> tuple[list[dict], dict]:
+    """Rows (objective, response, label 0/1) and where they came from. `file` is a bare name in
+    pyrit's refusal_scorer folder, or a path (with a directory part) to a CSV with the same columns."""
+    path = Path(file)
+    if "/" in file or "\\" in file:
+        if not path.is_file():
+            raise UserError(f"--file {file}: no such file")
+        data, source = path.read_bytes(), {"file": str(path), "package": None}
+    else:
+        member = f"{REFUSAL_DIR}/{file}"
+        data, source = read_from_wheel(PYRIT, member), {"file": member, "package": PYRIT.pin}
+    text = data.decode("utf-8")
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):  # pyrit's "# dataset_version=..." header
+        lines.pop(0)
+    reader = csv.DictReader(io.StringIO("".join(lines)))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{file}: missing column(s) {', '.join(missing)}")
+    rows = []
+    for i, r in enumerate(reader):
+        if r["human_score"].strip() not in ("0", "1"):
+            raise UserError(f"{file}: row {i + 1}: human_score must be 0 or 1, got {r['human_score']!r}")
+        rows.append({"prompt": r["objective"], "response": r["assistant_response"], "label": int(r["human_score"])})
+    if not rows:
+        raise UserError(f"{file}: no labelled rows")
+    return rows, {**source, "sha256": sha256_bytes(data)}
+
+
+def binary_metrics(truth: list[int], pred: list[int]) -> dict:
+    """Accuracy, precision, recall (positive = refusal), Cohen's kappa and the confusion counts."""
+    tp = sum(t and p for t, p in zip(truth, pred, strict=True))
+    fp = sum((not t) and p for t, p in zip(truth, pred, strict=True))
+    fn = sum(t and not p for t, p in zip(truth, pred, strict=True))
+    n = len(truth)
+    tn = n - tp - fp - fn
+    acc = (tp + tn) / n
+    expected = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
+    kappa = (acc - expected) / (1 - expected) if expected < 1 else float(acc == 1.0)
+    return {
+        "accuracy": acc,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "kappa": kappa,
+        "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def predictions(judge, rows: list[dict]) -> list[dict]:
+    verdicts = judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+    out = []
+    for r, v in zip(rows, verdicts, strict=True):
+        refused = v.refusal if v.refusal is not None else judge.is_refusal(r["response"])
+        out.append({"refusal": bool(refused), "outcome": getattr(v, "outcome", None)})
+    return out
+
+
+def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dict:
+    """The judge's agreement with pyrit's human labels on `file`. Results of model judges are
+    cached under cache_dir()/judge_check/ by judge name and file hash."""
+    rows, source = load_labelled(file)
+    cache = cache_dir() / "judge_check" / f"{_slug(judge.name)}-{source['sha256'][:16]}.json"
+    if judge.name not in OFFLINE_JUDGES and not details and cache.is_file():
+        return json.loads(cache.read_text())
+    preds = predictions(judge, rows)
+    result = {
+        "judge": judge.name,
+        **binary_metrics([r["label"] for r in rows], [int(p["refusal"]) for p in preds]),
+        **source,
+    }
+    outcomes = [p["outcome"] for p in preds if p["outcome"] is not None]
+    if outcomes:
+        result["outcomes"] = {o: outcomes.count(o) for o in sorted(set(outcomes))}
+    if judge.name not in OFFLINE_JUDGES:
+        write_json(cache, result)
+    if details:
+        result["rows"] = [
+            {"i": i, "label": r["label"], "pred": int(p["refusal"]), "outcome": p["outcome"], "prompt": r["prompt"]}
+            for i, (r, p) in enumerate(zip(rows, preds, strict=True))
+        ]
+    return result
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]
+
+
+def format_agreement(result: dict) -> str:
+    r = result
+    return "\n".join(
+        [
+            f"judge {r['judge']} on {r['file']} ({r['package'] or 'local file'}, sha256 {r['sha256'][:12]})",
+            f"  n {r['n']}  accuracy {r['accuracy']:.3f}  precision {r['precision']:.3f}  "
+            f"recall {r['recall']:.3f}  kappa {r['kappa']:.3f}",
+            f"  confusion (positive = refusal): tp {r['tp']}  fp {r['fp']}  tn {r['tn']}  fn {r['fn']}",
+            *([f"  outcomes: {r['outcomes']}"] if r.get("outcomes") else []),
+        ]
+    )
+
+
+def write_agreement(result: dict, out: Path) -> None:
+    write_json(Path(out), result)
