@@ -25,6 +25,7 @@ from ..data.schema import Demonstration
 from ..engine.rollout import SamplingSettings, generate
 from ..engine.sft import sequence_nll
 from ..errors import UserError
+from ..eval.text import rouge_l_f1
 from ..files import write_json, write_jsonl
 from ..models import chat_text
 from .base import Prepared, Setup
@@ -166,28 +167,6 @@ def refine(model, tok, judge, samples: list[Demonstration], s: RefineSettings, *
 
 
 @torch.no_grad()
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def rouge_l_f1(a: str, b: str) -> float:
-    """ROUGE-L F1 (longest common subsequence) over lowercased word tokens."""
-    x, y = words(a), words(b)
-    if not x or not y:
-        return 0.0
-    prev = [0] * (len(y) + 1)
-    for tx in x:
-        cur = [0]
-        for j, ty in enumerate(y, 1):
-            cur.append(prev[j - 1] + 1 if tx == ty else max(prev[j], cur[j - 1]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(x), lcs / len(y)
-    return 2 * p * r / (p + r)
-
-
 def _per_token(pairs: list[tuple]) -> float | None:
     tokens = sum(n for _, n in pairs)
     return sum(v for v, _ in pairs) / tokens if tokens else None

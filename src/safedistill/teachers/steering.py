@@ -328,6 +328,12 @@ def search_published(
                     "passes_filters": ok,
                 }
             )
+    return rows, pick_published(rows, base, kl_cap=kl_cap, induce_threshold=induce_threshold)
+
+
+def pick_published(rows: list[dict], base: dict, *, kl_cap: float, induce_threshold: float) -> dict:
+    """The survivor with the lowest bypass score; without one, the most refusal-inducing candidate
+    under the KL cap (else the lowest ablation KL), flagged `filters_met: false`."""
     if not rows:
         raise UserError("no steering candidates (check --layers)")
     survivors = [r for r in rows if r["passes_filters"]]
@@ -345,7 +351,7 @@ def search_published(
         "filters_met": bool(survivors),
         **base,
     }
-    return rows, chosen
+    return chosen
 
 
 class SteeringTeacher:
