@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safedistill.distributed import Processes
 from safetensors.torch import load_file
 
 from helpers import run_settings, write_sources
+from safedistill.engine.distributed import Processes
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
