@@ -213,8 +213,9 @@ def test_choices_come_from_the_plug_point_tables():
     "preset, item, field",
     [
         ("opsa", "teacher=none", "teacher"),
-        ("safesteer", "trainer=sft", "targets"),
-        ("sft", "teacher=steering", "targets"),
+        ("safesteer", "trainer=sft", "teacher"),
+        ("sft", "teacher=steering", "teacher"),
+        ("offpolicy-sd", "targets=refined", "targets"),
         ("safesteer", "divergence=mixture", "vocab_mask"),
     ],
 )

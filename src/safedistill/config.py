@@ -445,6 +445,7 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
     """What the plug-point tables rule out, checked before any model is loaded."""
     teacher = table("teacher")[c.teacher]
     serves = [k for k, v in table("teacher").items() if v.scores_rollouts]
+    writers = [k for k, v in table("teacher").items() if v.targets]
     uses_divergence = table("objective")[c.objective].uses_divergence
     subset_ok = [k for k, v in table("divergence").items() if v.vocab_subset]
     return [
@@ -454,9 +455,14 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
             f"cannot score on-policy rollouts (trainer=onpolicy needs one of {', '.join(serves)})",
         ),
         (
-            c.trainer != "sft" or c.targets in teacher.targets,
+            c.trainer != "sft" or bool(teacher.targets),
+            "teacher",
+            f"only scores on-policy rollouts; trainer=sft needs one of {', '.join(writers)}",
+        ),
+        (
+            c.trainer != "sft" or not teacher.targets or c.targets in teacher.targets,
             "targets",
-            f"is not served by teacher={c.teacher} with trainer=sft (it serves: {', '.join(teacher.targets) or 'none'})",
+            f"is not served by teacher={c.teacher} with trainer=sft (it serves: {', '.join(teacher.targets)})",
         ),
         (
             not (c.trainer == "onpolicy" and uses_divergence and table("vocab_mask")[c.vocab_mask].needs_ids)
