@@ -15,7 +15,7 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data.sources import load_prompts
-    from .evaluate import EvalSettings, evaluate
+    from .evaluate import EvalSettings, capability_basket, evaluate, generalization_styles
     from .files import write_json, write_jsonl
     from .judges import load_judge
     from .models import load_model, resolve_device
@@ -25,13 +25,19 @@ def _eval(args: argparse.Namespace) -> None:
     settings = EvalSettings(
         harmful=args.harmful,
         overrefusal=args.overrefusal,
+        generalization=args.generalization,
+        capability=args.capability,
         limit=args.limit,
         seed=args.seed,
         judge=args.judge,
+        batch_size=args.batch_size,
     )
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
-    for source in (args.harmful, args.overrefusal):  # bad data fails before the model is loaded
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    generalization_styles(settings.generalization)  # bad input fails before the model is loaded
+    capability_basket(settings)
+    for source in (args.harmful, args.overrefusal):
         load_prompts(source)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     judge = load_judge(args.judge)
@@ -39,8 +45,9 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out)
     write_jsonl(out / "generations.jsonl", generations)
     write_json(out / "eval.json", results)
-    (out / "report.md").write_text(eval_report(results))
-    print(eval_report(results).split("\n## Data")[0])
+    report = eval_report(results, generations)
+    (out / "report.md").write_text(report)
+    print(report.split("\n## Data")[0])
     print(f"wrote {out}/eval.json, generations.jsonl, report.md")
 
 
@@ -188,8 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="HF id, local directory, or smollm2-135m-instruct")
     e.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
     e.add_argument("--out", required=True, help="directory for eval.json, generations.jsonl, report.md")
-    e.add_argument("--limit", type=int, help="at most N prompts per axis")
-    e.add_argument("--judge", default="keyword", help="keyword, or an HF classifier id/path")
+    e.add_argument("--limit", type=int, help="at most N items per axis and per capability task")
+    e.add_argument("--judge", default="heuristic", help="heuristic, keyword, or a judge model (see judge-check)")
+    e.add_argument(
+        "--capability",
+        default="default",
+        help="capability basket: default, demo, or TASK[:N],... of hellaswag, arc_challenge, piqa, winogrande, "
+        "truthfulqa_mc1, boolq, openbookqa, gsm8k, ifeval, arithmetic (sizes in the README)",
+    )
+    e.add_argument(
+        "--generalization",
+        default="past_tense,hypothetical",
+        help="rephrasings of the harmful prompts, reported beside them ('' for none)",
+    )
     e.add_argument(
         "--eval-seed", "--seed", dest="seed", type=int, default=0, help="which items are taken (fixed across runs)"
     )
@@ -203,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="xstest-safe",
         help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
     )
+    e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     e.set_defaults(func=_eval)
 

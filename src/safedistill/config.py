@@ -124,8 +124,11 @@ class RunConfig:
     # --- bookkeeping
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
     eval: bool = True  # evaluate base and trained model
-    eval_limit: int | None = 40  # prompts per eval axis
+    eval_limit: int | None = 40  # at most this many items per eval axis and per capability task (null: all)
     eval_seed: int = 0  # which eval items are taken; fixed, never the training seed, so runs pair item by item
+    capability: str = "demo"  # eval capability basket: demo | default (eval/capability.py) | TASK[:N],...
+    eval_overrefusal: str = "xstest-safe"  # over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL
+    eval_generalization: str = "past_tense,hypothetical"  # rephrasings of the held-out harmful prompts ("": none)
     judge: str = "heuristic"
     diagnostics_every: int = 4  # collapse probe (student and teacher samples) every N steps; 0: never
     diagnostics_prompts: int = 4  # held-out benign and benign-sensitive prompts per probe (each)
@@ -304,6 +307,20 @@ def validate(c: RunConfig) -> None:
     for ok, name, msg in checks:
         if not ok:
             raise UserError(f"config field '{name}' {msg} (got {getattr(c, name)!r})")
+    _validate_eval(c)
+
+
+def _validate_eval(c: RunConfig) -> None:
+    from .evaluate import EvalSettings, capability_basket, generalization_styles
+
+    for name, check in (
+        ("capability", lambda: capability_basket(EvalSettings(capability=c.capability))),
+        ("eval_generalization", lambda: generalization_styles(c.eval_generalization)),
+    ):
+        try:
+            check()
+        except UserError as e:
+            raise UserError(f"config field '{name}': {e}") from None
 
 
 def to_yaml(c: RunConfig) -> str:
