@@ -60,7 +60,7 @@ _LISTENER_VERBS = {"teach", "educate", "instruct", "show", "tell", "guide", "hel
 _TASK_NOUNS = (
     "plan|plans|strategy|strategies|scheme|schemes|way|ways|method|methods|guide|tutorial|tutorials|"
     "instructions|instruction|steps|tips|advice|suggestions|recipe|manual|procedure|process|"
-    "technique|techniques|tactic|tactics|ideas|guidance|walkthrough|explanation|options"
+    "technique|techniques|tactic|tactics|ideas|guidance|walkthrough|explanation|options|how-to article|how-to guide"
 )
 _PLURALS = {"people", "children", "men", "women", "criteria", "data", "media"}
 _FRAMING = _wordset(
