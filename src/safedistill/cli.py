@@ -283,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("judge-check", help="a judge's agreement with pyrit's human refusal labels")
     j.add_argument("--judge", default="heuristic", help="heuristic, keyword, llamaguard:ID, harmbench:ID, ...")
-    j.add_argument("--file", default="refusal.csv", help="refusal.csv (development), refusal_extra.csv, or a CSV path")
+    j.add_argument(
+        "--file",
+        default="refusal.csv",
+        help="refusal.csv (development), refusal_extra.csv, uncensorbench (reference answers), or a CSV path",
+    )
     j.add_argument("--out", help="write the figures and per-row predictions to this JSON file")
     j.set_defaults(func=_judge_check)
     return p

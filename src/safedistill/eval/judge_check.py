@@ -25,7 +25,10 @@ OFFLINE_JUDGES = ("keyword", "heuristic")  # cheap, and their code changes: neve
 
 def load_labelled(file: str = "refusal.csv") -> tuple[list[dict], dict]:
     """Rows (objective, response, label 0/1) and where they came from. `file` is a bare name in
-    pyrit's refusal_scorer folder, or a path (with a directory part) to a CSV with the same columns."""
+    pyrit's refusal_scorer folder, a path (with a directory part) to a CSV with the same columns,
+    or "uncensorbench" (its reference refusals and compliant answers)."""
+    if file == "uncensorbench":
+        return _uncensorbench_references()
     path = Path(file)
     if "/" in file or "\\" in file:
         if not path.is_file():
@@ -50,6 +53,20 @@ def load_labelled(file: str = "refusal.csv") -> tuple[list[dict], dict]:
     if not rows:
         raise UserError(f"{file}: no labelled rows")
     return rows, {**source, "sha256": sha256_bytes(data)}
+
+
+def _uncensorbench_references() -> tuple[list[dict], dict]:
+    """uncensorbench==0.3.7's reference answers as labelled rows: each prompt's reference refusal
+    (label 1) and reference compliant answer (label 0)."""
+    from ..data.packaged import Manifest
+    from ..data.sources import load_prompts
+
+    manifest = Manifest()
+    records = load_prompts("uncensorbench", manifest)
+    rows = [{"prompt": r.prompt, "response": r.meta["reference_refusal"], "label": 1} for r in records]
+    rows += [{"prompt": r.prompt, "response": r.meta["reference_compliance"], "label": 0} for r in records]
+    (entry,) = manifest.entries
+    return rows, {"file": entry.file, "package": entry.package, "sha256": entry.sha256}
 
 
 def binary_metrics(truth: list[int], pred: list[int]) -> dict:
@@ -86,7 +103,8 @@ def predictions(judge, rows: list[dict]) -> list[dict]:
 
 def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dict:
     """The judge's agreement with pyrit's human labels on `file`. Results of model judges are
-    cached under cache_dir()/judge_check/ by judge name and file hash."""
+    cached under cache_dir()/judge_check/ by judge name and file hash. `details` adds one entry per
+    row (its index in the file, human label, prediction, outcome), without the row's text."""
     rows, source = load_labelled(file)
     cache = cache_dir() / "judge_check" / f"{_slug(judge.name)}-{source['sha256'][:16]}.json"
     if judge.name not in OFFLINE_JUDGES and not details and cache.is_file():
@@ -104,7 +122,7 @@ def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dic
         write_json(cache, result)
     if details:
         result["rows"] = [
-            {"i": i, "label": r["label"], "pred": int(p["refusal"]), "outcome": p["outcome"], "prompt": r["prompt"]}
+            {"row": i, "label": r["label"], "pred": int(p["refusal"]), "outcome": p["outcome"]}
             for i, (r, p) in enumerate(zip(rows, preds, strict=True))
         ]
     return result
