@@ -97,7 +97,7 @@ def predictions(judge, rows: list[dict]) -> list[dict]:
     out = []
     for r, v in zip(rows, verdicts, strict=True):
         refused = v.refusal if v.refusal is not None else judge.is_refusal(r["response"])
-        out.append({"refusal": bool(refused), "outcome": getattr(v, "outcome", None)})
+        out.append({"refusal": bool(refused), "outcome": getattr(v, "outcome", None), "own": v.refusal is not None})
     return out
 
 
@@ -115,6 +115,12 @@ def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dic
         **binary_metrics([r["label"] for r in rows], [int(p["refusal"]) for p in preds]),
         **source,
     }
+    own = sum(p["own"] for p in preds)
+    # A judge of harm (Llama Guard, HarmBench) gives no refusal: its is_refusal (the heuristic,
+    # without the prompt) stands in, and the figures are that fallback's.
+    result["refusal_from"] = (
+        "verdict" if own == len(preds) else f"is_refusal on {len(preds) - own} of {len(preds)} rows"
+    )
     outcomes = [p["outcome"] for p in preds if p["outcome"] is not None]
     if outcomes:
         result["outcomes"] = {o: outcomes.count(o) for o in sorted(set(outcomes))}
@@ -141,6 +147,7 @@ def format_agreement(result: dict) -> str:
             f"recall {r['recall']:.3f}  kappa {r['kappa']:.3f}",
             f"  confusion (positive = refusal): tp {r['tp']}  fp {r['fp']}  tn {r['tn']}  fn {r['fn']}",
             *([f"  outcomes: {r['outcomes']}"] if r.get("outcomes") else []),
+            *([f"  refusal taken from: {r['refusal_from']}"] if r.get("refusal_from", "verdict") != "verdict" else []),
         ]
     )
 
