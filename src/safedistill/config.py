@@ -101,6 +101,7 @@ class RunConfig:
     ref_kl_coef: float = 0.005  # clipped_reward: weight of KL(student || frozen base) on sampled tokens
     mask_threshold: float = 0.1  # threshold: positions whose reverse KL(student || teacher) exceeds this
     vocab_mask: str = "none"  # none | safety_tokens: sum the reverse/forward KL over S only, not renormalised
+    # (with divergence: sampled, the sampled-token reverse KL only where the sampled token is in S)
 
     # --- optimisation
     lora: bool = True  # LoRA on CPU; the papers train all parameters
@@ -283,9 +284,9 @@ def validate(c: RunConfig) -> None:
         (c.cross_sft_batch_size >= 1, "cross_sft_batch_size", "must be at least 1"),
         (c.cross_sft_samples >= 1, "cross_sft_samples", "must be at least 1"),
         (
-            c.vocab_mask == "none" or c.divergence in {"reverse_kl", "forward_kl"},
+            c.vocab_mask == "none" or c.divergence in {"reverse_kl", "forward_kl", "sampled"},
             "vocab_mask",
-            "safety_tokens needs divergence reverse_kl or forward_kl",
+            "safety_tokens needs divergence reverse_kl, forward_kl or sampled",
         ),
         (c.safety_tokens_k >= 1, "safety_tokens_k", "must be at least 1"),
         (_number_list(c.steer_layers, int), "steer_layers", "must be auto or comma-separated layer indices"),

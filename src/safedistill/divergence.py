@@ -177,8 +177,11 @@ def per_token_divergence(
                   exp(log p_S(y_t) - old_logprobs), capped at ratio_clip if given.
     top_k: teacher's top-k entries plus one tail bucket per distribution (not for "sampled").
     vocab_ids: reverse_kl: sum over v in vocab_ids of p_S(v)(log p_S(v) - log p_T(v)) with
-      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0);
-      forward_kl: the same with student and teacher swapped (SafeSteer's ablation).
+      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0); its
+      minimum in each p_S(v) is at p_T(v)/e. forward_kl: the same with student and teacher swapped
+      (SafeSteer's ablation). sampled: the surrogate only at positions whose sampled token is in
+      vocab_ids (0 elsewhere); its expected gradient is that of sum_{v in S} p_S(v)(log p_S(v) -
+      log p_T(v)) - p_S(v), which settles at p_S(v) = p_T(v).
     """
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCES}")
@@ -193,8 +196,8 @@ def per_token_divergence(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if vocab_ids is not None and kind not in ("reverse_kl", "forward_kl"):
-        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl' or 'forward_kl', not {kind!r}")
+    if vocab_ids is not None and kind not in ("reverse_kl", "forward_kl", "sampled"):
+        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl', 'forward_kl' or 'sampled', not {kind!r}")
     if vocab_ids is not None and top_k is not None:
         raise ValueError("vocab_ids and top_k cannot be combined")
     if kind != "sampled" and (old_logprobs is not None or ratio_clip is not None):
@@ -202,6 +205,14 @@ def per_token_divergence(
     bt = student_logits.shape[:2]
     if kind == "reverse_kl" and vocab_ids is None and (top_k is None or top_k >= student_logits.shape[-1]):
         return full_reverse_kl(student_logits, teacher_logits)
+
+    if vocab_ids is not None:
+        if vocab_ids.dim() != 1 or vocab_ids.dtype != torch.long:
+            raise ValueError("vocab_ids must be a 1-D LongTensor of token ids")
+        V = student_logits.shape[-1]
+        if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
+            raise ValueError(f"vocab_ids must lie in [0, {V})")
+        vocab_ids = vocab_ids.to(student_logits.device)
 
     ls = F.log_softmax(student_logits.float(), dim=-1)
     lt = F.log_softmax(teacher_logits.detach().float(), dim=-1)
@@ -219,15 +230,11 @@ def per_token_divergence(
             if ratio_clip is not None:
                 ratio = ratio.clamp(max=ratio_clip)
             reward = reward * ratio
+        if vocab_ids is not None:
+            reward = reward * torch.isin(tokens.to(ls.device), vocab_ids)
         return reward * logp_s
 
     if vocab_ids is not None:
-        if vocab_ids.dim() != 1 or vocab_ids.dtype != torch.long:
-            raise ValueError("vocab_ids must be a 1-D LongTensor of token ids")
-        V = ls.shape[-1]
-        if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
-            raise ValueError(f"vocab_ids must lie in [0, {V})")
-        vocab_ids = vocab_ids.to(ls.device)
         ls_v, lt_v = ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids)
         return _kl(ls_v, lt_v) if kind == "reverse_kl" else _kl(lt_v, ls_v)
 
