@@ -330,7 +330,7 @@ def _wh_question(words: list[str], past: bool) -> str | None:
             past_form, hypo_form = _AUX[lw]
             if tail and tail[0].lower() in _PERSONS:
                 tail = ["people" if past else "someone", *_words(_third_person(" ".join(tail[1:])))]
-            elif lw in {"can", "could", "will", "would", "might", "may"}:
+            elif lw in {"can", "could", "will", "would", "might", "may", "should"}:
                 past_form = "could" if lw in {"can", "could"} else "would"
             return _frame(head, past_form if past else hypo_form, tail, past)
         if lw in _COPULA:
