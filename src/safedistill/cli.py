@@ -123,6 +123,10 @@ def _compare(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
         raise UserError("--seeds needs at least one seed")
+    try:
+        steps = [int(s) for s in args.frontier_steps.split(",") if s.strip()] if args.frontier_steps else []
+    except ValueError:
+        raise UserError(f"--frontier-steps {args.frontier_steps}: expected comma-separated step numbers") from None
     summary = compare(
         args.presets,
         model=args.model,
@@ -130,6 +134,7 @@ def _compare(args: argparse.Namespace) -> None:
         seeds=seeds,
         config_file=args.config,
         overrides=args.set,
+        frontier_steps=steps,
     )
     print(compare_report(summary))
 
@@ -279,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default="0,1,2")
     c.add_argument("--config", help="a YAML file applied to every preset")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument(
+        "--frontier-steps",
+        help="also evaluate each run's checkpoints at these steps (e.g. 8,16; multiples of save_every) "
+        "for the safety-capability frontier",
+    )
     c.set_defaults(func=_compare)
 
     j = sub.add_parser("judge-check", help="a judge's agreement with pyrit's human refusal labels")
