@@ -332,8 +332,14 @@ class ClassifierJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
+            from .models import pretrained_kwargs
+
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(device).eval()
+            self.model = (
+                AutoModelForSequenceClassification.from_pretrained(name_or_path, **pretrained_kwargs(name_or_path))
+                .to(device)
+                .eval()
+            )
         except OSError as e:
             raise UserError(f"judge {name_or_path}: could not load ({str(e).splitlines()[0]})") from None
         labels = {i: str(v) for i, v in self.model.config.id2label.items()}
@@ -386,4 +392,7 @@ def load_judge(spec: str):
         from .eval.guards import load_guard
 
         return load_guard(kind, target)
+    from .models import check_hub_name
+
+    check_hub_name(spec, known=["heuristic", "keyword", *(f"{k}:MODEL" for k in GUARD_KINDS)], what="judge")
     return ClassifierJudge(spec)

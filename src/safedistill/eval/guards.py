@@ -194,8 +194,12 @@ class _Guard:
 
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             try:
+                from ..models import pretrained_kwargs
+
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-                model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(
+                    name_or_path, dtype=dtype, **pretrained_kwargs(name_or_path)
+                )
             except OSError as e:
                 raise UserError(
                     f"judge {self.kind}:{name_or_path}: could not load ({str(e).splitlines()[0]})"
