@@ -124,7 +124,7 @@ def eval_files(run_dir: Path, step: int, cfg: RunConfig) -> tuple[dict | None, l
 def compare(
     presets: list[str],
     *,
-    model: str,
+    model: str | None = None,
     out: Path,
     seeds: list[int],
     config_file: str | None = None,
@@ -137,7 +137,9 @@ def compare(
     # Every preset, override and frontier step is checked before anything trains.
     configs = {
         (preset, seed): load_config(
-            preset, config_file=config_file, overrides=[*overrides, f"model={model}", f"seed={seed}"]
+            preset,
+            config_file=config_file,
+            overrides=[*overrides, *([f"model={model}"] if model is not None else []), f"seed={seed}"],
         )
         for preset in presets
         for seed in seeds
@@ -167,7 +169,7 @@ def compare(
     }
     first = results[(presets[0], seeds[0])]["final"] or {}
     summary = {
-        "model": model,
+        "model": configs[(presets[0], seeds[0])].model,
         "seeds": seeds,
         "presets": presets,
         "judge": first.get("judge"),
