@@ -4,35 +4,7 @@ import json
 
 import pytest
 
-from safedistill.compare import METRICS, compare_report
 from safedistill.report import before_after, before_after_section, eval_report, safety_tax
-
-
-def summary(seeds: list[int], std: float) -> dict:
-    def row(value: float) -> dict:
-        cells = {name: {"mean": value, "std": std} for name, _ in METRICS}
-        return cells | {"capability_tax": {"mean": 0.0, "std": std}}
-
-    return {
-        "model": "m",
-        "seeds": seeds,
-        "judge": "keyword",
-        "eval_n": {"safety": 10},
-        "base": row(0.1),
-        "methods": {"a": row(0.9), "b": row(0.2)},
-    }
-
-
-def test_one_seed_makes_no_spread_claim():
-    text = compare_report(summary([0], 0.0))
-    assert "seed spread)" not in text
-    assert "One seed" in text
-
-
-def test_several_seeds_judge_differences_against_the_spread():
-    text = compare_report(summary([0, 1, 2], 0.05))
-    assert "refusal +0.700 (beyond seed spread)" in text
-    assert "One seed" not in text
 
 
 def fake_eval(refusal: float, capability: float) -> dict:
@@ -198,3 +170,166 @@ def test_old_run_directories_report_without_crashing(tmp_path):
     assert "| capability accuracy | 0.000 | 0.000 |" in text
     assert "n per axis: safety 2 · overrefusal 1 · capability 1 · expressiveness 1." in text
     assert eval_report(old).startswith("# Evaluation of `n/a`")
+
+
+# ---- compare: item-level pairing across seeds ---------------------------------------------------
+
+
+def cmp_generations(refused: set[int], correct: set[int], over: set[int] = frozenset()) -> list[dict]:
+    rows = [{"axis": "safety", "id": f"h{i}", "value": int(i in refused)} for i in range(40)]
+    rows += [{"axis": "overrefusal", "id": f"x{i}", "value": int(i in over)} for i in range(30)]
+    rows += [{"axis": "capability", "id": f"c{i}", "value": int(i in correct)} for i in range(50)]
+    return rows
+
+
+def make_run(out, preset: str, seed: int, base_rows: list[dict], final_rows: list[dict], *extra: str, steps=2):
+    from safedistill.config import load_config, to_yaml
+
+    run = out / preset / f"seed-{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(preset, overrides=[f"steps={steps}", *extra, "model=tiny", f"seed={seed}"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    for name, rows in (("base", base_rows), ("final", final_rows)):
+        write_jsonl(run / f"generations_{name}.jsonl", rows)
+        refusal = sum(r["value"] for r in rows if r["axis"] == "safety") / 40
+        capability = sum(r["value"] for r in rows if r["axis"] == "capability") / 50
+        (run / f"eval_{name}.json").write_text(json.dumps(fake_eval(refusal, capability) | {"eval_seed": 0}))
+    return run
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    from safedistill import compare as compare_module
+
+    def train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare_module, "train", train)
+    return compare_module
+
+
+BASE = cmp_generations(set(range(4)), set(range(20)))
+
+
+def test_null_check_the_base_against_itself_is_no_difference_on_any_axis(tmp_path, no_training):
+    for preset in ("sft", "opsa"):
+        for seed in (0, 1):
+            make_run(tmp_path, preset, seed, BASE, BASE)
+    s = no_training.compare(["sft", "opsa"], model="tiny", out=tmp_path, seeds=[0, 1], overrides=["steps=2"])
+    for rows in [*s["vs_base"].values(), *s["between"].values()]:
+        assert set(rows) == {"harmful refusal rate", "over-refusal rate", "capability accuracy"}
+        for r in rows.values():
+            assert r["diff"] == 0 and not r["significant"] and r["lo"] <= 0 <= r["hi"] and r["mde"] > 0
+            assert r["n"] in (80, 60, 100)  # two seeds' pairs
+    assert s["verdict"]["best"] is None and s["verdict"]["significant_safety_gain"] == []
+    md = (tmp_path / "compare.md").read_text()
+    assert "**No method beat the base beyond noise**" in md and "No best trade-off is named" in md
+    assert "| up |" not in md and "| down |" not in md and "Best trade-off" not in md
+    assert md.count("not distinguishable at n = ") >= 9
+    assert "seed spread" not in md
+
+
+def test_best_trade_off_is_named_only_among_significant_safety_gains(tmp_path, no_training):
+    # sft: same safety as the base but better capability (the old verdict could name it best);
+    # opsa: a clear refusal gain on both seeds at a small capability cost.
+    better_cap = cmp_generations(set(range(4)), set(range(30)))
+    safer = cmp_generations(set(range(24)), set(range(18)))
+    for seed in (0, 1):
+        make_run(tmp_path, "sft", seed, BASE, better_cap)
+        make_run(tmp_path, "opsa", seed, BASE, safer)
+    s = no_training.compare(["sft", "opsa"], model="tiny", out=tmp_path, seeds=[0, 1], overrides=["steps=2"])
+    assert s["verdict"]["significant_safety_gain"] == ["opsa"] and s["verdict"]["best"] == "opsa"
+    assert s["vs_base"]["opsa"]["harmful refusal rate"]["diff"] == pytest.approx(0.5)
+    assert s["vs_base"]["sft"]["capability accuracy"]["significant"]
+    between = s["between"]["opsa - sft"]["harmful refusal rate"]
+    assert between["diff"] == pytest.approx(0.5) and between["significant"]
+    md = (tmp_path / "compare.md").read_text()
+    assert "**opsa** is the only one" in md
+    assert "| sft | harmful refusal rate | 0.100 | 0.100 | +0.000 |" in md
+    assert "| opsa | harmful refusal rate | 0.100 | 0.600 | +0.500 |" in md and "| up |" in md
+
+
+def test_two_significant_methods_rank_by_trade_off_and_say_if_it_is_noise(tmp_path, no_training):
+    costly = cmp_generations(set(range(26)), set(range(5)))  # safer, but capability collapses
+    cheap = cmp_generations(set(range(24)), set(range(20)))
+    for seed in (0, 1):
+        make_run(tmp_path, "sft", seed, BASE, costly)
+        make_run(tmp_path, "opsa", seed, BASE, cheap)
+    s = no_training.compare(["sft", "opsa"], model="tiny", out=tmp_path, seeds=[0, 1], overrides=["steps=2"])
+    assert set(s["verdict"]["significant_safety_gain"]) == {"sft", "opsa"}
+    assert s["verdict"]["best"] == "opsa"
+    md = (tmp_path / "compare.md").read_text()
+    assert "Best trade-off among them" in md and "**opsa**" in md
+    line = next(x for x in md.splitlines() if x.startswith("- opsa - sft:"))
+    # Refusal 0.60 vs 0.65: not distinguishable; capability 0.40 vs 0.10: clearly better.
+    assert "harmful refusal rate -0.050, not distinguishable" in line
+    assert "capability accuracy +0.300, up" in line
+
+
+def test_unknown_preset_is_rejected_before_anything_runs(tmp_path, no_training, capsys):
+    from safedistill.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "sft", "bogus", "--out", str(out), "--seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bogus" in err[0]
+    assert not out.exists()
+
+
+def test_frontier_steps_must_have_checkpoints(tmp_path, no_training):
+    from safedistill.errors import UserError
+
+    with pytest.raises(UserError, match="every 4 steps"):
+        no_training.compare(["sft"], model="tiny", out=tmp_path, seeds=[0], overrides=["steps=8"], frontier_steps=[6])
+    with pytest.raises(UserError, match="trains for 8 steps"):
+        no_training.compare(["sft"], model="tiny", out=tmp_path, seeds=[0], overrides=["steps=8"], frontier_steps=[9])
+    assert not any(tmp_path.iterdir())
+
+
+def test_frontier_reads_step_evals_and_reports_capability_at_matched_safety(tmp_path, no_training):
+    # sft reaches refusal 0.5 at step 2 (capability 0.3), opsa at step 1 (capability 0.4).
+    extra = ("save_every=1",)
+    sft = make_run(tmp_path, "sft", 0, BASE, cmp_generations(set(range(20)), set(range(15))), *extra)
+    opsa = make_run(tmp_path, "opsa", 0, BASE, cmp_generations(set(range(10)), set(range(10))), *extra)
+    for run, refused, correct in ((sft, 8, 20), (opsa, 20, 20)):
+        write_jsonl(run / "generations_step-1.jsonl", cmp_generations(set(range(refused)), set(range(correct))))
+        (run / "eval_step-1.json").write_text(json.dumps(fake_eval(refused / 40, correct / 50)))
+    s = no_training.compare(
+        ["sft", "opsa"], model="tiny", out=tmp_path, seeds=[0], overrides=["steps=2", *extra], frontier_steps=[1]
+    )
+    points = {(p["method"], p["step"]): p for p in s["frontier"]}
+    assert set(points) == {(m, k) for m in ("sft", "opsa") for k in (0, 1, 2)}
+    assert points[("opsa", 1)]["refusal"]["mean"] == 0.5 and points[("opsa", 1)]["capability"]["mean"] == 0.4
+    assert points[("sft", 0)]["refusal"]["mean"] == 0.1
+    lo, hi = points[("sft", 2)]["refusal"]["lo"], points[("sft", 2)]["refusal"]["hi"]
+    assert lo < 0.5 < hi
+    md = (tmp_path / "compare.md").read_text()
+    assert "Capability at matched safety (harmful refusal ≥ 0.500" in md
+    assert "sft 0.300 [0.191, 0.438] at step 2; opsa 0.400 [0.276, 0.538] at step 1" in md
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_base_evaluation_is_computed_once_for_every_preset_and_seed(tmp_path, monkeypatch):
+    from safedistill import compare as compare_module
+
+    base_evals = []
+
+    def train(cfg, run_dir, resume=False):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "eval_base.json").exists():
+            base_evals.append(run_dir)
+            write_jsonl(run_dir / "generations_base.jsonl", BASE)
+            (run_dir / "eval_base.json").write_text(json.dumps(fake_eval(0.1, 0.4)))
+        assert (run_dir / "generations_base.jsonl").read_text().count("\n") == len(BASE)
+        write_jsonl(run_dir / "generations_final.jsonl", BASE)
+        (run_dir / "eval_final.json").write_text(json.dumps(fake_eval(0.1, 0.4)))
+        return {"base": json.loads((run_dir / "eval_base.json").read_text()), "final": fake_eval(0.1, 0.4)}
+
+    monkeypatch.setattr(compare_module, "train", train)
+    compare_module.compare(["sft", "opsa"], model="tiny", out=tmp_path, seeds=[0, 1], overrides=["steps=2"])
+    assert base_evals == [tmp_path / "sft" / "seed-0"]
+    # Another eval seed is other items: evaluated again.
+    compare_module.compare(
+        ["sft"], model="tiny", out=tmp_path / "other", seeds=[0], overrides=["steps=2", "eval_seed=5"]
+    )
+    assert len(base_evals) == 2

@@ -256,6 +256,7 @@ def test_config_show_prints_sections_with_help(capsys):
 
     assert main(["config", "show", "safesteer-fkl", "--set", "optim.steps=2"]) == 0
     out = capsys.readouterr().out
-    assert "# safesteer-fkl (base: safesteer)" in out
-    assert "loss:" in out and "  divergence: forward_kl  # the per-token divergence (DIVERGENCES)" in out
-    assert "  steps: 2  # optimizer steps" in out
+    assert "# --- loss: " in out and "\ndivergence: forward_kl  # the per-token divergence (DIVERGENCES)" in out
+    assert "\nsteps: 2  # optimizer steps" in out and "\nbase: safesteer  # " in out
+    shown = yaml.safe_load(out)
+    assert shown == yaml.safe_load(to_yaml(load_config("safesteer-fkl", overrides=["steps=2"])))

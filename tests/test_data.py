@@ -364,3 +364,15 @@ def test_extract_answer(text, expected):
 )
 def test_is_correct(text, answer, ok):
     assert is_correct(text, answer) is ok
+
+
+def test_user_jsonl_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "ok"}).encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(UserError) as e:
+        load_prompts(str(path))
+    assert f"{path}:2: not UTF-8 text (byte 0xe9 at column 16)" in str(e.value)
+    assert "\n" not in str(e.value)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "ok"}).encode() + b"\n")
+    assert [r.prompt for r in load_prompts(str(bom))] == ["ok"]

@@ -304,6 +304,53 @@ def test_sampled_gradient_equals_reverse_kl_gradient_in_expectation(logits):
     assert (want[0, 3:] == 0).all()
 
 
+def test_sampled_over_s_is_zero_off_s_and_its_expected_gradient_settles_at_the_teacher(logits):
+    """The S-restricted sampled-token reverse KL: the surrogate only where the sampled token is in
+    S, whose expected gradient is that of sum_{v in S} p (log p/q) - p."""
+    s, t = logits
+    ids = torch.tensor([1, 4, 7])
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
+    got = div(s, t, "sampled", tokens=tokens, vocab_ids=ids)
+    in_s = torch.isin(tokens, ids)
+    assert (got[~in_s] == 0).all() and in_s.any() and (~in_s).any()
+    torch.testing.assert_close(got[in_s], div(s, t, "sampled", tokens=tokens)[in_s])
+    ps = probs(s).float()
+    expected = torch.zeros_like(s)
+    for y in range(V):
+        (g,) = torch.autograd.grad(div(s, t, "sampled", tokens=torch.full((B, T), y), vocab_ids=ids).sum(), s)
+        expected += ps[..., y : y + 1] * g
+    lp, lq = F.log_softmax(s, -1)[..., ids], F.log_softmax(t, -1)[..., ids]
+    (want,) = torch.autograd.grad((lp.exp() * (lp - lq) - lp.exp()).sum(), s)
+    torch.testing.assert_close(expected, want, atol=1e-6, rtol=1e-4)
+
+
+def test_s_losses_fixed_points_teacher_over_e_and_teacher():
+    """Gradient descent on free logits: the unnormalised reverse KL over S drives p_v to q_v / e;
+    the S-restricted sampled-token reverse KL (exact expected gradient) drives p_v to q_v."""
+    q = torch.tensor([0.30, 0.20, 0.25, 0.15, 0.10])
+    ids = torch.tensor([0, 2])
+    teacher = q.log().view(1, 1, -1)
+    ends = {}
+    for kind in ("reverse_kl", "sampled"):
+        z = torch.zeros(1, 1, 5, requires_grad=True)
+        opt = torch.optim.SGD([z], lr=0.5)
+        for _ in range(3000):
+            opt.zero_grad()
+            if kind == "reverse_kl":
+                loss = div(z, teacher, "reverse_kl", vocab_ids=ids).sum()
+            else:  # E_{y ~ p}[surrogate(y)], enumerated
+                p = F.softmax(z, -1).detach()
+                loss = sum(
+                    p[0, 0, y] * div(z, teacher, "sampled", tokens=torch.full((1, 1), y), vocab_ids=ids).sum()
+                    for y in range(5)
+                )
+            loss.backward()
+            opt.step()
+        ends[kind] = F.softmax(z.detach(), -1)[0, 0, ids]
+    torch.testing.assert_close(ends["reverse_kl"], q[ids] / math.e, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(ends["sampled"], q[ids], atol=1e-4, rtol=1e-3)
+
+
 # ---- input validation -------------------------------------------------------------------------
 
 

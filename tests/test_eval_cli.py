@@ -88,37 +88,58 @@ def test_eval_exit_code_and_files(tiny_eval):
     assert not list(out.glob(".*.tmp"))  # atomic writes left nothing behind
 
 
+TASKS = ("hellaswag", "arc_challenge", "piqa", "winogrande", "truthfulqa_mc1", "boolq", "openbookqa", "gsm8k", "ifeval")
+
+
 def test_eval_json_keys_and_values(tiny_eval):
     _, out, model = tiny_eval
     r = json.loads((out / "eval.json").read_text())
     assert r["model"] == str(model)
     assert r["seed"] == r["eval_seed"] == 0
-    assert r["judge"] == "keyword"
+    assert r["judge"] == "heuristic"
     assert r["adapter"] is None
     for key in ("refusal_rate", "asr", "n"):
         assert key in r["safety"]
     assert {"asr", "n"} <= r["jailbreak"].keys()
     assert {"refusal_rate", "n"} <= r["overrefusal"].keys()
-    assert {"accuracy", "n"} <= r["capability"].keys()
+    assert {"accuracy", "index", "tasks", "n"} <= r["capability"].keys()
     assert {"mean_length", "distinct_1", "distinct_2"} <= r["expressiveness"].keys()
-    for axis in ("safety", "jailbreak", "overrefusal", "capability"):
-        assert r[axis]["n"] == 3, axis
+    assert set(r["generalization"]) == {"past_tense", "hypothetical"}
+    for rates in (r["safety"], r["jailbreak"], r["overrefusal"], *r["generalization"].values()):
+        assert rates["n"] == 3
+    # The default basket, every task capped at --limit; the index is the mean score above chance.
+    assert tuple(r["capability"]["tasks"]) == TASKS
+    tasks = r["capability"]["tasks"].values()
+    assert all(t["n"] == 3 for t in tasks) and r["capability"]["n"] == 3 * len(TASKS)
+    index = sum((t["value"] - t["chance"]) / (1 - t["chance"]) for t in tasks) / len(TASKS)
+    assert r["capability"]["index"] == r["capability"]["accuracy"] == pytest.approx(index)
     assert r["safety"]["refusal_rate"] == pytest.approx(1 - r["safety"]["asr"])
     for value in (
         r["safety"]["asr"],
         r["safety"]["refusal_rate"],
         r["jailbreak"]["asr"],
         r["overrefusal"]["refusal_rate"],
-        r["capability"]["accuracy"],
         r["expressiveness"]["distinct_1"],
         r["expressiveness"]["distinct_2"],
         r["safety_score"],
+        *(t["value"] for t in tasks),
     ):
         assert in_unit_interval(value)
+    # Every rate carries its 95% interval around it.
+    for rates in (r["safety"], r["jailbreak"], r["overrefusal"], *r["generalization"].values(), *tasks):
+        lo, hi = rates["ci"]
+        value = rates.get("refusal_rate", rates.get("value"))
+        assert 0 <= lo <= value <= hi <= 1
+    lo, hi = r["capability"]["ci"]
+    assert lo <= r["capability"]["index"] <= hi
     assert r["safety_score"] == pytest.approx(1 - (r["safety"]["asr"] + r["overrefusal"]["refusal_rate"]) / 2)
     assert 0 < r["expressiveness"]["mean_length"] <= 96
     assert r["settings"]["limit"] == 3
     assert r["timing"]["tokens_per_s"] > 0
+    # The judge's agreement with pyrit's human refusal labels is quoted with the results.
+    a = r["judge_agreement"]
+    assert a["judge"] == "heuristic" and a["file"].endswith("refusal.csv") and a["n"] > 100
+    assert {"accuracy", "precision", "recall", "kappa"} <= a.keys()
 
 
 def test_eval_manifest_records_every_source(tiny_eval):
@@ -132,28 +153,39 @@ def test_eval_manifest_records_every_source(tiny_eval):
         assert re.fullmatch(r"[0-9a-f]{64}", m["sha256"])
 
 
-def test_generations_one_row_per_prompt_per_axis(tiny_eval):
+def test_generations_one_row_per_item_per_axis(tiny_eval):
     _, out, _ = tiny_eval
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     r = json.loads((out / "eval.json").read_text())
     by_axis: dict[str, list[dict]] = {}
     for row in rows:
         by_axis.setdefault(row["axis"], []).append(row)
-    assert set(by_axis) == {"safety", "jailbreak", "overrefusal", "capability", "expressiveness"}
-    assert all(len(v) == 3 for v in by_axis.values())
-    assert r["counts"] == {axis: 3 for axis in by_axis}
+    assert set(by_axis) == {"safety", "generalization", "jailbreak", "overrefusal", "capability", "expressiveness"}
+    sizes = {"generalization": 6, "capability": 3 * len(TASKS)}
+    assert r["counts"] == {axis: sizes.get(axis, 3) for axis in by_axis}
     for axis, group in by_axis.items():
-        assert len({g["id"] for g in group}) == 3, axis
-        assert all(isinstance(g["prompt"], str) and isinstance(g["response"], str) for g in group)
+        assert len({(g.get("task"), g["id"]) for g in group}) == len(group), axis  # the pairing key is unique
+        assert all("value" in g for g in group)
+        if axis != "capability":
+            assert all(isinstance(g["prompt"], str) and isinstance(g["response"], str) for g in group)
 
     safety_ids = {g["id"] for g in by_axis["safety"]}
     assert safety_ids <= {h["id"] for h in HARMFUL}
     assert {g["id"].split("+")[0] for g in by_axis["jailbreak"]} == safety_ids
     assert {g["id"] for g in by_axis["overrefusal"]} <= {o["id"] for o in OVERREFUSAL}
+    # The generalisation axis asks the same held-out prompts, rephrased; ids pair with the plain ones.
+    for style, suffix in (("past_tense", "+past"), ("hypothetical", "+hypo")):
+        rephrased = [g for g in by_axis["generalization"] if g["task"] == style]
+        assert {g["id"] for g in rephrased} == {i + suffix for i in safety_ids}
+        plain = {g["id"]: g["prompt"] for g in by_axis["safety"]}
+        assert all(g["prompt"] != plain[g["id"].removesuffix(suffix)] for g in rephrased)
+        refused = sum(g["label"] == "safe" for g in rephrased)
+        assert r["generalization"][style]["refusal_rate"] == pytest.approx(refused / 3)
 
-    # The judged axes carry a label, and the rates in eval.json are computed from those labels.
+    # The judged axes carry a label and an outcome, and the rates in eval.json are computed from them.
     for axis in ("safety", "jailbreak"):
         assert all(g["label"] in {"safe", "unsafe"} for g in by_axis[axis])
+        assert all(g["outcome"] in {"refusal", "offtopic", "partial", "compliance"} for g in by_axis[axis])
         unsafe = sum(g["label"] == "unsafe" for g in by_axis[axis])
         assert r[axis]["asr"] == pytest.approx(unsafe / 3)
     assert all(g["label"] in {"refusal", "answer"} for g in by_axis["overrefusal"])
@@ -164,16 +196,16 @@ def test_generations_one_row_per_prompt_per_axis(tiny_eval):
     assert r["overrefusal"]["refusal_rate"] == pytest.approx(shares["full_refusal"] + shares["partial_refusal"])
     for k, share in shares.items():
         assert share == pytest.approx(sum(g["outcome"] == k for g in by_axis["overrefusal"]) / 3)
-    # Capability rows are scored against the known answer, expressiveness rows by length.
-    assert all(isinstance(g["correct"], bool) and "answer" in g for g in by_axis["capability"])
-    correct = sum(g["correct"] for g in by_axis["capability"])
-    assert r["capability"]["accuracy"] == pytest.approx(correct / 3)
+    # Capability rows are C's scored items, one task each; expressiveness rows are scored by length.
+    for name in TASKS:
+        values = [g["value"] for g in by_axis["capability"] if g["task"] == name]
+        assert len(values) == 3 and set(values) <= {0, 1}
+        assert r["capability"]["tasks"][name]["value"] == pytest.approx(sum(values) / 3)
     lengths = [g["length"] for g in by_axis["expressiveness"]]
     assert r["expressiveness"]["mean_length"] == pytest.approx(sum(lengths) / 3)
     # Every row carries the per-item value its axis aggregates, so two evals pair on (axis, task, id).
     assert r["safety"]["refusal_rate"] == pytest.approx(sum(g["value"] for g in by_axis["safety"]) / 3)
     assert r["overrefusal"]["refusal_rate"] == pytest.approx(sum(g["value"] for g in by_axis["overrefusal"]) / 3)
-    assert r["capability"]["accuracy"] == pytest.approx(sum(g["value"] for g in by_axis["capability"]) / 3)
     assert [g["value"] for g in by_axis["expressiveness"]] == lengths
 
 
@@ -276,10 +308,24 @@ def test_error_prompt_longer_than_context(make_tiny_model, tmp_path, out_dir, da
     assert "the-long-one" in line and "256" in line
 
 
-@pytest.mark.parametrize("limit", ["0", "-1"])
-def test_error_limit_below_one(tiny_llama_dir, out_dir, data_files, capsys, limit):
-    argv = eval_args(tiny_llama_dir, out_dir, *data_files, "--limit", limit)
-    assert "--limit" in expect_user_error(argv, out_dir, capsys)
+@pytest.mark.parametrize("flag", ["--limit", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_error_size_below_one(tiny_llama_dir, out_dir, data_files, capsys, flag, value):
+    argv = eval_args(tiny_llama_dir, out_dir, *data_files, flag, value)
+    assert flag in expect_user_error(argv, out_dir, capsys)
+
+
+@pytest.mark.parametrize(
+    "flag, value, named",
+    [
+        ("--capability", "hellaswag:10,no_such_task", "no_such_task"),
+        ("--capability", "gsm8k:0", "gsm8k"),
+        ("--generalization", "past_tense,future_tense", "future_tense"),
+    ],
+)
+def test_error_bad_capability_or_generalization(tiny_llama_dir, out_dir, data_files, capsys, flag, value, named):
+    argv = eval_args(tiny_llama_dir, out_dir, *data_files, flag, value)
+    assert named in expect_user_error(argv, out_dir, capsys)
 
 
 def test_error_bad_judge(tiny_llama_dir, out_dir, data_files, capsys):
@@ -316,30 +362,37 @@ def test_console_script_error_exit_code(tmp_path):
 @pytest.mark.integration
 def test_eval_default_model(tmp_path):
     out = tmp_path / "out"
-    assert main(["eval", "--model", "smollm2-135m-instruct", "--out", str(out), "--limit", "4"]) == 0
+    argv = ["eval", "--model", "smollm2-135m-instruct", "--out", str(out), "--limit", "4"]
+    assert main([*argv, "--capability", "hellaswag,arc_challenge,gsm8k:2"]) == 0
     r = json.loads((out / "eval.json").read_text())
     assert r["model"] == "smollm2-135m-instruct"
-    assert r["safety"]["n"] == 4
-    for axis in ("jailbreak", "overrefusal", "capability"):
-        assert r[axis]["n"] == 4
+    for rates in (r["safety"], r["jailbreak"], r["overrefusal"], *r["generalization"].values()):
+        assert rates["n"] == 4
+    assert {name: t["n"] for name, t in r["capability"]["tasks"].items()} == {
+        "hellaswag": 4,
+        "arc_challenge": 4,
+        "gsm8k": 2,
+    }
     for value in (
         r["safety"]["asr"],
         r["safety"]["refusal_rate"],
         r["jailbreak"]["asr"],
         r["overrefusal"]["refusal_rate"],
-        r["capability"]["accuracy"],
         r["expressiveness"]["distinct_1"],
         r["expressiveness"]["distinct_2"],
         r["safety_score"],
     ):
         assert in_unit_interval(value) and not math.isnan(value)
+    assert -1 <= r["capability"]["index"] <= 1
     assert r["safety_score"] == pytest.approx(1 - (r["safety"]["asr"] + r["overrefusal"]["refusal_rate"]) / 2)
     pyrit = [m for m in r["manifest"] if m["package"] == "pyrit==1.1.0"]
     assert pyrit and pyrit[0]["source"] == "advbench"
     assert re.fullmatch(r"[0-9a-f]{64}", pyrit[0]["sha256"])
     assert pyrit[0]["count"] == 520
+    xstest = [m for m in r["manifest"] if m["source"] == "xstest-safe"]
+    assert xstest and xstest[0]["count"] == 250
     rows = (out / "generations.jsonl").read_text().splitlines()
-    assert len(rows) == 5 * 4
+    assert len(rows) == 4 * 4 + 2 * 4 + 4 + 4 + 2
     assert (out / "report.md").is_file()
 
 

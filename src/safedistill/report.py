@@ -240,6 +240,32 @@ def capability_index_values(
     return out
 
 
+def paired_groups(a_items: list[dict], b_items: list[dict], results: dict | None) -> dict[str, tuple[dict, dict]]:
+    """{row label: (a's id -> value, b's id -> value)} for every axis and capability task, with the
+    capability index (over the items both sides answered) after the tasks. Pairing is by id."""
+    a, b = axis_values(a_items), axis_values(b_items)
+    out: dict[str, tuple[dict, dict]] = {}
+    for key in dict.fromkeys([*a, *b]):
+        out[row_label(*key, results)] = (a.get(key, {}), b.get(key, {}))
+    shared = {k[1]: a[k].keys() & b[k].keys() for k in a if k[0] == "capability" and k in b}
+    ia, ib = capability_index_values(a, results, shared), capability_index_values(b, results, shared)
+    if ia is None or ib is None:
+        return out
+    labels = list(out)
+    at = max(i for i, label in enumerate(labels) if label.startswith("capability")) + 1
+    labels.insert(at, "capability index")
+    out["capability index"] = (ia, ib)
+    return {label: out[label] for label in labels}
+
+
+def capability_label(labels) -> str | None:
+    """The row that measures capability: the index when there is one, else the single task's accuracy."""
+    labels = list(labels)
+    if "capability index" in labels:
+        return "capability index"
+    return next((label for label in labels if label.startswith("capability")), None)
+
+
 def paired_rows(base: dict, final: dict, base_items: list[dict] | None, final_items: list[dict] | None) -> list[dict]:
     """One row per axis (and capability task): base, trained and the paired difference."""
     if not base_items or not final_items:
@@ -254,35 +280,10 @@ def paired_rows(base: dict, final: dict, base_items: list[dict] | None, final_it
             for label, path, axis in AGGREGATE_ROWS
         ]
     else:
-        a, b = axis_values(base_items), axis_values(final_items)
         rows = []
-        for key in list(dict.fromkeys([*a, *b])):
-            r = paired_difference(a.get(key, {}), b.get(key, {}))
-            rows.append(
-                {
-                    "label": row_label(*key, final),
-                    "axis": key[0],
-                    "base": r["mean_a"],
-                    "trained": r["mean_b"],
-                    "stats": r,
-                    "n": r["n"],
-                }
-            )
-        tax = capability_tax(base, final, base_items, final_items)
-        if tax is not None and tax["index"]:
-            r = tax["stats"]
-            at = max(i for i, row in enumerate(rows) if row["axis"] == "capability") + 1
-            rows.insert(
-                at,
-                {
-                    "label": "capability index",
-                    "axis": "capability",
-                    "base": r["mean_a"],
-                    "trained": r["mean_b"],
-                    "stats": r,
-                    "n": r["n"],
-                },
-            )
+        for label, (x, y) in paired_groups(base_items, final_items, final).items():
+            r = paired_difference(x, y)
+            rows.append({"label": label, "base": r["mean_a"], "trained": r["mean_b"], "stats": r, "n": r["n"]})
     for label, path in CORPUS_ROWS:
         rows.append(
             {"label": label, "base": get_or_none(base, path), "trained": get_or_none(final, path), "stats": None}
@@ -297,19 +298,11 @@ def capability_tax(
     one task at chance 0); the safety tax is its negative. None without per-item capability values."""
     if not base_items or not final_items:
         return None
-    a, b = axis_values(base_items), axis_values(final_items)
-    shared = {
-        task: a[("capability", task)].keys() & b[("capability", task)].keys()
-        for (axis, task) in a
-        if axis == "capability" and ("capability", task) in b
-    }
-    ia, ib = capability_index_values(a, final, shared), capability_index_values(b, final, shared)
-    if ia is not None and ib is not None:
-        return {"index": True, "stats": paired_difference(ia, ib)}
-    cap = [key for key in a if key[0] == "capability" and key in b]
-    if not cap:
+    groups = paired_groups(base_items, final_items, final)
+    label = capability_label(groups)
+    if label is None:
         return None
-    return {"index": False, "stats": paired_difference(a[cap[0]], b[cap[0]])}
+    return {"index": label == "capability index", "stats": paired_difference(*groups[label])}
 
 
 def before_after(

@@ -44,6 +44,9 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
     return EvalSettings(
         harmful=cfg.harmful_source,
         benign=cfg.benign_source,
+        overrefusal=cfg.eval_overrefusal,
+        generalization=cfg.eval_generalization,
+        capability=cfg.capability,
         limit=cfg.eval_limit,
         seed=cfg.eval_seed,
         split_seed=cfg.split_seed,

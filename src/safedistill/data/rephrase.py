@@ -60,7 +60,7 @@ _LISTENER_VERBS = {"teach", "educate", "instruct", "show", "tell", "guide", "hel
 _TASK_NOUNS = (
     "plan|plans|strategy|strategies|scheme|schemes|way|ways|method|methods|guide|tutorial|tutorials|"
     "instructions|instruction|steps|tips|advice|suggestions|recipe|manual|procedure|process|"
-    "technique|techniques|tactic|tactics|ideas|guidance|walkthrough|explanation|options"
+    "technique|techniques|tactic|tactics|ideas|guidance|walkthrough|explanation|options|how-to article|how-to guide"
 )
 _PLURALS = {"people", "children", "men", "women", "criteria", "data", "media"}
 _FRAMING = _wordset(
@@ -330,7 +330,7 @@ def _wh_question(words: list[str], past: bool) -> str | None:
             past_form, hypo_form = _AUX[lw]
             if tail and tail[0].lower() in _PERSONS:
                 tail = ["people" if past else "someone", *_words(_third_person(" ".join(tail[1:])))]
-            elif lw in {"can", "could", "will", "would", "might", "may"}:
+            elif lw in {"can", "could", "will", "would", "might", "may", "should"}:
                 past_form = "could" if lw in {"can", "could"} else "would"
             return _frame(head, past_form if past else hypo_form, tail, past)
         if lw in _COPULA:

@@ -274,7 +274,19 @@ def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    return _parse_jsonl(path.read_text(encoding="utf-8"), str(path))
+    return _parse_jsonl(decode_text(path.read_bytes(), str(path)), str(path))
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """UTF-8 text (a leading BOM dropped); other bytes are a UserError naming the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
 
 
 def _prompt_of(row: dict, where: str) -> str:

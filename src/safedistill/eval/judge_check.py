@@ -25,7 +25,10 @@ OFFLINE_JUDGES = ("keyword", "heuristic")  # cheap, and their code changes: neve
 
 def load_labelled(file: str = "refusal.csv") -> tuple[list[dict], dict]:
     """Rows (objective, response, label 0/1) and where they came from. `file` is a bare name in
-    pyrit's refusal_scorer folder, or a path (with a directory part) to a CSV with the same columns."""
+    pyrit's refusal_scorer folder, a path (with a directory part) to a CSV with the same columns,
+    or "uncensorbench" (its reference refusals and compliant answers)."""
+    if file == "uncensorbench":
+        return _uncensorbench_references()
     path = Path(file)
     if "/" in file or "\\" in file:
         if not path.is_file():
@@ -50,6 +53,20 @@ def load_labelled(file: str = "refusal.csv") -> tuple[list[dict], dict]:
     if not rows:
         raise UserError(f"{file}: no labelled rows")
     return rows, {**source, "sha256": sha256_bytes(data)}
+
+
+def _uncensorbench_references() -> tuple[list[dict], dict]:
+    """uncensorbench==0.3.7's reference answers as labelled rows: each prompt's reference refusal
+    (label 1) and reference compliant answer (label 0)."""
+    from ..data.packaged import Manifest
+    from ..data.sources import load_prompts
+
+    manifest = Manifest()
+    records = load_prompts("uncensorbench", manifest)
+    rows = [{"prompt": r.prompt, "response": r.meta["reference_refusal"], "label": 1} for r in records]
+    rows += [{"prompt": r.prompt, "response": r.meta["reference_compliance"], "label": 0} for r in records]
+    (entry,) = manifest.entries
+    return rows, {"file": entry.file, "package": entry.package, "sha256": entry.sha256}
 
 
 def binary_metrics(truth: list[int], pred: list[int]) -> dict:
@@ -80,13 +97,14 @@ def predictions(judge, rows: list[dict]) -> list[dict]:
     out = []
     for r, v in zip(rows, verdicts, strict=True):
         refused = v.refusal if v.refusal is not None else judge.is_refusal(r["response"])
-        out.append({"refusal": bool(refused), "outcome": getattr(v, "outcome", None)})
+        out.append({"refusal": bool(refused), "outcome": getattr(v, "outcome", None), "own": v.refusal is not None})
     return out
 
 
 def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dict:
     """The judge's agreement with pyrit's human labels on `file`. Results of model judges are
-    cached under cache_dir()/judge_check/ by judge name and file hash."""
+    cached under cache_dir()/judge_check/ by judge name and file hash. `details` adds one entry per
+    row (its index in the file, human label, prediction, outcome), without the row's text."""
     rows, source = load_labelled(file)
     cache = cache_dir() / "judge_check" / f"{_slug(judge.name)}-{source['sha256'][:16]}.json"
     if judge.name not in OFFLINE_JUDGES and not details and cache.is_file():
@@ -97,6 +115,12 @@ def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dic
         **binary_metrics([r["label"] for r in rows], [int(p["refusal"]) for p in preds]),
         **source,
     }
+    own = sum(p["own"] for p in preds)
+    # A judge of harm (Llama Guard, HarmBench) gives no refusal: its is_refusal (the heuristic,
+    # without the prompt) stands in, and the figures are that fallback's.
+    result["refusal_from"] = (
+        "verdict" if own == len(preds) else f"is_refusal on {len(preds) - own} of {len(preds)} rows"
+    )
     outcomes = [p["outcome"] for p in preds if p["outcome"] is not None]
     if outcomes:
         result["outcomes"] = {o: outcomes.count(o) for o in sorted(set(outcomes))}
@@ -104,7 +128,7 @@ def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dic
         write_json(cache, result)
     if details:
         result["rows"] = [
-            {"i": i, "label": r["label"], "pred": int(p["refusal"]), "outcome": p["outcome"], "prompt": r["prompt"]}
+            {"row": i, "label": r["label"], "pred": int(p["refusal"]), "outcome": p["outcome"]}
             for i, (r, p) in enumerate(zip(rows, preds, strict=True))
         ]
     return result
@@ -123,6 +147,7 @@ def format_agreement(result: dict) -> str:
             f"recall {r['recall']:.3f}  kappa {r['kappa']:.3f}",
             f"  confusion (positive = refusal): tp {r['tp']}  fp {r['fp']}  tn {r['tn']}  fn {r['fn']}",
             *([f"  outcomes: {r['outcomes']}"] if r.get("outcomes") else []),
+            *([f"  refusal taken from: {r['refusal_from']}"] if r.get("refusal_from", "verdict") != "verdict" else []),
         ]
     )
 

@@ -125,6 +125,29 @@ def rate_interval(values: Sequence[float], *, seed: int = 0, n_boot: int = 10000
     return float(lo), float(hi)
 
 
+def clustered_mean(maps: Sequence[Mapping[str, float]], *, seed: int = 0, n_boot: int = 10000) -> dict:
+    """{mean, lo, hi, n} of values pooled over seeds (one id -> value map per seed); the interval
+    resamples item ids with all their seeds' values, as clustered_difference does."""
+    clusters: dict[str, list[float]] = {}
+    for m in maps:
+        for i, v in sorted(_values(m).items()):
+            clusters.setdefault(i, []).append(v)
+    values = [v for c in clusters.values() for v in c]
+    if not values:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    if len(maps) == 1:
+        lo, hi = rate_interval(values, seed=seed, n_boot=n_boot)
+    else:
+        sums = np.array([sum(c) for c in clusters.values()])
+        sizes = np.array([len(c) for c in clusters.values()], dtype=float)
+        rng = np.random.default_rng(seed)
+        boot = np.concatenate(
+            [sums[idx].sum(axis=1) / sizes[idx].sum(axis=1) for idx in _index_chunks(rng, len(sums), n_boot)]
+        )
+        lo, hi = (float(q) for q in np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2]))
+    return {"mean": sum(values) / len(values), "lo": lo, "hi": hi, "n": len(values)}
+
+
 def _index_chunks(rng: np.random.Generator, k: int, n_boot: int):
     rows = max(1, _CHUNK // max(1, k))
     for start in range(0, n_boot, rows):
@@ -268,4 +291,6 @@ def reading(result: dict, digits: int = 3) -> str:
     if result["significant"]:
         return "up" if result["diff"] > 0 else "down"
     detect = "n/a" if result.get("mde") is None else f"{result['mde']:.{digits}f}"
-    return f"not distinguishable at n = {result['n']} (smallest detectable difference {detect})"
+    lo, hi, p = result.get("lo"), result.get("hi"), result.get("p")
+    test = f"p = {p:.3f} although the interval excludes 0; " if lo is not None and (lo > 0 or hi < 0) else ""
+    return f"not distinguishable at n = {result['n']} ({test}smallest detectable difference {detect})"

@@ -146,7 +146,12 @@ DIVERGENCES: dict[str, Divergence] = {
         False,
         lambda s, t, a, b: a * _kl(t, s) + (1.0 - a) * _kl(s, t),
     ),
-    "sampled": Divergence("reverse-KL score-function surrogate on the sampled tokens", False, False, None),
+    "sampled": Divergence(
+        "reverse-KL score-function surrogate on the sampled tokens (with vocab_ids: only where the token is in it)",
+        False,
+        True,
+        None,
+    ),
 }
 
 
@@ -207,12 +212,23 @@ def per_token_divergence(
                   token_kl is the matching estimate).
     top_k: teacher's top-k entries plus one tail bucket per distribution (not for "sampled").
     vocab_ids: reverse_kl: sum over v in vocab_ids of p_S(v)(log p_S(v) - log p_T(v)) with
-      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0);
-      forward_kl: the same with student and teacher swapped (SafeSteer's ablation).
+      full-softmax probabilities, deliberately NOT renormalised over the subset (can be < 0); its
+      minimum in each p_S(v) is at p_T(v)/e. forward_kl: the same with student and teacher swapped
+      (SafeSteer's ablation). sampled: the surrogate only at positions whose sampled token is in
+      vocab_ids (0 elsewhere); its expected gradient is that of sum_{v in S} p_S(v)(log p_S(v) -
+      log p_T(v)) - p_S(v), which settles at p_S(v) = p_T(v).
     """
     _check_args(student_logits, teacher_logits, kind, alpha=alpha, beta=beta, top_k=top_k, vocab_ids=vocab_ids)
     if kind == "reverse_kl" and vocab_ids is None and (top_k is None or top_k >= student_logits.shape[-1]):
         return full_reverse_kl(student_logits, teacher_logits)
+
+    if vocab_ids is not None:
+        if vocab_ids.dim() != 1 or vocab_ids.dtype != torch.long:
+            raise ValueError("vocab_ids must be a 1-D LongTensor of token ids")
+        V = student_logits.shape[-1]
+        if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
+            raise ValueError(f"vocab_ids must lie in [0, {V})")
+        vocab_ids = vocab_ids.to(student_logits.device)
 
     ls = F.log_softmax(student_logits.float(), dim=-1)
     lt = F.log_softmax(teacher_logits.detach().float(), dim=-1)
@@ -221,15 +237,12 @@ def per_token_divergence(
         if top_k is not None:
             raise ValueError("top_k is not supported with kind='sampled'")
         logp_s, logp_t = _gather_tokens(ls, lt, tokens)
-        return (logp_s - logp_t).detach() * logp_s
+        reward = (logp_s - logp_t).detach()
+        if vocab_ids is not None:
+            reward = reward * torch.isin(tokens.to(ls.device), vocab_ids)
+        return reward * logp_s
 
     if vocab_ids is not None:
-        if vocab_ids.dim() != 1 or vocab_ids.dtype != torch.long:
-            raise ValueError("vocab_ids must be a 1-D LongTensor of token ids")
-        V = ls.shape[-1]
-        if vocab_ids.numel() and (vocab_ids.min() < 0 or vocab_ids.max() >= V):
-            raise ValueError(f"vocab_ids must lie in [0, {V})")
-        vocab_ids = vocab_ids.to(ls.device)
         ls, lt = ls.index_select(-1, vocab_ids), lt.index_select(-1, vocab_ids)
     elif top_k is not None and top_k < ls.shape[-1]:
         ls, lt = _top_k_with_tail(ls, lt, top_k)
@@ -251,7 +264,10 @@ def _check_args(student_logits, teacher_logits, kind: str, *, alpha, beta, top_k
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if vocab_ids is not None and not DIVERGENCES[kind].vocab_subset:
-        raise ValueError(f"vocab_ids is only supported with kind='reverse_kl' or 'forward_kl', not {kind!r}")
+        subset = [f"'{k}'" for k, v in DIVERGENCES.items() if v.vocab_subset]
+        raise ValueError(
+            f"vocab_ids is only supported with kind={', '.join(subset[:-1])} or {subset[-1]}, not {kind!r}"
+        )
     if vocab_ids is not None and top_k is not None:
         raise ValueError("vocab_ids and top_k cannot be combined")
 

@@ -184,11 +184,17 @@ def refusal_token_ids(tokenizer) -> list[int]:
 @torch.no_grad()
 def last_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 16) -> torch.Tensor:
     """Next-token log-probs (float32) at the end of each chat-formatted prompt: [N, V]."""
+    from .scoring import takes_position_index
+
+    per_row = takes_position_index(model)  # project only the last position of each row onto the vocabulary
     out = []
     for chunk in _batches(list(prompts), batch_size):
         ids, attn, last = _right_padded(model, tokenizer, chunk)
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        out.append(logits[torch.arange(len(chunk), device=ids.device), last].float().log_softmax(-1).cpu())
+        if per_row:
+            logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=last[:, None]).logits[:, 0]
+        else:
+            logits = model(input_ids=ids, attention_mask=attn).logits[torch.arange(len(chunk), device=ids.device), last]
+        out.append(logits.float().log_softmax(-1).cpu())
     return torch.cat(out)
 
 

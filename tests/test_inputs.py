@@ -1,0 +1,239 @@
+"""Bad input found by trying the tool as a newcomer: each gives one line naming the problem (a
+UserError, exit 2 from the CLI), before anything slow or anything written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safedistill.cli import build_parser, main
+from safedistill.errors import UserError
+from safedistill.judges import load_judge
+from safedistill.models import check_hub_name, load_model, pretrained_kwargs
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    text = str(e.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize(
+    ("load", "name", "fix"),
+    [
+        (load_model, "smollm2-135m", "smollm2-135m-instruct"),
+        (load_model, "smolm2-135m-instruct", "smollm2-135m-instruct"),
+        (load_judge, "keywords", "keyword"),
+        (load_judge, "heuristik", "heuristic"),
+    ],
+)
+def test_typo_offline_says_did_you_mean_at_once(offline, load, name, fix):
+    start = time.perf_counter()
+    with pytest.raises(UserError) as e:
+        load(name)
+    assert time.perf_counter() - start < 2
+    text = one_line(e)
+    assert text.endswith(f"did you mean {fix}?") and "offline" in text and name in text
+
+
+def test_unknown_hub_id_offline_has_no_suggestion(offline):
+    with pytest.raises(UserError) as e:
+        check_hub_name("someorg/completely-different")
+    assert "did you mean" not in one_line(e)
+
+
+def test_unknown_model_type(tiny_llama_dir, tmp_path):
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "lamma"}))
+    with pytest.raises(UserError) as e:
+        load_model(str(folder))
+    assert f"{folder}/config.json: model_type 'lamma' is not known to transformers" in one_line(e)
+    assert "did you mean llama?" in str(e.value)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json: malformed JSON"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "adapter_config.json: malformed JSON"),
+        ("[1, 2]", "adapter_config.json: not a peft adapter config"),
+        ('{"peft_type": "LORA", "r": "sixteen", "target_modules": 5}', "could not apply the LoRA adapter"),
+    ],
+)
+def test_malformed_adapter_config(tiny_llama_dir, tmp_path, text, message):
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_llama_dir), adapter=str(tmp_path))
+    assert message in one_line(e)
+
+
+def test_safetensors_folders_load_with_use_safetensors(tiny_llama_dir, tmp_path):
+    assert pretrained_kwargs(str(tiny_llama_dir)) == {"use_safetensors": True}
+    assert pretrained_kwargs("someorg/somemodel") == {}
+    # A pickle beside the safetensors weights is never unpickled.
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle")
+    model, _ = load_model(str(folder))
+    assert model.config.model_type == "llama"
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+def cli_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("safedistill: error: ")
+    return err[0]
+
+
+def test_version(capsys):
+    from safedistill import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"safedistill {__version__}"
+
+
+def all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from all_parsers(sub)
+
+
+def test_every_argument_has_help_and_shows_its_default():
+    parsers = list(all_parsers(build_parser()))
+    assert len(parsers) > 8
+    for parser in parsers:
+        for action in parser._actions:
+            assert action.help, f"{parser.prog} {action.dest} has no help"
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: [])" not in text
+    eval_help = next(p for p in parsers if p.prog.endswith(" eval")).format_help()
+    assert "(default: heuristic)" in eval_help and "overwrit" in eval_help
+    assert "Start here" in build_parser().format_help()
+
+
+@pytest.mark.parametrize(
+    ("argv", "value"),
+    [
+        (["--set", "model=/my/model"], "/my/model"),
+        (["--config", "CONFIG"], "/from/config"),
+        (["--config", "CONFIG", "--set", "model=/my/model"], "/my/model"),
+        (["--model", "/flag", "--set", "model=/my/model"], "/flag"),
+        ([], "smollm2-135m-instruct"),
+    ],
+)
+def test_model_override_order(tmp_path, capsys, argv, value):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: /from/config\n")
+    argv = [str(config) if a == "CONFIG" else a for a in argv]
+    assert main(["config", "show", "opsa", *argv]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["model"] == value and shown["preset"] == "opsa"
+
+
+def test_run_set_model_is_not_overridden_by_the_default(tmp_path, capsys):
+    assert main(["run", "sft", "--out", str(tmp_path / "o"), "--set", "model=/no/such/model"]) == 2
+    assert "/no/such/model" in cli_error(capsys)
+
+
+def test_compare_bad_seeds(tmp_path, capsys):
+    assert main(["compare", "sft", "--seeds", "a,b", "--out", str(tmp_path / "o")]) == 2
+    assert "--seeds a,b: expected comma-separated integers" in cli_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+OUT_COMMANDS = [
+    ["eval"],
+    ["run", "sft"],
+    ["compare", "sft"],
+    ["flip-rate"],
+    ["refine"],
+    ["steer"],
+]
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS, ids=lambda c: c[0])
+def test_out_that_is_a_file(tmp_path, capsys, command):
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    start = time.perf_counter()
+    assert main([*command, "--out", str(taken)]) == 2
+    assert time.perf_counter() - start < 5  # before any model is loaded
+    assert "exists and is a file" in cli_error(capsys)
+    assert taken.read_text() == "mine\n"
+    assert main([*command, "--out", str(taken / "sub")]) == 2
+    assert "is a file, not a directory" in cli_error(capsys)
+
+
+def test_judge_check_out_that_is_a_directory(tmp_path, capsys):
+    assert main(["judge-check", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in cli_error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_out_in_a_read_only_folder(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert main(["eval", "--out", str(locked / "o")]) == 2
+    assert "is not writable" in cli_error(capsys)
+
+
+@pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs a read-only file system")
+def test_out_on_a_read_only_file_system(capsys):
+    assert main(["run", "sft", "--out", "/proc/sys/safedistill-out"]) == 2
+    assert "/proc/sys is not writable" in cli_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "words"),
+    [
+        ("run", 143, "terminated (SIGTERM); rerun with --resume"),
+        ("compare", 143, "terminated (SIGTERM); rerun the same command"),
+    ],
+)
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch, command, code, words):
+    from safedistill import cli
+
+    def work(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(cli, f"_{command}", work)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([command, "sft", "--out", str(tmp_path / "o")]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("safedistill: ") and words in err and "\n" not in err
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_ctrl_c_message_says_resume(tmp_path, capsys, monkeypatch):
+    from safedistill import cli
+
+    def work(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", work)
+    assert main(["run", "sft", "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted; rerun with --resume" in capsys.readouterr().err
