@@ -184,7 +184,7 @@ def refusal_token_ids(tokenizer) -> list[int]:
 @torch.no_grad()
 def last_logprobs(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 16) -> torch.Tensor:
     """Next-token log-probs (float32) at the end of each chat-formatted prompt: [N, V]."""
-    from .scoring import takes_position_index
+    from ..engine.scoring import takes_position_index
 
     per_row = takes_position_index(model)  # project only the last position of each row onto the vocabulary
     out = []
