@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from safedistill.report import before_after, before_after_section, eval_report, safety_tax
+from safedistill.report.report import before_after, before_after_section, eval_report, safety_tax
 
 
 def fake_eval(refusal: float, capability: float) -> dict:
@@ -25,8 +25,8 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
 
     import pytest
 
-    from safedistill import compare as compare_module
     from safedistill.config import load_config, to_yaml
+    from safedistill.report import compare as compare_module
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -199,7 +199,7 @@ def make_run(out, preset: str, seed: int, base_rows: list[dict], final_rows: lis
 
 @pytest.fixture
 def no_training(monkeypatch):
-    from safedistill import compare as compare_module
+    from safedistill.report import compare as compare_module
 
     def train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -310,7 +310,7 @@ def test_frontier_reads_step_evals_and_reports_capability_at_matched_safety(tmp_
 
 
 def test_base_evaluation_is_computed_once_for_every_preset_and_seed(tmp_path, monkeypatch):
-    from safedistill import compare as compare_module
+    from safedistill.report import compare as compare_module
 
     base_evals = []
 

@@ -10,12 +10,12 @@ import torch
 
 from helpers import run_settings, write_sources
 from safedistill.config import load_config
-from safedistill.diagnostics import mean_entropy, text_stats
 from safedistill.engine import rollout as trainer_mod
 from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate
 from safedistill.engine.scoring import response_logits
 from safedistill.errors import UserError
-from safedistill.judges import Verdict
+from safedistill.eval.diagnostics import mean_entropy, text_stats
+from safedistill.eval.judges import Verdict
 from safedistill.losses.objectives import (
     clipped_reward,
     clipped_reward_objective,
@@ -322,7 +322,7 @@ def test_benign_ratio_sets_the_benign_count(sources):
 
 def test_eval_response_entropy_is_the_token_weighted_mean(tiny_dir):
     from safedistill.data.schema import PromptRecord
-    from safedistill.evaluate import response_entropy
+    from safedistill.eval.evaluate import response_entropy
 
     model, tok = load_model(tiny_dir)
     records = [PromptRecord(f"p{i}", p) for i, p in enumerate(["Name a cat.", "How do I boil an egg?", "Hi"])]
@@ -379,7 +379,7 @@ def test_probe_samples_the_frozen_teacher_once(tiny_dir, sources, monkeypatch):
     """The teacher never changes and the probe's seed is fixed: its figures are computed once."""
     import contextlib
 
-    from safedistill.diagnostics import CollapseProbe
+    from safedistill.eval.diagnostics import CollapseProbe
 
     model, tok = load_model(tiny_dir)
     probe = CollapseProbe(make_cfg(tiny_dir, sources), tok, judge=None)

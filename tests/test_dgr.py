@@ -18,7 +18,7 @@ from safedistill.data.sources import builtin_bytes, load_demonstrations, load_pr
 from safedistill.data.splits import split_records
 from safedistill.engine.rollout import GenerationStats, Rollout, encode_prompts, stop_token_ids
 from safedistill.errors import UserError
-from safedistill.judges import Verdict
+from safedistill.eval.judges import Verdict
 from safedistill.methods import dgr
 from safedistill.methods.sft import subset
 from safedistill.models import chat_text, load_model

@@ -212,8 +212,8 @@ def test_generations_one_row_per_item_per_axis(tiny_eval):
 def test_xstest_outcomes_from_judge_outcomes():
     """XSTest's three classes: partial = refuses then answers; off-topic does not answer, so it is
     a full refusal; a judge without outcomes falls back on its refusal test."""
-    from safedistill.evaluate import xstest_outcome
-    from safedistill.judges import KeywordJudge, Verdict
+    from safedistill.eval.evaluate import xstest_outcome
+    from safedistill.eval.judges import KeywordJudge, Verdict
 
     judge = KeywordJudge()
 

@@ -9,7 +9,7 @@ from safedistill.config import load_config
 from safedistill.data.schema import PromptRecord
 from safedistill.engine.rollout import GenerationStats, Rollout
 from safedistill.errors import UserError
-from safedistill.judges import Verdict
+from safedistill.eval.judges import Verdict
 from safedistill.teachers import Item
 from safedistill.teachers import context as opsa
 

@@ -24,8 +24,8 @@ from safedistill.eval.guards import (
     strongreject_messages,
     strongreject_templates,
 )
+from safedistill.eval.judges import Verdict, load_judge
 from safedistill.files import sha256_bytes
-from safedistill.judges import Verdict, load_judge
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "single_thread")
 

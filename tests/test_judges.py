@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from safedistill.errors import UserError
-from safedistill.judges import ClassifierJudge, HeuristicJudge, KeywordJudge, Verdict, load_judge
+from safedistill.eval.judges import ClassifierJudge, HeuristicJudge, KeywordJudge, Verdict, load_judge
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "single_thread")
 
@@ -315,7 +315,7 @@ def test_heuristic_topic_overlap_uses_stems_and_skips_request_words():
 
 def test_load_judge_heuristic_is_the_default_spec():
     from safedistill.config import RunConfig
-    from safedistill.evaluate import EvalSettings
+    from safedistill.eval.evaluate import EvalSettings
 
     judge = load_judge("heuristic")
     assert isinstance(judge, HeuristicJudge)

@@ -321,7 +321,7 @@ def test_full_parameter_training_keeps_a_frozen_teacher_copy(
 def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources):  # noqa: F811
     """Base and trained models of every training seed answer the same eval items (issue 12)."""
     from safedistill.data.packaged import Manifest
-    from safedistill.evaluate import held_out
+    from safedistill.eval.evaluate import held_out
 
     def items(**overrides) -> list[str]:
         settings = trainer_mod.eval_settings(make_cfg(tiny_dir, sources, eval_limit=3, **overrides))

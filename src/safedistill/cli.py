@@ -71,11 +71,11 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data.sources import load_prompts
-    from .evaluate import EvalSettings, capability_basket, evaluate, generalization_styles
+    from .eval.evaluate import EvalSettings, capability_basket, evaluate, generalization_styles
+    from .eval.judges import load_judge
     from .files import write_json, write_jsonl
-    from .judges import load_judge
     from .models import load_model, resolve_device
-    from .report import eval_report
+    from .report.report import eval_report
 
     out = check_out(args.out)
     torch.manual_seed(args.seed)
@@ -111,7 +111,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .report import before_after_section
+    from .report.report import before_after_section
     from .train import train
 
     check_out(args.out)
@@ -141,8 +141,8 @@ def _config_show(args: argparse.Namespace) -> None:
 def _flip_rate(args: argparse.Namespace) -> None:
     from .data.sources import load_prompts
     from .data.splits import split_records, take
+    from .eval.judges import load_judge
     from .files import write_json
-    from .judges import load_judge
     from .models import load_model, resolve_device
     from .teachers.context import flip_rates, load_contexts
 
@@ -170,8 +170,8 @@ def _flip_rate(args: argparse.Namespace) -> None:
 def _steer(args: argparse.Namespace) -> None:
     from .config import load_config
     from .data.packaged import Manifest
+    from .eval.judges import load_judge
     from .files import write_json
-    from .judges import load_judge
     from .models import load_model, resolve_device
     from .teachers.steering_search import describe_choice, search_steering
 
@@ -200,7 +200,7 @@ def _steer(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from .compare import compare, compare_report
+    from .report.compare import compare, compare_report
 
     check_out(args.out)
     try:
@@ -233,7 +233,7 @@ def _refine(args: argparse.Namespace) -> None:
     from .config import RunConfig
     from .data.external import EXTERNAL_SETS
     from .data.sources import load_demonstrations
-    from .judges import load_judge
+    from .eval.judges import load_judge
     from .methods.dgr import refine_dataset, settings_from, shift_lines
     from .methods.sft import subset
     from .models import load_model, resolve_device
@@ -270,7 +270,7 @@ def _refine(args: argparse.Namespace) -> None:
 
 def _judge_check(args: argparse.Namespace) -> None:
     from .eval.judge_check import agreement, format_agreement, write_agreement
-    from .judges import load_judge
+    from .eval.judges import load_judge
 
     if args.out:
         check_out(args.out, directory=False)

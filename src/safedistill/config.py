@@ -493,7 +493,7 @@ def validate(c: RunConfig) -> None:
 
 
 def _validate_eval(c: RunConfig) -> None:
-    from .evaluate import EvalSettings, capability_basket, generalization_styles
+    from .eval.evaluate import EvalSettings, capability_basket, generalization_styles
 
     for name, check in (
         ("capability", lambda: capability_basket(EvalSettings(capability=c.capability))),

@@ -20,7 +20,6 @@ import torch
 from . import methods
 from .config import RunConfig, same_settings, settings_differ, to_yaml
 from .data.packaged import Manifest
-from .diagnostics import CollapseProbe, text_stats
 from .engine.backends import rollout_backend
 from .engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine.distributed import Processes
@@ -30,9 +29,10 @@ from .engine.rollout import SamplingSettings, stop_token_ids
 from .engine.scoring import response_logits
 from .engine.sft import SFTStep
 from .errors import UserError
-from .evaluate import EvalSettings, evaluate
+from .eval.diagnostics import CollapseProbe, text_stats
+from .eval.evaluate import EvalSettings, evaluate
+from .eval.judges import load_judge
 from .files import append_jsonl, atomic_write_text, write_json, write_jsonl
-from .judges import load_judge
 from .losses.divergence import masked_mean, token_stats
 from .losses.masks import TOKEN_MASKS
 from .losses.objectives import OBJECTIVES, Scored
@@ -334,7 +334,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
 def finish(cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None, progress: bool) -> dict:
     """The trained model saved, evaluated (LoRA merged: same function, no adapter overhead) and
     reported."""
-    from .report import run_report
+    from .report.report import run_report
 
     if isinstance(step_fn, OnPolicyStep):
         write_json(out / "kl_by_position.json", step_fn.kl_by_position())

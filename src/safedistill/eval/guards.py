@@ -25,7 +25,7 @@ import torch
 
 from ..data.packaged import STRONGREJECT, read_from_wheel
 from ..errors import UserError
-from ..judges import HeuristicJudge, Verdict
+from .judges import HeuristicJudge, Verdict
 
 # ---- Llama Guard ---------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 # JailbreakBench's StringClassifier prefixes (GCG's list minus its noisiest entries).
 JBB_REFUSALS = [
@@ -332,7 +332,7 @@ class ClassifierJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
-            from .models import pretrained_kwargs
+            from ..models import pretrained_kwargs
 
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model = (
@@ -389,10 +389,10 @@ def load_judge(spec: str):
     if sep and kind in GUARD_KINDS:
         if not target:
             raise UserError(f"judge {spec}: give a model id or path after '{kind}:'")
-        from .eval.guards import load_guard
+        from .guards import load_guard
 
         return load_guard(kind, target)
-    from .models import check_hub_name
+    from ..models import check_hub_name
 
     check_hub_name(spec, known=["heuristic", "keyword", *(f"{k}:MODEL" for k in GUARD_KINDS)], what="judge")
     return ClassifierJudge(spec)

@@ -10,18 +10,18 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from .data.packaged import Manifest
-from .data.rephrase import STYLES, rephrase
-from .data.schema import PromptRecord
-from .data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
-from .data.splits import split_records, take
-from .engine.rollout import SamplingSettings, check_fits, encode_prompts, generate
-from .engine.scoring import response_logits
-from .errors import UserError
-from .eval.capability import DEFAULT_BASKET, DEMO_BASKET, load_task_items, parse_basket, run_capability
-from .eval.judge_check import agreement
-from .eval.stats import rate_interval
-from .models import chat_text
+from ..data.packaged import Manifest
+from ..data.rephrase import STYLES, rephrase
+from ..data.schema import PromptRecord
+from ..data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
+from ..data.splits import split_records, take
+from ..engine.rollout import SamplingSettings, check_fits, encode_prompts, generate
+from ..engine.scoring import response_logits
+from ..errors import UserError
+from ..models import chat_text
+from .capability import DEFAULT_BASKET, DEMO_BASKET, load_task_items, parse_basket, run_capability
+from .judge_check import agreement
+from .stats import rate_interval
 
 
 @dataclass
@@ -120,7 +120,7 @@ def response_entropy(model, tokenizer, records, rollouts, batch_size: int) -> fl
     """Mean per-token entropy of the model's next-token distribution along its own answers."""
     import torch
 
-    from .engine.scoring import mean_entropy
+    from ..engine.scoring import mean_entropy
 
     total, count = 0.0, 0
     batch_size = min(batch_size, 8)  # [B, T, V] float32 logits: keep the peak memory small

@@ -16,10 +16,11 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
-from .config import RunConfig, load_config
-from .errors import UserError
-from .eval.stats import clustered_difference, clustered_mean, reading
-from .files import atomic_write_text, write_json
+from ..config import RunConfig, load_config
+from ..errors import UserError
+from ..eval.stats import clustered_difference, clustered_mean, reading
+from ..files import atomic_write_text, write_json
+from ..train import eval_settings, finished_run, run_eval, train
 from .report import (
     axis_values,
     capability_index_values,
@@ -32,7 +33,6 @@ from .report import (
     paired_groups,
     read_items,
 )
-from .train import eval_settings, finished_run, run_eval, train
 
 # Per-seed aggregates from eval.json, kept as a descriptive table (mean and sd over seeds; not a test).
 METRICS = [
@@ -98,7 +98,7 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, step: int) -> None:
         raise UserError(f"{ckpt}: no checkpoint to evaluate (the run saves every {cfg.save_every} steps)")
     from safetensors.torch import load_file
 
-    from .models import LoraSettings, add_lora, load_model, resolve_device
+    from ..models import LoraSettings, add_lora, load_model, resolve_device
 
     model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
     if cfg.lora:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .engine.rollout import SamplingSettings, encode_prompts, generate
-from .engine.scoring import mean_entropy, response_logits
+from ..engine.rollout import SamplingSettings, encode_prompts, generate
+from ..engine.scoring import mean_entropy, response_logits
+from ..models import chat_text
+from ..teachers.base import Item, PromptedTeacher
 from .evaluate import EvalSettings, distinct_n, held_out
-from .models import chat_text
-from .teachers.base import Item, PromptedTeacher
 
 PANELS = [
     ("length", "mean response length (tokens)"),

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from .eval.stats import paired_difference, rate_interval, reading
+from ..eval.stats import paired_difference, rate_interval, reading
 
 # Per-item axes in report order: axis -> what the mean of its per-item "value" is.
 AXIS_LABELS = {
@@ -462,7 +462,7 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
                 f"last loss {last['loss']:.4f}" + (f", mean KL {last['mean_kl']:.4f}" if "mean_kl" in last else ""),
                 "",
             ]
-            from .diagnostics import collapse_section
+            from ..eval.diagnostics import collapse_section
 
             lines += collapse_section(out, rows)
     flip = out / "flip_rates.json"
@@ -480,7 +480,7 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
         ]
         lines.append("")
     if (out / "shift.json").exists():
-        from .methods.dgr import shift_lines
+        from ..methods.dgr import shift_lines
 
         lines += shift_lines(json.loads((out / "shift.json").read_text()))
     lines += steering_section(out)
@@ -492,7 +492,7 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
 
 def steering_section(out) -> list[str]:
     """The chosen steering candidate and the safety token set S, when the run has them."""
-    from .teachers.steering_search import describe_choice
+    from ..teachers.steering_search import describe_choice
 
     lines: list[str] = []
     steering, tokens = Path(out) / "steering.json", Path(out) / "safety_tokens.json"
