@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data.benchmarks import TRUTHFULQA_PRIMER, GenItem, MCItem, load_gsm8k, load_ifeval, load_mc
 from ..data.packaged import Manifest
+from ..data.reasoning import MAX_NEW_TOKENS as ARITHMETIC_MAX_NEW_TOKENS
 from ..data.reasoning import generate_problems, is_correct
 from ..errors import UserError
 from ..models import chat_text, context_window
@@ -65,7 +66,9 @@ TASKS: dict[str, TaskSpec] = {
     "openbookqa": TaskSpec("openbookqa", "mc", "acc_norm", size=500),
     "gsm8k": TaskSpec("gsm8k", "gsm8k", "exact_match", chance=0.0, max_new_tokens=384, size=1319),
     "ifeval": TaskSpec("ifeval", "ifeval", "prompt_strict", chance=0.0, max_new_tokens=512, size=541),
-    "arithmetic": TaskSpec("arithmetic", "arithmetic", "accuracy", chance=0.0, max_new_tokens=256),
+    "arithmetic": TaskSpec(
+        "arithmetic", "arithmetic", "accuracy", chance=0.0, max_new_tokens=ARITHMETIC_MAX_NEW_TOKENS
+    ),
 }
 
 # `safedistill eval`: about 25 minutes for the 135M model on 2 CPU cores (measured in
@@ -271,6 +274,21 @@ def gsm8k_exact_match(prediction: str, reference: str) -> bool:
     return prediction.lower() == reference.lower()
 
 
+def is_looping(text: str, span: int = 200, max_period: int = 100) -> bool:
+    """Whether the text ends in a verbatim repetition: its last `span` characters equal the
+    `span` characters one period earlier, for some period up to `max_period`. A truncated answer
+    that loops would not have ended at any budget."""
+    if len(text) < span + 1:
+        return False
+    tail = text[-span:]
+    return any(text[-span - p : -p] == tail for p in range(1, max_period + 1) if len(text) >= span + p)
+
+
+def _truncation(rollouts) -> dict:
+    cut = [r for r in rollouts if not r.finished]
+    return {"truncated": len(cut), "truncated_looping": sum(is_looping(r.text) for r in cut)}
+
+
 def _generate(model, tokenizer, prompts, names, max_new_tokens, batch_size, seed, desc, progress):
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
     texts = [chat_text(tokenizer, p) for p in prompts]
@@ -346,8 +364,7 @@ def _run_gsm8k(model, tokenizer, items: list[GenItem], batch_size, eval_seed, pr
             )
         )
     n = len(items)
-    truncated = sum(not r.finished for r in rollouts)
-    return {"exact_match": flexible / n, "strict_match": strict / n, "truncated": truncated}, rows
+    return {"exact_match": flexible / n, "strict_match": strict / n, **_truncation(rollouts)}, rows
 
 
 def _run_ifeval(model, tokenizer, items: list[GenItem], batch_size, eval_seed, manifest, progress):
@@ -391,7 +408,7 @@ def _run_ifeval(model, tokenizer, items: list[GenItem], batch_size, eval_seed, m
         "prompt_loose": counts["prompt_loose"] / n,
         "inst_strict": counts["inst_strict"] / counts["inst_n"],
         "inst_loose": counts["inst_loose"] / counts["inst_n"],
-        "truncated": sum(not r.finished for r in rollouts),
+        **_truncation(rollouts),
     }, rows
 
 
@@ -425,7 +442,7 @@ def _run_arithmetic(model, tokenizer, n, batch_size, eval_seed, progress):
                 truncated=not r.finished,
             )
         )
-    return {"accuracy": correct / n, "truncated": sum(not r.finished for r in rollouts)}, rows
+    return {"accuracy": correct / n, **_truncation(rollouts)}, rows
 
 
 ARITHMETIC_DEFAULT_N = 90
