@@ -228,6 +228,7 @@ def test_null_check_the_base_against_itself_is_no_difference_on_any_axis(tmp_pat
     assert "| up |" not in md and "| down |" not in md and "Best trade-off" not in md
     assert md.count("not distinguishable at n = ") >= 9
     assert "seed spread" not in md
+    assert "Eval items per seed: safety 4 · overrefusal 4 · capability 4." in md  # fake_eval's n
 
 
 def test_best_trade_off_is_named_only_among_significant_safety_gains(tmp_path, no_training):
