@@ -330,3 +330,12 @@ def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources
     assert trainer_mod.eval_settings(make_cfg(tiny_dir, sources, seed=1)).seed == 0
     assert items(seed=0) == items(seed=1) == items(seed=7)
     assert items(eval_seed=1) != items(eval_seed=0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("capability", "hellaswag:10,nonsense"), ("capability", "piqa:0"), ("eval_generalization", "future_tense")],
+)
+def test_bad_eval_fields_fail_at_config_time(tiny_dir, sources, field, value):  # noqa: F811
+    with pytest.raises(UserError, match=f"'{field}'"):
+        make_cfg(tiny_dir, sources, **{field: value})
