@@ -125,9 +125,10 @@ class RunConfig:
     # --- bookkeeping
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
     eval: bool = True  # evaluate base and trained model
-    eval_limit: int | None = 40  # at most this many items per eval axis and per capability task (null: all)
+    # Eval sizes fit make demo's 15 minutes on 2 CPU cores (two evals beside training; README "Sizes").
+    eval_limit: int | None = 32  # at most this many items per eval axis and per capability task (null: all)
     eval_seed: int = 0  # which eval items are taken; fixed, never the training seed, so runs pair item by item
-    capability: str = "demo"  # eval capability basket: demo | default (eval/capability.py) | TASK[:N],...
+    capability: str = "winogrande:32"  # eval capability basket: TASK[:N],... | demo | default (eval/capability.py)
     eval_overrefusal: str = "xstest-safe"  # over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL
     eval_generalization: str = "past_tense,hypothetical"  # rephrasings of the held-out harmful prompts ("": none)
     judge: str = "heuristic"
