@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -11,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,7 +339,8 @@ def load_model(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+            with _peft_deprecations():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
         except (TypeError, ValueError, KeyError, RuntimeError, OSError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"{adapter}: could not apply the LoRA adapter to {name} ({first})") from None
@@ -363,6 +366,15 @@ def check_adapter(adapter: str) -> None:
         raise UserError(f"{where}: not a peft adapter config (no peft_type)")
 
 
+@contextlib.contextmanager
+def _peft_deprecations():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (a FutureWarning
+    on every run that is not ours to fix); only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, settings: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -373,7 +385,8 @@ def add_lora(model, settings: LoraSettings):
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    with _peft_deprecations():
+        return get_peft_model(model, cfg)
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
