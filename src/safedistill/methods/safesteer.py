@@ -25,7 +25,15 @@ from ..files import write_json
 from ..models import chat_text
 from ..rollout import SamplingSettings, encode_prompts, generate
 from ..scoring import response_logits
-from ..steering import ablate, mean_difference, post_instruction_length, search_candidates, search_published, steer
+from ..steering import (
+    ablate,
+    mean_difference,
+    post_instruction_length,
+    refusal_filter,
+    search_candidates,
+    search_published,
+    steer,
+)
 from ..teachers import Item
 
 FILES = ("steering.json", "steering_direction.safetensors", "safety_tokens.json")
@@ -124,6 +132,18 @@ def steering_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[st
     return harmful, benign[:cut], benign[cut:]
 
 
+def direction_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[str], list[str]]:
+    """Train prompts for the direction itself, disjoint from steering_prompts' (the published
+    pipeline takes directions from a train split and selects on a validation split): the next
+    steer_prompts of each shuffled train list. Empty when the sources have no more."""
+    harmful_train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
+    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
+    n, skip = cfg.steer_prompts, cfg.steer_prompts + cfg.safety_token_prompts
+    harmful = [r.prompt for r in take(harmful_train, None, seed=cfg.seed)[n : 2 * n]]
+    benign = [r.prompt for r in take(benign_train, None, seed=cfg.seed + 2)[skip : skip + n]]
+    return (harmful, benign) if harmful and benign else ([], [])
+
+
 def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None, out: Path, *, progress=True) -> dict:
     """Direction, candidate search and S, written to `out`; returns what load_steering returns."""
     from .opsa import choose_contexts, context_text, load_contexts
@@ -133,6 +153,7 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
     harmful, harmless, s_prompts = steering_prompts(cfg, manifest)
     n_pos = post_instruction_length(tok, harmful + harmless)
     context = None
+    filters: dict = {}
     if cfg.steer_direction == "context-delta":
         if cfg.context == "auto":
             items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
@@ -140,21 +161,33 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         else:
             context = context_text(cfg.context, load_contexts(cfg.contexts))
         directions = mean_difference(model, tok, harmful, harmful, n_pos, system_a=context)
+    elif cfg.steer_selection == "published":
+        train_h, train_b = direction_prompts(cfg, manifest)
+        split = "disjoint train prompts" if train_h else "the selection prompts (no more train prompts)"
+        train_h, train_b, train_filter = refusal_filter(model, tok, train_h or harmful, train_b or harmless)
+        filters = {"direction_prompts": split, "direction_filter": train_filter}
+        directions = mean_difference(model, tok, train_h, train_b, n_pos)
     else:
         directions = mean_difference(model, tok, harmful, harmless, n_pos)
+    select_h, select_b = harmful, harmless
+    if cfg.steer_selection == "published":
+        select_h, select_b, select_filter = refusal_filter(model, tok, harmful, harmless)
+        filters["selection_filter"] = select_filter
     search = search_published if cfg.steer_selection == "published" else search_candidates
     rows, chosen = search(
         model,
         tok,
         directions,
-        harmful,
-        harmless,
+        select_h,
+        select_b,
         layers=parse_list(cfg.steer_layers, int, "steer_layers"),
         scales=parse_list(cfg.steer_scales, float, "steer_scales") or [1.0],
         kl_cap=cfg.steer_kl_cap,
         progress=progress,
     )
     chosen.setdefault("selection", cfg.steer_selection)
+    if cfg.steer_selection == "published":
+        chosen["prompt_filters"] = filters
     if cfg.steer_selection == "published" and not chosen["filters_met"]:
         print(
             "warning: no steering candidate passed the published filters (ablation KL <= "
