@@ -237,3 +237,29 @@ def test_ctrl_c_message_says_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_run", work)
     assert main(["run", "sft", "--out", str(tmp_path / "o")]) == 130
     assert "interrupted; rerun with --resume" in capsys.readouterr().err
+
+
+def test_diverged_run_exits_3_on_one_line(tmp_path, capsys, monkeypatch):
+    from safedistill import cli
+    from safedistill.errors import RunDiverged
+
+    def work(args):
+        raise RunDiverged(7, "the loss is nan", "kept checkpoints/step-4")
+
+    monkeypatch.setattr(cli, "_run", work)
+    assert main(["run", "sft", "--out", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == "safedistill: training diverged at step 7: the loss is nan; kept checkpoints/step-4"
+
+
+def test_fault_point_kills_at_the_nth_pass():
+    import subprocess
+    import sys
+
+    code = "from safedistill import faults\nfor i in range(3):\n    faults.point('step')\n    print(i, flush=True)\n"
+    env = {**os.environ, "SAFEDISTILL_FAULT": "step:2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL and done.stdout.split() == ["0"]
+    env["SAFEDISTILL_FAULT"] = "other"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["0", "1", "2"]

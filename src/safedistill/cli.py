@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import preset_names
-from .errors import UserError
+from .errors import RunDiverged, UserError
 
 DESCRIPTION = """\
 Make a small language model refuse harmful requests without losing its usefulness, by
@@ -470,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"safedistill: error: {e}", file=sys.stderr)
         return 2
+    except RunDiverged as e:
+        print(f"safedistill: {e}", file=sys.stderr)
+        return 3
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise
