@@ -221,13 +221,20 @@ def suggestion(name: str, known: list[str]) -> str:
 
 def check_hub_name(name: str, *, known: list[str] | None = None, what: str = "model") -> None:
     """A name that is no local directory must be in the HF cache or the hub must be reachable;
-    otherwise fail at once, suggesting the closest of `known` (the bundled aliases by default)."""
+    otherwise fail at once, suggesting the closest of `known` (the bundled aliases by default).
+    A bare name (no ORG/) close to a known one is a typo, online or not."""
     known = known if known is not None else sorted([*BUNDLED, *ASSEMBLED])
     if Path(name).expanduser().exists():
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{what} {name}: could not load (no such directory)")
-    if _in_hub_cache(name) or hub_reachable():
+    if _in_hub_cache(name):
+        return
+    if "/" not in name and suggestion(name, known):
+        raise UserError(
+            f"{what} {name}: unknown (not a local directory; hub ids are ORG/NAME){suggestion(name, known)}"
+        )
+    if hub_reachable():
         return
     raise UserError(
         f"{what} {name}: not a bundled alias ({', '.join(known)}), a local directory or a cached hub model, "
