@@ -237,7 +237,7 @@ def check_hub_name(name: str, *, known: list[str] | None = None, what: str = "mo
     if hub_reachable():
         return
     raise UserError(
-        f"{what} {name}: not a bundled alias ({', '.join(known)}), a local directory or a cached hub model, "
+        f"{what} {name}: not one of {', '.join(known)}, a local directory or a cached hub model, "
         f"and the Hugging Face hub is not reachable (offline){suggestion(name, known)}"
     )
 
