@@ -161,6 +161,12 @@ def test_gsm8k_flexible_extract_and_exact_match():
     assert cap.gsm8k_extract(text) == "16"
 
 
+def test_is_looping_finds_verbatim_repetition_only():
+    assert cap.is_looping("Intro. " + "P.P.S.\n\n" * 60)
+    assert not cap.is_looping("Intro. " + " ".join(f"step {i} adds one." for i in range(60)))
+    assert not cap.is_looping("short")
+
+
 def test_ifeval_strict_and_loose_differ_on_crafted_responses():
     quote = ["startend:quotation"], [{}]
     # A chatty first line breaks strict; loose drops the first line.
@@ -266,6 +272,7 @@ def test_run_capability_end_to_end_on_a_tiny_model(model, tok, monkeypatch):
     index = sum((t["value"] - t["chance"]) / (1 - t["chance"]) for t in tasks.values()) / len(tasks)
     assert results["index"] == pytest.approx(index)
     assert tasks["gsm8k"]["truncated"] == sum(i["truncated"] for i in items if i["task"] == "gsm8k")
+    assert 0 <= tasks["ifeval"]["truncated_looping"] <= tasks["ifeval"]["truncated"]
     assert all(i["axis"] == "capability" and i["id"] for i in items)
     assert {e.source for e in manifest.entries} >= {"capability:piqa", "capability:gsm8k", "capability:ifeval"}
     assert not math.isnan(results["index"])

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from safedistill.report.report import before_after, before_after_section, eval_report, safety_tax
+from helpers import run_settings, write_sources
+from safedistill.report.report import before_after, before_after_section, eval_report, read_items, safety_tax
 
 
 def fake_eval(refusal: float, capability: float) -> dict:
@@ -227,6 +228,7 @@ def test_null_check_the_base_against_itself_is_no_difference_on_any_axis(tmp_pat
     assert "| up |" not in md and "| down |" not in md and "Best trade-off" not in md
     assert md.count("not distinguishable at n = ") >= 9
     assert "seed spread" not in md
+    assert "Eval items per seed: safety 4 · overrefusal 4 · capability 4." in md  # fake_eval's n
 
 
 def test_best_trade_off_is_named_only_among_significant_safety_gains(tmp_path, no_training):
@@ -333,3 +335,24 @@ def test_base_evaluation_is_computed_once_for_every_preset_and_seed(tmp_path, mo
         ["sft"], model="tiny", out=tmp_path / "other", seeds=[0], overrides=["steps=2", "eval_seed=5"]
     )
     assert len(base_evals) == 2
+
+
+def test_frontier_evaluates_a_real_checkpoint_as_the_trained_model(tmp_path, tiny_dir):
+    # The last checkpoint, loaded through the frontier path, answers every eval item exactly as the
+    # trained model did in its final evaluation: the checkpoint is restored, not the base.
+    from safedistill.config import load_config
+    from safedistill.report import compare as compare_module
+
+    sets = run_settings(tiny_dir, write_sources(tmp_path / "data"), steps=2, eval=True, eval_limit=2)
+    sets += ["eval_generalization=", "capability=arithmetic:2", f"eval_overrefusal={tmp_path / 'data/benign.jsonl'}"]
+    sets = [s for s in sets if not s.startswith("model=")]
+    out = tmp_path / "cmp"
+    s = compare_module.compare(["sft"], model=tiny_dir, out=out, seeds=[0], overrides=sets, frontier_steps=[1])
+    run = out / "sft" / "seed-0"
+    assert (run / "eval_step-1.json").is_file() and [p["step"] for p in s["frontier"]] == [0, 1, 2]
+    cfg = load_config("sft", overrides=[*sets, f"model={tiny_dir}", "seed=0"])
+    compare_module.evaluate_checkpoint(cfg, run, 2)
+    final = [(r["axis"], r["id"], r["response"]) for r in read_items(run / "generations_final.jsonl")]
+    again = [(r["axis"], r["id"], r["response"]) for r in read_items(run / "generations_step-2.jsonl")]
+    base = [(r["axis"], r["id"], r["response"]) for r in read_items(run / "generations_base.jsonl")]
+    assert again == final and final != base  # training changed the answers, so this tells the two apart

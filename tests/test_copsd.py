@@ -235,7 +235,7 @@ def test_crossed_rows_keep_judged_safe_harmful_answers_and_own_benign_answers(ti
 @pytest.fixture(scope="module")
 def copsd_run(tiny_dir, sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "copsd"
-    train(make_cfg(tiny_dir, sources), out, progress=False)
+    train(make_cfg(tiny_dir, sources, judge="keyword"), out, progress=False)  # the keyword judge: see below
     return out
 
 

@@ -6,6 +6,8 @@ import json
 import os
 import stat
 
+import pytest
+
 from safedistill.files import append_jsonl, atomic_write_text, write_json, write_jsonl
 
 
@@ -41,3 +43,16 @@ def test_atomic_writes_get_the_same_mode_as_plain_writes(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == dict.fromkeys(["atomic.txt", "w.json", "plain.jsonl", "open.txt"], 0o644)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_read_log_drops_a_torn_last_line_only(tmp_path):
+    from safedistill.errors import UserError
+    from safedistill.files import read_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_log(log) == [{"step": 1}, {"step": 2}]
+    log.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(UserError, match=r"metrics\.jsonl:2: malformed JSON line"):
+        read_log(log)
+    assert read_log(tmp_path / "absent.jsonl") == []

@@ -22,6 +22,7 @@ from safedistill.teachers.steering import (
     mean_difference,
     next_token_kl,
     post_instruction_length,
+    refusal_filter,
     refusal_score,
     refusal_token_ids,
     search_candidates,
@@ -196,6 +197,21 @@ def test_published_search_filters_then_ranks_by_bypass(five_layers):
     assert not chosen["filters_met"] and chosen["ablation_kl"] == min(r["ablation_kl"] for r in rows)
 
 
+def test_refusal_filter_keeps_refused_harmful_and_unrefused_harmless(five_layers):
+    model, tok = five_layers
+    ref = refusal_token_ids(tok)
+    score_h = refusal_score(last_logprobs(model, tok, HARMFUL), ref).tolist()
+    score_b = refusal_score(last_logprobs(model, tok, BENIGN), ref).tolist()
+    h, b, info = refusal_filter(model, tok, HARMFUL, BENIGN, min_kept=1)
+    want_h = [p for p, s in zip(HARMFUL, score_h, strict=True) if s > 0]
+    want_b = [p for p, s in zip(BENIGN, score_b, strict=True) if s < 0]
+    assert info["harmful_refused"] == len(want_h) and info["harmless_not_refused"] == len(want_b)
+    assert h == (want_h or HARMFUL) and b == (want_b or BENIGN)
+    # too few left on a side: that side is kept whole and flagged
+    h, b, info = refusal_filter(model, tok, HARMFUL, BENIGN, min_kept=len(HARMFUL) + len(BENIGN) + 1)
+    assert (h, b) == (HARMFUL, BENIGN) and not info["harmful_filtered"] and not info["harmless_filtered"]
+
+
 def test_search_respects_kl_cap_and_skips_last_fifth_of_layers(five_layers):
     model, tok = five_layers
     n_pos = post_instruction_length(tok, HARMFUL + BENIGN)
@@ -334,6 +350,7 @@ def test_steer_cli_writes_its_files(steered, five_dir, tmp_path, capsys):
     assert 0 <= c["induced_refusals"] <= c["n_harmless_prompts"] == 3
     assert 0 <= c["bypassed"] <= c["harmful_refusals_base"] <= 3
     assert "induced refusals on harmless" in stdout and "ablation KL" in stdout
+    assert set(c["prompt_filters"]) == {"selection_filter"}  # context-delta: only the selection prompts
     loaded = load_steering(out)
     assert loaded["steering"]["vector"].dtype == torch.float64
     S = json.loads((out / "safety_tokens.json").read_text())["tokens"]

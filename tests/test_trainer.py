@@ -268,6 +268,7 @@ def test_offpolicy_sd_writes_its_targets(tiny_dir, sources, tmp_path, keep_only_
         steps=1,
         batch_size=2,
         keep_only_safe=str(keep_only_safe).lower(),
+        judge="keyword",  # the assertion below is about the keyword judge; the default judge calls gibberish off-topic
     )
     out = tmp_path / "offpolicy"
     train(cfg, out, progress=False)
@@ -318,7 +319,7 @@ def test_full_parameter_training_keeps_a_frozen_teacher_copy(
     assert math.isfinite(row["loss"])
 
 
-def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources):  # noqa: F811
+def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources):
     """Base and trained models of every training seed answer the same eval items (issue 12)."""
     from safedistill.data.packaged import Manifest
     from safedistill.eval.evaluate import held_out
@@ -330,3 +331,12 @@ def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources
     assert trainer_mod.eval_settings(make_cfg(tiny_dir, sources, seed=1)).seed == 0
     assert items(seed=0) == items(seed=1) == items(seed=7)
     assert items(eval_seed=1) != items(eval_seed=0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("capability", "hellaswag:10,nonsense"), ("capability", "piqa:0"), ("eval_generalization", "future_tense")],
+)
+def test_bad_eval_fields_fail_at_config_time(tiny_dir, sources, field, value):
+    with pytest.raises(UserError, match=f"'{field}'"):
+        make_cfg(tiny_dir, sources, **{field: value})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import preset_names
-from .errors import UserError
+from .errors import RunDiverged, UserError
 
 DESCRIPTION = """\
 Make a small language model refuse harmful requests without losing its usefulness, by
@@ -300,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         "measure a model's safety and capability side by side",
         "Measure a model's safety (harmful prompts refused, with rephrasings), over-refusal and capability. "
-        "Writes eval.json, generations.jsonl and report.md into --out, overwriting those files if present.",
+        "Answers are greedy: up to 64 new tokens for the safety, jailbreak and over-refusal prompts (refusals "
+        "show early), 96 for the expressiveness prompts; multiple-choice tasks are scored by log-likelihood, "
+        "gsm8k and ifeval generate up to 384 and 512 tokens. Without --limit every held-out item is used and "
+        "the basket's own sizes (default: 3,300 capability items; --limit 40 --capability demo for a quick "
+        "look). Writes eval.json, generations.jsonl and report.md into --out, overwriting those files.",
     )
     e.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
     e.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model (e.g. RUN/final)")
@@ -462,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"safedistill: error: {e}", file=sys.stderr)
         return 2
+    except RunDiverged as e:
+        print(f"safedistill: {e}", file=sys.stderr)
+        return 3
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise

@@ -196,9 +196,13 @@ class EvalSection:
     """The before/after evaluation and the collapse probe."""
 
     eval: bool = opt(True, "evaluate base and trained model")
-    eval_limit: int | None = opt(40, "at most this many items per eval axis and per capability task (null: all)")
+    eval_limit: int | None = opt(
+        32,
+        "at most this many items per eval axis and per capability task (null: all); the eval sizes fit make demo's "
+        "15 minutes on 2 CPU cores (two evals beside training; README 'Sizes')",
+    )
     eval_seed: int = opt(0, "which eval items are taken; fixed, never the training seed, so runs pair item by item")
-    capability: str = opt("demo", "eval capability basket: demo | default (eval/capability.py) | TASK[:N],...")
+    capability: str = opt("winogrande:32", "eval capability basket: TASK[:N],... | demo | default (eval/capability.py)")
     eval_overrefusal: str = opt(
         "xstest-safe", "over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL"
     )

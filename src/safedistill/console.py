@@ -28,7 +28,9 @@ def quiet() -> bool:
 def say(message: str) -> None:
     """One progress line ("evaluating base model", a step line), unless --quiet."""
     if not _quiet:
-        print(message, file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)  # above any progress bar, not through it
 
 
 def warn(message: str) -> None:

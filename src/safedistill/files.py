@@ -63,6 +63,26 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(dumps(row) + "\n")
 
 
+def read_log(path: Path) -> list[dict]:
+    """Rows of an append-only JSONL log (metrics.jsonl). A kill mid-append leaves a torn last
+    line: it is dropped (its step is redone on resume); a bad line before the end is an error."""
+    from .errors import UserError
+
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise UserError(f"{path}:{n}: malformed JSON line in the run log") from None
+    return rows
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -11,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,16 +221,23 @@ def suggestion(name: str, known: list[str]) -> str:
 
 def check_hub_name(name: str, *, known: list[str] | None = None, what: str = "model") -> None:
     """A name that is no local directory must be in the HF cache or the hub must be reachable;
-    otherwise fail at once, suggesting the closest of `known` (the bundled aliases by default)."""
+    otherwise fail at once, suggesting the closest of `known` (the bundled aliases by default).
+    A bare name (no ORG/) close to a known one is a typo, online or not."""
     known = known if known is not None else sorted([*BUNDLED, *ASSEMBLED])
     if Path(name).expanduser().exists():
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{what} {name}: could not load (no such directory)")
-    if _in_hub_cache(name) or hub_reachable():
+    if _in_hub_cache(name):
+        return
+    if "/" not in name and suggestion(name, known):
+        raise UserError(
+            f"{what} {name}: unknown (not a local directory; hub ids are ORG/NAME){suggestion(name, known)}"
+        )
+    if hub_reachable():
         return
     raise UserError(
-        f"{what} {name}: not a bundled alias ({', '.join(known)}), a local directory or a cached hub model, "
+        f"{what} {name}: not one of {', '.join(known)}, a local directory or a cached hub model, "
         f"and the Hugging Face hub is not reachable (offline){suggestion(name, known)}"
     )
 
@@ -337,7 +346,8 @@ def load_model(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+            with _peft_deprecations():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
         except (TypeError, ValueError, KeyError, RuntimeError, OSError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"{adapter}: could not apply the LoRA adapter to {name} ({first})") from None
@@ -363,6 +373,15 @@ def check_adapter(adapter: str) -> None:
         raise UserError(f"{where}: not a peft adapter config (no peft_type)")
 
 
+@contextlib.contextmanager
+def _peft_deprecations():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (a FutureWarning
+    on every run that is not ours to fix); only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, settings: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -373,7 +392,8 @@ def add_lora(model, settings: LoraSettings):
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    with _peft_deprecations():
+        return get_peft_model(model, cfg)
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 INSTRUCTION = "Answer with the final number."
 
+# Generation budget for these problems. The old 64 new tokens cut about 40% of SmolLM2-135M's
+# answers mid-reasoning (a method that shortened answers then gained "accuracy"); at 256 the answers
+# still cut are repetition loops that no budget ends (docs/results/capability-smollm2-135m.md).
+MAX_NEW_TOKENS = 256
+
 
 @dataclass(frozen=True)
 class Problem:

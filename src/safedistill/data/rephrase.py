@@ -485,8 +485,10 @@ def rephrase_with_model(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[PromptRecord]:
-    """Rewrites by `model` (greedy) with the paper's few-shot prompt; an empty output, or one that
-    only repeats the request, falls back to the rule. `meta["rephrased_by"]` says which made each."""
+    """Rewrites by `model` (greedy) with the paper's few-shot prompt. An output that is empty, only
+    repeats the request, or keeps under half of the request's content words (a small model often
+    answers "What's the request?") falls back to the rule. `meta["rephrased_by"]` says which made
+    each."""
     if style not in STYLES:
         raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
     from ..engine.rollout import SamplingSettings, generate
@@ -498,20 +500,35 @@ def rephrase_with_model(
     outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
     result = []
     for r, o in zip(records, outs, strict=True):
-        text, by = clean_model_rewrite(o.text), "model"
-        if not text or _strip_end(text).lower() == _strip_end(r.prompt).lower():
+        text, by = clean_model_rewrite(o.text, r.prompt), "model"
+        if not text:
             text, by = rephrase_text(r.prompt, style), "rule"
         new = _rewritten(r, text, style)
         result.append(dataclasses.replace(new, meta={**new.meta, "rephrased_by": by}))
     return result
 
 
-def clean_model_rewrite(text: str) -> str:
-    """The reformulated request out of a model's answer: its first non-empty line, without a
-    "Reformulated request:" label or quotes (the paper strips quotes too)."""
+def clean_model_rewrite(text: str, request: str) -> str:
+    """The reformulated request out of a model's answer: its first line that keeps at least half of
+    the request's content words and is not the request itself, without a "Reformulated request:"
+    label or quotes (the paper strips quotes too); "" if no line qualifies."""
+    wanted = _content_words(request)
     for line in text.splitlines():
         line = re.sub(r"^\s*(?:\*+)?(?:reformulated request|rewritten request)\s*:\s*(?:\*+)?", "", line, flags=re.I)
         line = line.replace('"', "").strip()
-        if line:
+        if not line or _strip_end(line).lower() == _strip_end(request).lower():
+            continue
+        if len(wanted & _content_words(line)) >= 0.5 * len(wanted):
             return line
     return ""
+
+
+def _content_words(text: str) -> set[str]:
+    """Words of five letters or more, cut to five, so "bombs"/"bomb" and "hacked"/"hacking" meet."""
+    return {w[:5] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 5 and w not in _FRAMING_LONG}
+
+
+_FRAMING_LONG = _wordset(
+    """write create develop provide explain describe generate produce outline design tutorial guide
+    instructions detailed please could would should someone people there their about which"""
+)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data.benchmarks import TRUTHFULQA_PRIMER, GenItem, MCItem, load_gsm8k, load_ifeval, load_mc
 from ..data.packaged import Manifest
+from ..data.reasoning import MAX_NEW_TOKENS as ARITHMETIC_MAX_NEW_TOKENS
 from ..data.reasoning import generate_problems, is_correct
 from ..engine.rollout import SamplingSettings, generate
 from ..engine.scoring import accepts_logits_to_keep, expand_cache
@@ -65,16 +66,20 @@ TASKS: dict[str, TaskSpec] = {
     "openbookqa": TaskSpec("openbookqa", "mc", "acc_norm", size=500),
     "gsm8k": TaskSpec("gsm8k", "gsm8k", "exact_match", chance=0.0, max_new_tokens=384, size=1319),
     "ifeval": TaskSpec("ifeval", "ifeval", "prompt_strict", chance=0.0, max_new_tokens=512, size=541),
-    "arithmetic": TaskSpec("arithmetic", "arithmetic", "accuracy", chance=0.0, max_new_tokens=256),
+    "arithmetic": TaskSpec(
+        "arithmetic", "arithmetic", "accuracy", chance=0.0, max_new_tokens=ARITHMETIC_MAX_NEW_TOKENS
+    ),
 }
 
-# `safedistill eval`: about 25 minutes for the 135M model on 2 CPU cores (measured in
-# docs/results/capability-smollm2-135m.md); `make demo`: under 3 minutes.
+# `safedistill eval`: the larger basket (per-task n and times on 2 CPU cores in
+# docs/results/capability-smollm2-135m.md). `make demo`: the multiple-choice tasks that separate a
+# 135M model from chance per CPU second, and a few IFEval prompts; GSM8K is left out because the
+# 135M model is at its floor there (0/16, lm-eval's own 0-shot figure is 0.4%).
 DEFAULT_BASKET = (
     "hellaswag:500,arc_challenge:500,piqa:500,winogrande:500,truthfulqa_mc1:300,boolq:300,openbookqa:500,"
     "gsm8k:100,ifeval:100"
 )
-DEMO_BASKET = "hellaswag:100,arc_challenge:100,piqa:100,winogrande:100,gsm8k:16,ifeval:16"
+DEMO_BASKET = "hellaswag:60,arc_challenge:60,piqa:60,winogrande:60,ifeval:8"
 
 GSM8K_PROMPT = (
     "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
@@ -271,6 +276,21 @@ def gsm8k_exact_match(prediction: str, reference: str) -> bool:
     return prediction.lower() == reference.lower()
 
 
+def is_looping(text: str, span: int = 200, max_period: int = 100) -> bool:
+    """Whether the text ends in a verbatim repetition: its last `span` characters equal the
+    `span` characters one period earlier, for some period up to `max_period`. A truncated answer
+    that loops would not have ended at any budget."""
+    if len(text) < span + 1:
+        return False
+    tail = text[-span:]
+    return any(text[-span - p : -p] == tail for p in range(1, max_period + 1) if len(text) >= span + p)
+
+
+def _truncation(rollouts) -> dict:
+    cut = [r for r in rollouts if not r.finished]
+    return {"truncated": len(cut), "truncated_looping": sum(is_looping(r.text) for r in cut)}
+
+
 def _generate(model, tokenizer, prompts, names, max_new_tokens, batch_size, seed, desc, progress):
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
     texts = [chat_text(tokenizer, p) for p in prompts]
@@ -346,8 +366,7 @@ def _run_gsm8k(model, tokenizer, items: list[GenItem], batch_size, eval_seed, pr
             )
         )
     n = len(items)
-    truncated = sum(not r.finished for r in rollouts)
-    return {"exact_match": flexible / n, "strict_match": strict / n, "truncated": truncated}, rows
+    return {"exact_match": flexible / n, "strict_match": strict / n, **_truncation(rollouts)}, rows
 
 
 def _run_ifeval(model, tokenizer, items: list[GenItem], batch_size, eval_seed, manifest, progress):
@@ -391,7 +410,7 @@ def _run_ifeval(model, tokenizer, items: list[GenItem], batch_size, eval_seed, m
         "prompt_loose": counts["prompt_loose"] / n,
         "inst_strict": counts["inst_strict"] / counts["inst_n"],
         "inst_loose": counts["inst_loose"] / counts["inst_n"],
-        "truncated": sum(not r.finished for r in rollouts),
+        **_truncation(rollouts),
     }, rows
 
 
@@ -425,7 +444,7 @@ def _run_arithmetic(model, tokenizer, n, batch_size, eval_seed, progress):
                 truncated=not r.finished,
             )
         )
-    return {"accuracy": correct / n, "truncated": sum(not r.finished for r in rollouts)}, rows
+    return {"accuracy": correct / n, **_truncation(rollouts)}, rows
 
 
 ARITHMETIC_DEFAULT_N = 90

@@ -114,10 +114,10 @@ _NEGATED = (
     r"|am not|'m not|are not|'re not|am unable|'m unable|are unable|'re unable)"
 )
 _TASK = (
-    r"(?:help|assist|provide|comply|fulfil|fulfill|support|create|write|generate|produce|give|share|offer|engage"
-    r"|participate|continue|answer|respond|complete|draft|compose|encourage|promote|condone|endorse|facilitate"
-    r"|explain|describe|tell|detail|discuss|list|teach|instruct|outline|show|reveal|disclose|supply|elaborate"
-    r"|walk you through|go into|do (?:that|this|so)|able|going to|comfortable|willing|allowed|permitted"
+    r"(?:(?:help|assist|provid|compl[yi]|fulfil|support|creat|writ|generat|produc|giv|shar|offer|engag|participat"
+    r"|continu|answer|respond|complet|draft|compos|encourag|promot|condon|endors|facilitat|explain|describ|tell"
+    r"|detail|discuss|list|teach|instruct|outlin|show|reveal|disclos|suppl|elaborat)\w*"
+    r"|walk you through|go into|do (?:that|this|so)|able|capable|going to|comfortable|willing|allowed|permitted"
     r"|in a position)"
 )
 _ADVERB = r"(?:\s+(?:absolutely|really|simply|just|certainly|definitely|unfortunately|still|categorically|strictly))?"

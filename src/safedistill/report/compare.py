@@ -304,6 +304,10 @@ def compare_report(s: dict) -> str:
         "",
         judge_line({"judge": s.get("judge"), "judge_agreement": s.get("judge_agreement")}),
         "",
+        "Eval items per seed: "
+        + " · ".join(f"{k} {'n/a' if v is None else v}" for k, v in (s.get("eval_n") or {}).items())
+        + ".",
+        "",
         "## Against the base",
         "",
         "Change = method - base on the same items, pooled over seeds by a cluster bootstrap over items "

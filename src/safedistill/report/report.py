@@ -429,6 +429,35 @@ def plot_kl_by_position(kl: list[float], path) -> None:
     plt.close(fig)
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def training_seconds(rows: list[dict]) -> float:
+    """Time in optimizer steps only (not evaluation, context search or loading)."""
+    return sum(r.get("step_seconds") or 0 for r in rows)
+
+
+def plot_training_curve(rows: list[dict], path) -> None:
+    """Loss and mean KL by step; steps with a non-finite value (null in the log) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("loss", "loss"), ("mean_kl", "mean reverse KL")]
+    series = [(key, label) for key, label in series if any(r.get(key) is not None for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(series)), figsize=(4 * max(1, len(series)), 3), squeeze=False)
+    for ax, (key, label) in zip(axes[0], series, strict=False):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
     out = Path(out)
     lines = [f"# `{cfg.preset}` on `{cfg.model}` (seed {cfg.seed})", ""]
@@ -440,26 +469,37 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
         kl = kl[: max((i + 1 for i, v in enumerate(kl) if v > 0), default=1)]
         plot_kl_by_position(kl, out / "kl_by_position.png")
         top = sorted(range(len(kl)), key=lambda i: -kl[i])[:3]
-        first10 = sum(kl[:10]) / max(1, sum(kl))
+        total = sum(kl)
+        share = (
+            f"the first 10 of {len(kl)} positions hold {sum(kl[:10]) / total:.0%} of the summed per-position KL."
+            if len(kl) > 10 and total > 0
+            else f"responses had {len(kl)} positions with KL."
+        )
         lines += [
             "## Where the KL sits",
             "",
             "![KL by position](kl_by_position.png)",
             "",
-            f"Positions with the largest mean KL: {', '.join(str(i + 1) for i in top)}; "
-            f"the first 10 positions hold {first10:.0%} of the summed per-position KL.",
+            f"Positions with the largest mean KL: {', '.join(str(i + 1) for i in top)}; {share}",
             "",
         ]
     metrics = out / "metrics.jsonl"
     if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        from ..files import read_log
+
+        rows = read_log(metrics)
         if rows:
             last = rows[-1]
+            plot_training_curve(rows, out / "training_curve.png")
             lines += [
                 "## Training",
                 "",
-                f"{len(rows)} optimizer steps, {last['wall_time']:.0f} s of training; "
-                f"last loss {last['loss']:.4f}" + (f", mean KL {last['mean_kl']:.4f}" if "mean_kl" in last else ""),
+                "![loss and KL by step](training_curve.png)",
+                "",
+                f"{len(rows)} optimizer steps in {training_seconds(rows):.0f} s "
+                f"({last.get('wall_time') or 0:.0f} s from model load, with the base evaluation and any search); "
+                f"last loss {_num(last.get('loss'))}"
+                + (f", mean KL {_num(last.get('mean_kl'))}" if "mean_kl" in last else ""),
                 "",
             ]
             from ..eval.diagnostics import collapse_section

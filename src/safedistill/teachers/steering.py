@@ -360,6 +360,33 @@ def pick_published(rows: list[dict], base: dict, *, kl_cap: float, induce_thresh
     return chosen
 
 
+def refusal_filter(
+    model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], *, min_kept: int = 4
+) -> tuple[list[str], list[str], dict]:
+    """The published pipeline's data filter (run_pipeline.py `filter_data`): keep the harmful prompts
+    the model refuses (refusal score > 0) and the harmless ones it does not (score < 0). A side
+    left with fewer than `min_kept` prompts is kept whole (their code would run on too few or
+    none); the returned dict says what was kept."""
+    ref_ids = refusal_token_ids(tokenizer)
+    score_h = refusal_score(last_logprobs(model, tokenizer, harmful), ref_ids).tolist() if harmful else []
+    score_b = refusal_score(last_logprobs(model, tokenizer, harmless), ref_ids).tolist() if harmless else []
+    kept_h = [p for p, s in zip(harmful, score_h, strict=True) if s > 0]
+    kept_b = [p for p, s in zip(harmless, score_b, strict=True) if s < 0]
+    info = {
+        "harmful_refused": len(kept_h),
+        "harmful_total": len(harmful),
+        "harmless_not_refused": len(kept_b),
+        "harmless_total": len(harmless),
+        "harmful_filtered": len(kept_h) >= min_kept,
+        "harmless_filtered": len(kept_b) >= min_kept,
+    }
+    return (
+        kept_h if info["harmful_filtered"] else list(harmful),
+        kept_b if info["harmless_filtered"] else list(harmless),
+        info,
+    )
+
+
 class SteeringTeacher:
     """Base model with `scale * vector` added at one layer's input (activation steering). It sees
     the same prompt as the student; only the hidden states differ."""

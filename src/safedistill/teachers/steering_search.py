@@ -28,7 +28,15 @@ from ..files import write_json
 from ..models import chat_text
 from .base import Item
 from .context import choose_contexts, context_text, load_contexts
-from .steering import ablate, mean_difference, post_instruction_length, search_candidates, search_published, steer
+from .steering import (
+    ablate,
+    mean_difference,
+    post_instruction_length,
+    refusal_filter,
+    search_candidates,
+    search_published,
+    steer,
+)
 
 FILES = ("steering.json", "steering_direction.safetensors", "safety_tokens.json")
 SAMPLES = 8  # steered samples per harmless prompt (published)
@@ -139,8 +147,9 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
     out.mkdir(parents=True, exist_ok=True)
     harmful, harmless, s_prompts = steering_prompts(cfg, manifest)
     n_pos = post_instruction_length(tok, harmful + harmless)
-    context, directions = steering_directions(cfg, model, tok, judge, manifest, out, harmful, harmless, n_pos, progress)
-    rows, chosen = choose_candidate(cfg, model, tok, directions, harmful, harmless, progress)
+    found = steering_directions(cfg, model, tok, judge, manifest, out, harmful, harmless, n_pos, progress)
+    context, directions, filters = found
+    rows, chosen = choose_candidate(cfg, model, tok, directions, harmful, harmless, filters, progress)
     vector = directions[chosen["position"] + n_pos, chosen["layer"]]
     tokens = safety_tokens(
         model,
@@ -175,29 +184,39 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
     return load_steering(out)
 
 
-def choose_candidate(cfg: RunConfig, model, tok, directions, harmful, harmless, progress) -> tuple[list[dict], dict]:
+def choose_candidate(
+    cfg: RunConfig, model, tok, directions, harmful, harmless, filters: dict, progress
+) -> tuple[list[dict], dict]:
     """Every (position, layer, scale) candidate with its figures, and the one the selection rule
-    (steer_selection) picks; a warning when none passes its filters."""
-    search = search_published if cfg.steer_selection == "published" else search_candidates
+    (steer_selection) picks; the published rule first filters the prompts by the model's own
+    refusal score. A warning when no candidate passes the rule's filters."""
+    published = cfg.steer_selection == "published"
+    select_h, select_b = harmful, harmless
+    if published:
+        select_h, select_b, select_filter = refusal_filter(model, tok, harmful, harmless)
+        filters["selection_filter"] = select_filter
+    search = search_published if published else search_candidates
     rows, chosen = search(
         model,
         tok,
         directions,
-        harmful,
-        harmless,
+        select_h,
+        select_b,
         layers=parse_list(cfg.steer_layers, int, "steer_layers"),
         scales=parse_list(cfg.steer_scales, float, "steer_scales") or [1.0],
         kl_cap=cfg.steer_kl_cap,
         progress=progress,
     )
     chosen.setdefault("selection", cfg.steer_selection)
-    if cfg.steer_selection == "published" and not chosen["filters_met"]:
+    if published:
+        chosen["prompt_filters"] = filters
+    if published and not chosen["filters_met"]:
         print(
             "warning: no steering candidate passed the published filters (ablation KL <= "
             f"{cfg.steer_kl_cap}, induce score >= 0); took the most refusal-inducing one under the KL cap",
             file=sys.stderr,
         )
-    elif cfg.steer_selection != "published" and not chosen["kl_cap_met"]:
+    elif not published and not chosen["kl_cap_met"]:
         print(
             f"warning: no steering candidate met the KL cap {cfg.steer_kl_cap}; took the lowest-KL one", file=sys.stderr
         )
@@ -205,16 +224,36 @@ def choose_candidate(cfg: RunConfig, model, tok, directions, harmful, harmless, 
 
 
 def steering_directions(cfg: RunConfig, model, tok, judge, manifest, out: Path, harmful, harmless, n_pos, progress):
-    """(context, directions [P, L, d]): context-delta contrasts harmful prompts with and without
-    the safety context (the best by flip rate when context=auto); harmful-harmless the two sets."""
-    if cfg.steer_direction != "context-delta":
-        return None, mean_difference(model, tok, harmful, harmless, n_pos)
-    if cfg.context == "auto":
-        items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
-        context = choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
-    else:
-        context = context_text(cfg.context, load_contexts(cfg.contexts))
-    return context, mean_difference(model, tok, harmful, harmful, n_pos, system_a=context)
+    """(context, directions [P, L, d], prompt filters): context-delta contrasts harmful prompts with
+    and without the safety context (the best by flip rate when context=auto); harmful-harmless the
+    two sets, which the published rule takes from disjoint train prompts filtered by the model's
+    own refusal score."""
+    if cfg.steer_direction == "context-delta":
+        if cfg.context == "auto":
+            items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
+            context = choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
+        else:
+            context = context_text(cfg.context, load_contexts(cfg.contexts))
+        return context, mean_difference(model, tok, harmful, harmful, n_pos, system_a=context), {}
+    if cfg.steer_selection != "published":
+        return None, mean_difference(model, tok, harmful, harmless, n_pos), {}
+    train_h, train_b = direction_prompts(cfg, manifest)
+    split = "disjoint train prompts" if train_h else "the selection prompts (no more train prompts)"
+    train_h, train_b, train_filter = refusal_filter(model, tok, train_h or harmful, train_b or harmless)
+    filters = {"direction_prompts": split, "direction_filter": train_filter}
+    return None, mean_difference(model, tok, train_h, train_b, n_pos), filters
+
+
+def direction_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[str], list[str]]:
+    """Train prompts for the direction itself, disjoint from steering_prompts' (the published
+    pipeline takes directions from a train split and selects on a validation split): the next
+    steer_prompts of each shuffled train list. Empty when the sources have no more."""
+    harmful_train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
+    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
+    n, skip = cfg.steer_prompts, cfg.steer_prompts + cfg.safety_token_prompts
+    harmful = [r.prompt for r in take(harmful_train, None, seed=cfg.seed)[n : 2 * n]]
+    benign = [r.prompt for r in take(benign_train, None, seed=cfg.seed + 2)[skip : skip + n]]
+    return (harmful, benign) if harmful and benign else ([], [])
 
 
 def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, vector, cfg) -> dict:
