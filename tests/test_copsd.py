@@ -266,7 +266,7 @@ def test_copsd_run_writes_crossed_set_diagnostics_and_plot(copsd_run):
 
 
 def test_copsd_resume_matches_the_uninterrupted_run(tiny_dir, sources, copsd_run, tmp_path, monkeypatch):
-    cfg = make_cfg(tiny_dir, sources)
+    cfg = make_cfg(tiny_dir, sources, judge="keyword")  # as copsd_run, the run it must match
     out = tmp_path / "killed"
     real_call = OnPolicyStep.__call__
     calls = []
