@@ -126,9 +126,9 @@ class RunConfig:
     save_every: int = 4  # checkpoint every N steps (adapter/weights, optimizer, RNG, data position)
     eval: bool = True  # evaluate base and trained model
     # Eval sizes fit make demo's 15 minutes on 2 CPU cores (two evals beside training; README "Sizes").
-    eval_limit: int | None = 32  # at most this many items per eval axis and per capability task (null: all)
+    eval_limit: int | None = 30  # at most this many items per eval axis and per capability task (null: all)
     eval_seed: int = 0  # which eval items are taken; fixed, never the training seed, so runs pair item by item
-    capability: str = "winogrande:32"  # eval capability basket: TASK[:N],... | demo | default (eval/capability.py)
+    capability: str = "hellaswag:30,winogrande:30"  # eval capability basket: TASK[:N],... | demo | default
     eval_overrefusal: str = "xstest-safe"  # over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL
     eval_generalization: str = "past_tense,hypothetical"  # rephrasings of the held-out harmful prompts ("": none)
     judge: str = "heuristic"
