@@ -111,8 +111,8 @@ def test_compare_two_presets_two_seeds(tiny_dir, small_set, tmp_path, capsys):
             assert json.loads((run / "eval_base.json").read_text())["adapter"] is None
             assert final["adapter"] == str(run / "final")
             assert row["refusal"]["values"][seed] == final["safety"]["refusal_rate"]
-    # eval_limit caps every axis and every task of the run's capability basket (one task by default).
-    assert summary["eval_n"] == {"safety": 2, "overrefusal": 2, "capability": 2}
+    # eval_limit caps every axis and every task of the run's capability basket (two tasks by default).
+    assert summary["eval_n"] == {"safety": 2, "overrefusal": 2, "capability": 2 * 2}
     assert (out / "frontier.png").stat().st_size > 0
     md = (out / "compare.md").read_text()
     assert "| opsa |" in md and "| sft |" in md and "frontier.png" in md

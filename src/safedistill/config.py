@@ -197,12 +197,14 @@ class EvalSection:
 
     eval: bool = opt(True, "evaluate base and trained model")
     eval_limit: int | None = opt(
-        32,
+        30,
         "at most this many items per eval axis and per capability task (null: all); the eval sizes fit make demo's "
         "15 minutes on 2 CPU cores (two evals beside training; README 'Sizes')",
     )
     eval_seed: int = opt(0, "which eval items are taken; fixed, never the training seed, so runs pair item by item")
-    capability: str = opt("winogrande:32", "eval capability basket: TASK[:N],... | demo | default (eval/capability.py)")
+    capability: str = opt(
+        "hellaswag:30,winogrande:30", "eval capability basket: TASK[:N],... | demo | default (eval/capability.py)"
+    )
     eval_overrefusal: str = opt(
         "xstest-safe", "over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL"
     )
