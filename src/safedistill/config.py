@@ -189,6 +189,12 @@ class OptimSettings:
     steps: int = opt(24, "optimizer steps")
     precision: Precision = opt("fp32", "fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 if fast)")
     save_every: int = opt(4, "checkpoint every N steps (adapter/weights, optimizer, RNG, data position)")
+    diverge_entropy: float | None = opt(
+        0.95,
+        "divergence guard: stop (exit 3) when the student's mean token entropy passes this share of ln V "
+        "(uniform: a destroyed model) after starting below it; null: off. A non-finite loss, gradient or "
+        "weight always stops the run",
+    )
 
 
 @dataclass
@@ -426,6 +432,9 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (0 <= c.alpha <= 1, "alpha", "must be in [0, 1]"),
         (0 <= c.beta <= 1, "beta", "must be in [0, 1]"),
         (c.save_every >= 1, "save_every", "must be at least 1"),
+        (c.max_grad_norm > 0, "max_grad_norm", "must be positive"),
+        (c.diverge_entropy is None or 0 < c.diverge_entropy <= 1, "diverge_entropy", "must be in (0, 1] or null"),
+        (c.eval_limit is None or c.eval_limit >= 1, "eval_limit", "must be at least 1 or null (all items)"),
         (c.n_samples is None or c.n_samples >= 1, "n_samples", "must be at least 1 or null"),
         (c.refine_retries >= 0, "refine_retries", "must be >= 0"),
         (c.benign_ratio is None or 0 <= c.benign_ratio < 1, "benign_ratio", "must be in [0, 1) or null"),

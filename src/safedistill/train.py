@@ -9,30 +9,31 @@ on-policy step") and the SFT step (engine/sft.py) on fixed targets.
 from __future__ import annotations
 
 import json
+import math
 import random
-import sys
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from . import methods
+from . import console, faults, methods
 from .config import RunConfig, same_settings, settings_differ, to_yaml
 from .data.packaged import Manifest
 from .engine.backends import rollout_backend
-from .engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .engine.distributed import Processes
 from .engine.fit import Batching, StepDone, fit
 from .engine.precision import autocast, resolve_precision
 from .engine.rollout import SamplingSettings, stop_token_ids
 from .engine.scoring import response_logits
 from .engine.sft import SFTStep
-from .errors import UserError
+from .errors import RunDiverged, UserError
 from .eval.diagnostics import CollapseProbe, text_stats
 from .eval.evaluate import EvalSettings, evaluate
 from .eval.judges import load_judge
-from .files import append_jsonl, atomic_write_text, write_json, write_jsonl
+from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
 from .losses.divergence import masked_mean, token_stats
 from .losses.masks import TOKEN_MASKS
 from .losses.objectives import OBJECTIVES, Scored
@@ -60,8 +61,11 @@ def run_eval(
     path = out / f"eval_{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    if progress:
-        print(f"evaluating {'base' if name == 'base' else 'trained'} model", flush=True)
+    limit = "all" if cfg.eval_limit is None else f"up to {cfg.eval_limit}"
+    console.say(
+        f"evaluating the {'base' if name == 'base' else 'trained'} model: {limit} items per axis "
+        f"({cfg.harmful_source} held-out, {cfg.eval_overrefusal}, capability {cfg.capability}), judge {cfg.judge}"
+    )
     results, generations = evaluate(
         model,
         tok,
@@ -72,6 +76,7 @@ def run_eval(
         progress=progress,
     )
     write_jsonl(out / f"generations_{name}.jsonl", generations)
+    faults.point(f"{name}-eval")
     write_json(path, results)
     return results
 
@@ -213,17 +218,75 @@ def finished_run(cfg: RunConfig, out: Path) -> dict | None:
     return {"base": json.loads(files[1].read_text()), "final": json.loads(files[2].read_text())}
 
 
+# What a run writes before its first step; a run that never got there may be replaced.
+BEFORE_FIRST_STEP = (
+    "eval_base.json",
+    "generations_base.jsonl",
+    "manifest.json",
+    "flip_rates.json",
+    "targets.jsonl",
+    "refined.jsonl",
+    "shift.json",
+    "crossed.jsonl",
+    "crossed_summary.json",
+    "cross_sft_metrics.jsonl",
+    "steering.json",
+    "steering_direction.safetensors",
+    "safety_tokens.json",
+    "cross_sft",
+    "checkpoints",
+)
+
+
+def run_started(out: Path) -> bool:
+    """Whether the run in `out` took a step (a checkpoint, a logged step or a final model)."""
+    return latest_checkpoint(out) is not None or bool(read_log(out / "metrics.jsonl")) or (out / "final").exists()
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every check that needs no weights, before anything is written: model and judge names
+    (at once when offline), data sources, context ids. A failure leaves no directory behind."""
+    from .data.sources import load_prompts
+    from .eval.judges import GUARD_KINDS
+    from .models import check_hub_name, locate_model
+    from .teachers.context import check_context, load_contexts
+
+    locate_model(cfg.model)
+    if cfg.judge not in ("heuristic", "keyword"):
+        kind, sep, target = cfg.judge.partition(":")
+        known = ["heuristic", "keyword", *(f"{k}:MODEL" for k in GUARD_KINDS)]
+        check_hub_name(target if sep and kind in GUARD_KINDS else cfg.judge, known=known, what="judge")
+    for field in ("harmful_source", "benign_source", *(("eval_overrefusal",) if cfg.eval else ())):
+        try:
+            load_prompts(getattr(cfg, field))
+        except UserError as e:
+            raise UserError(f"config field '{field}': {e}") from None
+    if cfg.teacher == "context":
+        library = load_contexts(cfg.contexts)
+        for field in ("context", "benign_context"):
+            check_context(field, getattr(cfg, field), library)
+
+
 def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
-    if (out / "config.yaml").exists() and not resume:
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and (out / "config.yaml").exists():
-        differ = settings_differ((out / "config.yaml").read_text(), cfg)
-        if differ:
+    """A fresh --out, or one whose run never took a step (replaced if its settings differ), or
+    with --resume one that holds this very run."""
+    saved = out / "config.yaml"
+    if saved.exists():
+        differ = settings_differ(saved.read_text(), cfg)
+        if not run_started(out):
+            if differ:
+                console.say(f"{out}: replacing a run that never took a step (changed: {', '.join(differ)})")
+                for name in BEFORE_FIRST_STEP:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        elif not resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        elif differ:
             raise UserError(
                 f"{out}/config.yaml differs from this run's config in {', '.join(differ)}; resume with the same settings"
             )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    atomic_write_text(saved, to_yaml(cfg))
 
 
 def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared):
@@ -239,17 +302,21 @@ def resume_from_checkpoint(cfg: RunConfig, out: Path, model, optimizer, schedule
     """The step to start at: 0, or the latest checkpoint's (weights, optimizer, RNG, KL sums
     restored). Metrics past the checkpoint belong to the step that was lost; it is redone."""
     start = 0
+    if procs.is_main:
+        for name in remove_partial(out):
+            console.say(f"removed {name}, left half-written by an interrupted run")
+    procs.barrier()
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         start = meta["step"]
         if isinstance(step_fn, OnPolicyStep):
             step_fn.kl.load(meta["extra"])
-        print(f"resuming from {ckpt.name}", file=sys.stderr)
+        console.say(f"resuming from {ckpt.name}")
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists() and procs.is_main:
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        kept = [row for row in read_log(metrics_path) if row["step"] <= start]
+        write_jsonl(metrics_path, kept)
     return start
 
 
@@ -267,7 +334,7 @@ def metrics_row(done: StepDone, procs: Processes, scheduler, started: float) -> 
     row = procs.average_metrics({k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys})
     row.update(
         step=done.step + 1,
-        lr=scheduler.get_last_lr()[0],
+        lr=done.lr if done.lr is not None else scheduler.get_last_lr()[0],
         grad_norm=done.grad_norm,
         step_seconds=done.seconds,
         tokens_per_s=sum(d["tokens"] for d in logs) / done.seconds,
@@ -276,18 +343,75 @@ def metrics_row(done: StepDone, procs: Processes, scheduler, started: float) -> 
     return row
 
 
+class EntropyGuard:
+    """Stops a run whose student entropy climbs to near ln V (uniform over the vocabulary: the
+    model is destroyed) having started below that bound; a model that starts there (a random
+    one) is left alone."""
+
+    def __init__(self, share: float | None, vocab_size: int, first: dict | None):
+        self.share, self.ln_v = share, math.log(vocab_size)
+        self.start = first.get("student_entropy") if first else None
+
+    def check(self, row: dict) -> str | None:
+        entropy = row.get("student_entropy")
+        if self.share is None or entropy is None:
+            return None
+        if self.start is None:
+            self.start = entropy
+        bound = self.share * self.ln_v
+        if self.start < bound <= entropy:
+            return (
+                f"the student's entropy rose to {entropy:.2f} nats, {entropy / self.ln_v:.0%} of ln V = "
+                f"{self.ln_v:.2f} (uniform over the vocabulary; bound diverge_entropy={self.share})"
+            )
+        return None
+
+
+def degeneration(rows: list[dict], vocab_size: int, share: float | None) -> str | None:
+    """Why a finished run looks degenerate (entropy at ln V, no gradient), or None."""
+    steps = [r for r in rows if "loss" in r]
+    if not steps:
+        return None
+    ln_v, last = math.log(vocab_size), steps[-1]
+    bound = (share or 0.95) * ln_v
+    entropy, first = last.get("student_entropy"), steps[0].get("student_entropy")
+    if entropy is not None and first is not None and first < bound <= entropy:
+        return f"the student's entropy ended at {entropy:.2f} nats, {entropy / ln_v:.0%} of ln V = {ln_v:.2f}"
+    tail = steps[-min(3, len(steps)) :]
+    if len(steps) > 1 and all(r.get("grad_norm") == 0 and r.get("loss") not in (0, None) for r in tail):
+        return f"the gradient norm was 0 over the last {len(tail)} steps while the loss was not"
+    return None
+
+
+def step_line(row: dict, steps: int, seconds: list[float]) -> str:
+    """`step 3/24 · loss 0.1234 · KL 0.0450 · lr 2.0e-04 · 330 tok/s · ETA 1m20s`"""
+    eta = (steps - row["step"]) * sum(seconds) / len(seconds)
+    parts = [f"step {row['step']}/{steps}", f"loss {_fmt(row.get('loss'))}"]
+    if "mean_kl" in row:
+        parts.append(f"KL {_fmt(row.get('mean_kl'))}")
+    parts += [f"lr {row['lr']:.1e}", f"{row['tokens_per_s']:.0f} tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+    return " · ".join(parts)
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """The whole run. Returns {'base': eval, 'final': eval} (either None when cfg.eval is off)."""
+    """The whole run. Returns {'base': eval, 'final': eval} (either None when cfg.eval is off).
+    Raises RunDiverged (exit 3) when the divergence guard stops it; the last good checkpoint stays."""
     out = Path(out)
     procs = Processes(resolve_device(cfg.device))
     procs.check(cfg.batch_size)
-    progress = progress and procs.is_main
+    progress = progress and procs.is_main and not console.quiet()
+    preflight(cfg)
     if procs.is_main:
         prepare_out(out, cfg, resume)
     procs.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     manifest = Manifest()
+    console.say(f"loading {cfg.model}")
     model, tok = load_model(cfg.model, device=procs.device)
     judge = load_judge(cfg.judge)
     started = time.perf_counter()
@@ -305,6 +429,13 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     scheduler = make_scheduler(optimizer, cfg)
     start = resume_from_checkpoint(cfg, out, model, optimizer, scheduler, step_fn, procs) if resume else 0
     batching = Batching(cfg.batch_size, cfg.grad_accum, cfg.seed)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    guard = EntropyGuard(cfg.diverge_entropy, vocab_size, next(iter(read_log(out / "metrics.jsonl")), None))
+    if start < cfg.steps:
+        console.say(
+            f"training: steps {start + 1}-{cfg.steps} of {cfg.batch_size} x {cfg.grad_accum} prompts "
+            f"({len(prepared.data)} training examples), lr {cfg.learning_rate:g}, checkpoint every {cfg.save_every}"
+        )
     loop = fit(
         model,
         step_fn,
@@ -319,31 +450,69 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         desc=f"{cfg.preset} training",
         progress=progress,
     )
-    for done in loop:
-        row = metrics_row(done, procs, scheduler, started)  # every process joins the all-reduce
-        if procs.is_main:
-            append_jsonl(out / "metrics.jsonl", row)
-            if (done.step + 1) % cfg.save_every == 0 or done.step + 1 == cfg.steps:
+    seconds: list[float] = []
+    try:
+        for done in loop:
+            row = metrics_row(done, procs, scheduler, started)  # every process joins the all-reduce
+            seconds.append(done.seconds)
+            if procs.is_main:
+                append_jsonl(out / "metrics.jsonl", row)
+                console.say(step_line(row, cfg.steps, seconds))
+            reason = guard.check(row)
+            if reason:
+                raise RunDiverged(done.step + 1, reason)
+            if procs.is_main and ((done.step + 1) % cfg.save_every == 0 or done.step + 1 == cfg.steps):
                 save_state(out, done.step + 1, model, optimizer, scheduler, step_fn)
+    except RunDiverged as e:
+        raise _diverged(e, cfg, out, procs) from None
     procs.barrier()
     if not procs.is_main:
         return {"base": None, "final": None, "config": asdict(cfg)}
-    return finish(cfg, out, model, tok, step_fn, base_eval, progress)
+    return finish(cfg, out, model, tok, step_fn, base_eval, progress, vocab_size)
 
 
-def finish(cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None, progress: bool) -> dict:
+def _diverged(e: RunDiverged, cfg: RunConfig, out: Path, procs: Processes) -> RunDiverged:
+    """The error the user sees: the step, the cause, what was kept and what to change."""
+    bad = out / "checkpoints" / f"step-{e.step - 1}"
+    notes = []
+    if procs.is_main:
+        append_jsonl(out / "metrics.jsonl", {"step": e.step, "diverged": e.reason})
+        if e.from_weights and bad.is_dir():  # step e.step started from these weights
+            shutil.rmtree(bad.with_name(bad.name + ".bad"), ignore_errors=True)
+            bad.rename(bad.with_name(bad.name + ".bad"))
+            notes.append(f"{bad.name} (the weights it started from) renamed {bad.name}.bad")
+    last = latest_checkpoint(out)
+    notes.insert(0, f"kept {last.relative_to(out)}, the last good checkpoint" if last else "no good checkpoint")
+    hint = (
+        f"{'; '.join(notes)}; nothing from step {e.step} on was written. Lower learning_rate "
+        f"(now {cfg.learning_rate:g}) and start again with a new --out"
+    )
+    return RunDiverged(e.step, e.reason, hint, from_weights=e.from_weights)
+
+
+def finish(
+    cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None, progress: bool, vocab_size: int
+) -> dict:
     """The trained model saved, evaluated (LoRA merged: same function, no adapter overhead) and
-    reported."""
+    reported; a run that ended degenerate says so on stderr and in the report."""
     from .report.report import run_report
 
     if isinstance(step_fn, OnPolicyStep):
         write_json(out / "kl_by_position.json", step_fn.kl_by_position())
     model.eval()
     if not (out / "final").exists():
+        console.say(f"saving the trained model to {out / 'final'}")
         save_model(model, tok, out / "final")
+    faults.point("final-save")
     if cfg.lora:
         model = model.merge_and_unload()
     adapter_note = str(out / "final") if cfg.lora else None
     final_eval = run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress) if cfg.eval else None
-    atomic_write_text(out / "report.md", run_report(out, cfg, base_eval, final_eval))
+    report = run_report(out, cfg, base_eval, final_eval)
+    degenerate = degeneration(read_log(out / "metrics.jsonl"), vocab_size, cfg.diverge_entropy)
+    if degenerate:
+        console.warn(f"the trained model looks degenerate: {degenerate}; its results are not meaningful")
+        title, _, rest = report.partition("\n")
+        report = f"{title}\n\n> **Warning: the trained model looks degenerate:** {degenerate}.\n{rest}"
+    atomic_write_text(out / "report.md", report)
     return {"base": base_eval, "final": final_eval, "config": asdict(cfg)}

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import faults
+from ..errors import RunDiverged
 from ..files import atomic_write_text
+
+_NAME = re.compile(r"step-(\d+)")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -19,11 +24,16 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
-    """Writes to `path.partial` then renames, so a kill mid-write leaves the previous one intact."""
+    """Writes to `path.partial` then renames, so a kill mid-write leaves the previous one intact.
+    Non-finite weights are never written: the last good checkpoint stays the latest."""
+    weights = trainable_state(model)
+    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise RunDiverged(step, f"{len(bad)} weight tensors are non-finite (e.g. {bad[0]}); not saved")
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    save_file(weights, tmp / "trainable.safetensors")
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in opt["state"].items():
@@ -43,6 +53,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, step: int, extra
         "extra": extra or {},
     }
     atomic_write_text(tmp / "state.json", json.dumps(meta))
+    faults.point("checkpoint")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -69,8 +80,19 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+    """The highest complete `step-N` (a `step-N.partial` left by a kill mid-write is not one)."""
+    found = [
+        p for p in (run_dir / "checkpoints").glob("step-*") if _NAME.fullmatch(p.name) and (p / "state.json").exists()
+    ]
+    return max(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)), default=None)
+
+
+def remove_partial(run_dir: Path) -> list[str]:
+    """Deletes checkpoint (and final model) folders a kill left half-written; their names."""
+    leftovers = [*(run_dir / "checkpoints").glob("*.partial"), *run_dir.glob("final.partial")]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in leftovers]
 
 
 def _encode_random(state: tuple) -> list:

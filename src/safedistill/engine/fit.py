@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import faults
+from ..errors import RunDiverged
 from .distributed import Processes
 
 StepFn = Callable[..., tuple[torch.Tensor, dict]]
@@ -54,6 +56,11 @@ class StepDone:
     logs: list[dict]  # one metrics dict per micro-batch
     grad_norm: float
     seconds: float
+    lr: float | None = None  # the learning rate this step's update used (before the scheduler moved it)
+
+
+def _finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def fit(
@@ -71,7 +78,9 @@ def fit(
     desc: str = "training",
     progress: bool = True,
 ) -> Iterator[StepDone]:
-    """Steps `start` .. `steps`-1; each yields once its optimizer update is done."""
+    """Steps `start` .. `steps`-1; each yields once its optimizer update is done. A non-finite loss
+    or gradient raises RunDiverged before the update, a non-finite weight after it: the caller
+    then saves nothing more, so no checkpoint holds the bad step."""
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress)
     for step in bar:
@@ -80,15 +89,23 @@ def fit(
         for micro in range(batching.grad_accum):
             batch = batch_for_step(data, step, micro, batching)
             loss, info = step_fn(model, procs.shard(batch) if procs else batch, step, micro)
+            if not torch.isfinite(loss.detach()).all():
+                raise RunDiverged(step + 1, f"the loss is {loss.item()}")
             (loss / batching.grad_accum).backward()
             logs.append(info)
         if procs:
             procs.average_gradients_(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise RunDiverged(step + 1, f"the gradient norm is {float(grad_norm)}")
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        if not _finite(params):
+            raise RunDiverged(step + 1, "the update made some weights non-finite", from_weights=False)
+        faults.point("step")
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{sum(d['loss'] for d in logs) / len(logs):.3f}")
-        yield StepDone(step, logs, float(grad_norm), time.perf_counter() - t0)
+        yield StepDone(step, logs, float(grad_norm), time.perf_counter() - t0, lr)
     bar.close()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..models import context_window
-from .scoring import accepts_logits_to_keep, expand_cache, prefix_kv, shared_prefix_length
+from .scoring import accepts_logits_to_keep, cache_arg, expand_cache, prefix_kv, returned_cache, shared_prefix_length
 
 
 @dataclass
@@ -139,11 +139,11 @@ def decode(
             input_ids=step_ids,
             attention_mask=attention,
             position_ids=step_pos,
-            past_key_values=cache,
             use_cache=True,
+            **cache_arg(model, cache),
             **keep,
         )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         token = next_tokens(out.logits[:, -1], settings.temperature, settings.top_p)
         token = token.masked_fill(done, pad)
         out_tokens.append(token)

@@ -88,7 +88,7 @@ def response_logits(
         offset = prefix_cache.get_seq_length()
         kwargs = {
             **kwargs,
-            "past_key_values": expand_cache(prefix_cache, len(prompts)),
+            **cache_arg(model, expand_cache(prefix_cache, len(prompts))),
             "attention_mask": torch.ones(len(prompts), offset + width, dtype=torch.long, device=device),
         }
     logits = model(input_ids=ids.to(device), use_cache=prefix_cache is not None, **kwargs).logits
@@ -147,6 +147,19 @@ def accepts_logits_to_keep(model) -> bool:
     return _forward_takes(type(_causal_lm(model)), "logits_to_keep")
 
 
+def cache_arg(model, cache) -> dict:
+    """The KV cache as a forward() keyword: `cache` where transformers renamed `past_key_values`
+    (deprecated, removed in 5.40), the old name before."""
+    name = "cache" if _forward_takes(type(_causal_lm(model)), "cache") else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward() with use_cache=True returned, under either name."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
 def expand_cache(prefix_cache: DynamicCache, batch: int) -> DynamicCache:
     """A fresh cache holding the batch-1 prefix for every row; the prefix itself is never
     written to (new keys are concatenated into new tensors)."""
@@ -160,7 +173,7 @@ def _prefix_pass(model, prefix_ids: Sequence[int]) -> DynamicCache:
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    return model(input_ids=ids, use_cache=True, **kwargs).past_key_values
+    return returned_cache(model(input_ids=ids, use_cache=True, **kwargs))
 
 
 @torch.no_grad()

@@ -47,8 +47,12 @@ class SFTStep:
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
         loss = (nll * mask).sum() / mask.sum()
         n_tok = int(mask.sum())
+        with torch.no_grad():  # for the divergence guard: a destroyed model is uniform (ln V)
+            logp = logits.detach().float().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
         return loss, {
             "loss": loss.item(),
+            "student_entropy": float((entropy * mask).sum() / mask.sum()),
             "tokens": n_tok,
             "target_length": n_tok / len(batch),
             "t_student": time.perf_counter() - t0,

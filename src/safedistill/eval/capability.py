@@ -38,7 +38,7 @@ from ..data.packaged import Manifest
 from ..data.reasoning import MAX_NEW_TOKENS as ARITHMETIC_MAX_NEW_TOKENS
 from ..data.reasoning import generate_problems, is_correct
 from ..engine.rollout import SamplingSettings, generate
-from ..engine.scoring import accepts_logits_to_keep, expand_cache
+from ..engine.scoring import accepts_logits_to_keep, cache_arg, expand_cache, returned_cache
 from ..errors import UserError
 from ..models import chat_text, context_window
 from . import ifeval
@@ -167,8 +167,8 @@ def _shared_context(model, ctx: list[int], conts: Sequence[list[int]], pad: int)
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=expand_cache(out.past_key_values, b),
         use_cache=True,
+        **cache_arg(model, expand_cache(returned_cache(out), b)),
     ).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     for i, c in enumerate(conts):

@@ -23,7 +23,7 @@ import torch
 from ..data.schema import Demonstration
 from ..engine.fit import Batching, fit
 from ..engine.rollout import SamplingSettings, generate
-from ..engine.scoring import common_prefix, response_logits
+from ..engine.scoring import common_prefix, response_logits, returned_cache
 from ..engine.sft import SFTStep
 from ..errors import UserError
 from ..files import append_jsonl, write_json, write_jsonl
@@ -96,7 +96,7 @@ class CrossSFTStep(SFTStep):
         if shared < 2:
             return super().response_logits(model, prompts, targets)
         device = next(model.parameters()).device
-        cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True))
         suffixes = [p[shared:] for p in prompts]
         return response_logits(model, suffixes, targets, pad_id=self.tok.pad_token_id, prefix_cache=cache)
 

@@ -11,12 +11,12 @@ rate the context causes on benign prompts (over-refusal it would teach).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import console, faults
 from ..data.schema import PromptRecord
 from ..data.sources import builtin_bytes, load_prompts, read_jsonl
 from ..data.splits import split_records, take
@@ -53,6 +53,22 @@ def load_contexts(spec: str = "builtin") -> list[dict]:
     if not rows:
         raise UserError(f"{spec}: no contexts")
     return rows
+
+
+def check_context(field: str, spec: str | None, library: Sequence[dict]) -> None:
+    """A context is auto, a library id, or literal text; a single word that is no id is taken for
+    a mistyped id rather than sent to the teacher as its whole context."""
+    import difflib
+
+    ids = [c["id"] for c in library]
+    if spec is None or spec == "auto" or spec in ids or any(ch.isspace() for ch in spec.strip()):
+        return
+    close = difflib.get_close_matches(spec, ids, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UserError(
+        f"config field '{field}': {spec!r} is not a context id ({ids[0]} ... {ids[-1]}); {hint}"
+        "literal context text needs more than one word"
+    )
 
 
 def context_text(spec: str | None, library: Sequence[dict]) -> str | None:
@@ -134,15 +150,21 @@ def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progr
             benign = take(benign_train, max(4, cfg.context_search_prompts // 2), seed=cfg.seed + 1)
             if not harmful:
                 raise UserError("context=auto needs harmful training prompts (n_harmful > 0)")
+            ranked = sum(c.get("side", "harmful") == "harmful" for c in library)
+            console.say(
+                f"ranking {ranked} contexts (context=auto) on {len(harmful)} harmful + {len(benign)} benign "
+                f"train prompts: {ranked * (len(harmful) + len(benign))} answers of up to "
+                f"{cfg.context_search_tokens} tokens before step 1 (the bar shows the ETA; --set context=ID skips it)"
+            )
             ranking = flip_rates(
                 model, tok, judge, harmful, benign, library, max_new_tokens=cfg.context_search_tokens, progress=progress
             )
+            faults.point("context-search")
             write_json(path, ranking)
         harmful_ctx = ranking[0]["id"]
-        print(
+        console.say(
             f"context: {harmful_ctx} (flip rate {ranking[0]['flip_rate']:.2f} on {ranking[0]['n_harmful']} "
-            "harmful train prompts)",
-            file=sys.stderr,
+            "harmful train prompts)"
         )
     return {
         "harmful": context_text(harmful_ctx, library),
