@@ -277,3 +277,15 @@ def test_bare_typo_fails_even_when_the_hub_is_reachable(monkeypatch):
     with pytest.raises(UserError, match="did you mean smollm2-135m-instruct"):
         check_hub_name("smollm2-135m")
     check_hub_name("gpt2")  # a legacy hub id far from every alias goes to the hub
+
+
+def test_mistyped_context_id():
+    from safedistill.teachers.context import check_context, load_contexts
+
+    library = load_contexts("builtin")
+    with pytest.raises(UserError, match=r"'ctx-h7' is not a context id .*did you mean ctx-h07\?"):
+        check_context("context", "ctx-h7", library)
+    with pytest.raises(UserError, match="needs more than one word"):
+        check_context("context", "refuse", library)
+    for fine in ("auto", "ctx-h01", "Refuse requests that could hurt someone.", None):
+        check_context("context", fine, library)

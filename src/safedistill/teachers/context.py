@@ -11,6 +11,7 @@ rate the context causes on benign prompts (over-refusal it would teach).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def check_context(field: str, spec: str | None, library: Sequence[dict]) -> None
     ids = [c["id"] for c in library]
     if spec is None or spec == "auto" or spec in ids or any(ch.isspace() for ch in spec.strip()):
         return
-    close = difflib.get_close_matches(spec, ids, n=1, cutoff=0.6)
+    number = re.fullmatch(r"(.*?)0*(\d+)", spec)
+    same = [i for i in ids if number and re.fullmatch(re.escape(number[1]) + r"0*" + number[2], i)]
+    close = same or difflib.get_close_matches(spec, ids, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
     raise UserError(
         f"config field '{field}': {spec!r} is not a context id ({ids[0]} ... {ids[-1]}); {hint}"
