@@ -51,7 +51,7 @@ from safedistill.engine.merged import MergedRollouts  # noqa: E402
 from safedistill.engine.precision import autocast, resolve_precision  # noqa: E402
 from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate  # noqa: E402
 from safedistill.engine.scoring import response_logits  # noqa: E402
-from safedistill.eval.judges import load_judge  # noqa: E402
+from safedistill.eval.judging import load_judge  # noqa: E402
 from safedistill.losses.divergence import masked_mean, per_token_divergence  # noqa: E402
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model, resolve_model  # noqa: E402
 from safedistill.teachers import ContextTeacher, FrozenBase, Item  # noqa: E402

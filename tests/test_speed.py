@@ -11,7 +11,7 @@ from safedistill.engine import precision, scoring
 from safedistill.engine.rollout import encode_prompts, generate
 from safedistill.engine.scoring import response_logits
 from safedistill.engine.vllm import vllm_generate_or_none
-from safedistill.eval.judges import load_judge
+from safedistill.eval.judging import load_judge
 from safedistill.models import LoraSettings, add_lora, chat_text
 from safedistill.teachers import ContextTeacher, FrozenBase, Item
 from safedistill.train import OnPolicyStep

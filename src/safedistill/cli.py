@@ -72,7 +72,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     from .data.sources import load_prompts
     from .eval.evaluate import EvalSettings, capability_basket, evaluate, generalization_styles
-    from .eval.judges import load_judge
+    from .eval.judging import load_judge
     from .files import write_json, write_jsonl
     from .models import load_model, resolve_device
     from .report.report import eval_report
@@ -141,7 +141,7 @@ def _config_show(args: argparse.Namespace) -> None:
 def _flip_rate(args: argparse.Namespace) -> None:
     from .data.sources import load_prompts
     from .data.splits import split_records, take
-    from .eval.judges import load_judge
+    from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
     from .teachers.context import flip_rates, load_contexts
@@ -170,7 +170,7 @@ def _flip_rate(args: argparse.Namespace) -> None:
 def _steer(args: argparse.Namespace) -> None:
     from .config import load_config
     from .data.packaged import Manifest
-    from .eval.judges import load_judge
+    from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
     from .teachers.steering_search import describe_choice, search_steering
@@ -233,7 +233,7 @@ def _refine(args: argparse.Namespace) -> None:
     from .config import RunConfig
     from .data.external import EXTERNAL_SETS
     from .data.sources import load_demonstrations
-    from .eval.judges import load_judge
+    from .eval.judging import load_judge
     from .methods.dgr import refine_dataset, settings_from, shift_lines
     from .methods.sft import subset
     from .models import load_model, resolve_device
@@ -270,7 +270,7 @@ def _refine(args: argparse.Namespace) -> None:
 
 def _judge_check(args: argparse.Namespace) -> None:
     from .eval.judge_check import agreement, format_agreement, write_agreement
-    from .eval.judges import load_judge
+    from .eval.judging import load_judge
 
     if args.out:
         check_out(args.out, directory=False)

@@ -32,7 +32,7 @@ from .engine.sft import SFTStep
 from .errors import RunDiverged, UserError
 from .eval.diagnostics import CollapseProbe, text_stats
 from .eval.evaluate import EvalSettings, evaluate
-from .eval.judges import load_judge
+from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
 from .losses.divergence import masked_mean, token_stats
 from .losses.masks import TOKEN_MASKS
@@ -247,7 +247,7 @@ def preflight(cfg: RunConfig) -> None:
     """Every check that needs no weights, before anything is written: model and judge names
     (at once when offline), data sources, context ids. A failure leaves no directory behind."""
     from .data.sources import load_prompts
-    from .eval.judges import GUARD_KINDS
+    from .eval.judging import GUARD_KINDS
     from .models import check_hub_name, locate_model
     from .teachers.context import check_context, load_contexts
 

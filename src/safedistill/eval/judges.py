@@ -373,26 +373,3 @@ class ClassifierJudge:
 
     def is_refusal(self, response: str) -> bool:
         return self._refusals.is_refusal(response)
-
-
-GUARD_KINDS = ("llamaguard", "harmbench", "strongreject")
-
-
-def load_judge(spec: str):
-    """`heuristic` (default), `keyword`, `llamaguard:ID_OR_PATH`, `harmbench:ID_OR_PATH`,
-    `strongreject:ID_OR_PATH` (any instruct model), or an HF sequence-classifier id/path."""
-    if spec == "heuristic":
-        return HeuristicJudge()
-    if spec == "keyword":
-        return KeywordJudge()
-    kind, sep, target = spec.partition(":")
-    if sep and kind in GUARD_KINDS:
-        if not target:
-            raise UserError(f"judge {spec}: give a model id or path after '{kind}:'")
-        from .guards import load_guard
-
-        return load_guard(kind, target)
-    from ..models import check_hub_name
-
-    check_hub_name(spec, known=["heuristic", "keyword", *(f"{k}:MODEL" for k in GUARD_KINDS)], what="judge")
-    return ClassifierJudge(spec)
