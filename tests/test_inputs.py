@@ -289,3 +289,12 @@ def test_mistyped_context_id():
         check_context("context", "refuse", library)
     for fine in ("auto", "ctx-h01", "Refuse requests that could hurt someone.", None):
         check_context("context", fine, library)
+
+
+@pytest.mark.parametrize("source", ["strongreject", "xstest-unsafe"])
+def test_training_on_an_eval_benchmark_is_refused_before_anything_is_written(tmp_path, capsys, source):
+    out = tmp_path / "o"
+    assert main(["run", "opsa", "--out", str(out), "--set", f"harmful_source={source}"]) == 2
+    message = cli_error(capsys)
+    assert "harmful_source" in message and "evaluation benchmark" in message
+    assert not out.exists()

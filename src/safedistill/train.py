@@ -246,7 +246,7 @@ def run_started(out: Path) -> bool:
 def preflight(cfg: RunConfig) -> None:
     """Every check that needs no weights, before anything is written: model and judge names
     (at once when offline), data sources, context ids. A failure leaves no directory behind."""
-    from .data.sources import load_prompts
+    from .data.sources import check_trainable, load_prompts
     from .eval.judging import GUARD_KINDS
     from .models import check_hub_name, locate_model
     from .teachers.context import check_context, load_contexts
@@ -258,6 +258,8 @@ def preflight(cfg: RunConfig) -> None:
         check_hub_name(target if sep and kind in GUARD_KINDS else cfg.judge, known=known, what="judge")
     for field in ("harmful_source", "benign_source", *(("eval_overrefusal",) if cfg.eval else ())):
         try:
+            if field != "eval_overrefusal":
+                check_trainable(getattr(cfg, field))
             load_prompts(getattr(cfg, field))
         except UserError as e:
             raise UserError(f"config field '{field}': {e}") from None
