@@ -151,7 +151,7 @@ def refine(model, tok, judge, samples: list[Demonstration], s: RefineSettings, *
         still = []
         for k, (i, d, text, v) in enumerate(zip(pending, todo, responses, verdicts, strict=True)):
             reasoning = reasonings.get(k)
-            if text and v.label == "safe" and (not d.reasoning or reasoning):
+            if text and v.safe_target and (not d.reasoning or reasoning):
                 new = Demonstration(d.prompt, text, d.id, reasoning, f"refined:{d.source}")
                 result[i] = Outcome(d, new, "refined", attempt + 1)
             else:

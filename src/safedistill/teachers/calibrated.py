@@ -51,7 +51,7 @@ def crossed_rows(cfg, model, tok, judge, items, constitution: str, *, progress: 
         verdicts = judge([it.prompt for it in tries], [r.text for r in out])
         done: set[str] = set()
         for it, r, v in zip(tries, out, verdicts, strict=True):
-            if it.id in done or v.label != "safe" or not r.text.strip():
+            if it.id in done or not v.safe_target or not r.text.strip():
                 continue
             done.add(it.id)
             rows.append(_row(it, constitution, r, "constitution", v.label))

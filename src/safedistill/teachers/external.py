@@ -39,7 +39,7 @@ def generated_targets(cfg, model, tok, judge, items, contexts: dict, out: Path, 
     verdicts = judge([it.prompt for it in items], [r.text for r in rollouts])
     targets = []
     for it, r, v in zip(items, rollouts, verdicts, strict=True):
-        keep = not cfg.keep_only_safe or it.group != "harmful" or v.label == "safe"
+        keep = not cfg.keep_only_safe or it.group != "harmful" or v.safe_target
         if keep and r.text.strip():
             targets.append(Demonstration(it.prompt, r.text, it.id, None, source))
     if not targets:
