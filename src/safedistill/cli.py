@@ -281,22 +281,20 @@ def _judge_check(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress bars, banners or step lines; warnings and results only"
-    )
-    p = argparse.ArgumentParser(prog="safedistill", description=DESCRIPTION, formatter_class=_Help)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (below)")
+MODEL_HELP = "HF id, local directory, or a bundled alias (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct)"
 
-    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-        text = textwrap.fill(description or help[0].upper() + help[1:] + ".", width=100)
-        return sub.add_parser(name, help=help, description=text, parents=[common], formatter_class=_Help)
 
-    model_help = "HF id, local directory, or a bundled alias (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct)"
+def _command(sub, common: argparse.ArgumentParser, name: str, help: str, description: str | None = None):
+    """One subcommand: its help line, its description (the help line as a sentence when none), -q."""
+    text = textwrap.fill(description or help[0].upper() + help[1:] + ".", width=100)
+    return sub.add_parser(name, help=help, description=text, parents=[common], formatter_class=_Help)
 
-    e = command(
+
+def _add_eval(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill eval`."""
+    e = _command(
+        sub,
+        common,
         "eval",
         "measure a model's safety and capability side by side",
         "Measure a model's safety (harmful prompts refused, with rephrasings), over-refusal and capability. "
@@ -306,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the basket's own sizes (default: 3,300 capability items; --limit 40 --capability demo for a quick "
         "look). Writes eval.json, generations.jsonl and report.md into --out, overwriting those files.",
     )
-    e.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+    e.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     e.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model (e.g. RUN/final)")
     e.add_argument(
         "--out", required=True, help="directory for eval.json, generations.jsonl, report.md (overwrites them)"
@@ -345,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     e.set_defaults(func=_eval)
 
-    r = command(
+
+def _add_run(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill run`."""
+    r = _command(
+        sub,
+        common,
         "run",
         "train with a preset, evaluate before and after, write a report",
         "Train with a preset (see `safedistill config show PRESET`), evaluate the base and the trained model, "
@@ -353,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config, then each --set, then --model/--device when given.",
     )
     r.add_argument("preset", help="one of " + ", ".join(preset_names()) + " (configs/*.yaml)")
-    r.add_argument("--model", help=model_help + " (default: the preset's, smollm2-135m-instruct)")
+    r.add_argument("--model", help=MODEL_HELP + " (default: the preset's, smollm2-135m-instruct)")
     r.add_argument("--device", help="auto, cpu, cuda, ... (default: the preset's, auto)")
     r.add_argument("--out", required=True, help="run directory; must not hold another run unless --resume")
     r.add_argument("--config", help="a YAML file overriding the preset")
@@ -361,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.set_defaults(func=_run)
 
-    g = command("config", "show the resolved settings of a preset", "Print a preset's resolved settings as YAML.")
+
+def _add_config(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill config show`."""
+    g = _command(
+        sub, common, "config", "show the resolved settings of a preset", "Print a preset's resolved settings as YAML."
+    )
     g_sub = g.add_subparsers(dest="config_command", required=True, metavar="ACTION", help="show")
     show = g_sub.add_parser(
         "show",
@@ -378,8 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
     show.set_defaults(func=_config_show)
 
-    f = command("flip-rate", "rank candidate safety contexts by teacher flip rate")
-    f.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+
+def _add_flip_rate(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill flip-rate`."""
+    f = _command(sub, common, "flip-rate", "rank candidate safety contexts by teacher flip rate")
+    f.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     f.add_argument("--out", required=True, help="directory for flip_rates.json")
     f.add_argument("--contexts", default="builtin", help="builtin or a JSONL file (id, text, side)")
     f.add_argument("--harmful", default="advbench", help="harmful source (its train split is used)")
@@ -388,8 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="which prompts are taken")
     f.set_defaults(func=_flip_rate)
 
-    d = command("refine", "DGR: rewrite external safety data in the target model's own words")
-    d.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+
+def _add_refine(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill refine`."""
+    d = _command(sub, common, "refine", "DGR: rewrite external safety data in the target model's own words")
+    d.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     d.add_argument("--data", default="builtin", help="builtin (= builtin:directrefusal), builtin:NAME or a JSONL file")
     d.add_argument("--out", required=True, help="directory for refined.jsonl and shift.json")
     d.add_argument("--n-samples", type=int, help="refine at most N samples (seeded subset; default: all)")
@@ -408,8 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     d.set_defaults(func=_refine)
 
-    st = command("steer", "find a refusal steering direction and the safety token set S")
-    st.add_argument("--model", help=model_help + " (default: the safesteer preset's)")
+
+def _add_steer(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill steer`."""
+    st = _command(sub, common, "steer", "find a refusal steering direction and the safety token set S")
+    st.add_argument("--model", help=MODEL_HELP + " (default: the safesteer preset's)")
     st.add_argument("--out", required=True, help="directory for steering.json, the direction, safety_tokens.json")
     st.add_argument(
         "--direction",
@@ -424,14 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
     st.set_defaults(func=_steer)
 
-    c = command(
+
+def _add_compare(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill compare`."""
+    c = _command(
+        sub,
+        common,
         "compare",
         "several presets over several seeds: one table and one plot",
         "Run each preset with each seed (reusing finished runs in --out; rerun the same command to continue "
         "an interrupted comparison), then compare every method with the base model item by item.",
     )
     c.add_argument("presets", nargs="+", help="presets to run (" + ", ".join(preset_names()) + ")")
-    c.add_argument("--model", help=model_help + " (default: each preset's, smollm2-135m-instruct)")
+    c.add_argument("--model", help=MODEL_HELP + " (default: each preset's, smollm2-135m-instruct)")
     c.add_argument("--out", required=True, help="directory for PRESET/seed-N/ runs, compare.json and the plot")
     c.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     c.add_argument("--config", help="a YAML file applied to every preset")
@@ -443,7 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_compare)
 
-    j = command("judge-check", "a judge's agreement with pyrit's human refusal labels")
+
+def _add_judge_check(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill judge-check`."""
+    j = _command(sub, common, "judge-check", "a judge's agreement with pyrit's human refusal labels")
     j.add_argument("--judge", default="heuristic", help="heuristic, keyword, llamaguard:ID, harmbench:ID, ...")
     j.add_argument(
         "--file",
@@ -452,6 +477,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--out", help="write the figures and per-row predictions to this JSON file")
     j.set_defaults(func=_judge_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser, then one small function per subcommand, in --help order."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, banners or step lines; warnings and results only"
+    )
+    p = argparse.ArgumentParser(prog="safedistill", description=DESCRIPTION, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (below)")
+    for add in (
+        _add_eval,
+        _add_run,
+        _add_config,
+        _add_flip_rate,
+        _add_refine,
+        _add_steer,
+        _add_compare,
+        _add_judge_check,
+    ):
+        add(sub, common)
     return p
 
 
