@@ -284,7 +284,9 @@ def _judge_check(args: argparse.Namespace) -> None:
 MODEL_HELP = "HF id, local directory, or a bundled alias (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct)"
 
 
-def _command(sub, common: argparse.ArgumentParser, name: str, help: str, description: str | None = None):
+def _command(
+    sub, common: argparse.ArgumentParser, name: str, help: str, description: str | None = None
+) -> argparse.ArgumentParser:
     """One subcommand: its help line, its description (the help line as a sentence when none), -q."""
     text = textwrap.fill(description or help[0].upper() + help[1:] + ".", width=100)
     return sub.add_parser(name, help=help, description=text, parents=[common], formatter_class=_Help)
