@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,17 +413,56 @@ def context_window(model) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
 
 
+_SYSTEM_PROBE, _USER_PROBE = "<<safedistill system probe>>", "<<safedistill user probe>>"
+_DEFAULT_SYSTEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when the conversation has none (SmolLM2's "You
+    are a helpful AI assistant named SmolLM...", Qwen2.5's "You are Qwen..."), read off the
+    template itself: a bare user turn is rendered next to the same turn under a probe system
+    message, and what stands where the probe stood is the default. None when the template has no
+    default (or no system role)."""
+    template = tokenizer.chat_template
+    if template is None:
+        return None
+    known = _DEFAULT_SYSTEM.get(tokenizer)
+    if known is not None and known[0] == template:
+        return known[1]
+    user = [{"role": "user", "content": _USER_PROBE}]
+    try:
+        bare = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        probed = tokenizer.apply_chat_template(
+            [{"role": "system", "content": _SYSTEM_PROBE}, *user], tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # noqa: BLE001 - templates signal "no system role" by raising anything
+        probed = ""
+    at = probed.find(_SYSTEM_PROBE)
+    head, tail = probed[:at], probed[at + len(_SYSTEM_PROBE) :]
+    found = None
+    if at >= 0 and len(bare) > len(head) + len(tail) and bare.startswith(head) and bare.endswith(tail):
+        found = bare[len(head) : len(bare) - len(tail)] or None
+    found = found if found and found.strip() else None
+    _DEFAULT_SYSTEM[tokenizer] = (template, found)
+    return found
+
+
 def chat_text(tokenizer, user: str, *, system: str | None = None) -> str:
-    """The generation prompt for one user turn. A system message goes through the template's
-    system role; templates without one get it prepended to the user text."""
+    """The generation prompt for one user turn. `system` is a privileged context ADDED to the
+    model's own system prompt, never put in its place: a template with a default system prompt
+    gets "default + blank line + system" as its system message, one without gets `system` as the
+    system message, and one with no system role (or no template) gets it ahead of the user text.
+    So a prompt with a context differs from the bare prompt by the context alone."""
     if tokenizer.chat_template is None:
         head = f"{system}\n\n" if system else ""
         return f"{head}{user}\n"
     messages = [{"role": "user", "content": user}]
     if system is not None:
+        default = default_system_prompt(tokenizer)
+        content = f"{default}\n\n{system}" if default else system
         try:
             return tokenizer.apply_chat_template(
-                [{"role": "system", "content": system}, *messages],
+                [{"role": "system", "content": content}, *messages],
                 tokenize=False,
                 add_generation_prompt=True,
             )

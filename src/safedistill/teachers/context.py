@@ -1,5 +1,6 @@
-"""The context teacher: the frozen base model with a privileged context as its system message
-(c_h on harmful prompts, c_b on benign ones); the student never sees the context. Its library of
+"""The context teacher: the frozen base model with a privileged context added to its own system
+prompt (c_h on harmful prompts, c_b on benign ones; models.chat_text); the student never sees the
+context, so the teacher's prompt is the student's with the context inserted and nothing else. Its library of
 candidate contexts, and the search that ranks them by teacher flip rate:
 
 flip(c) = #{x in H: judge(y_0(x)) unsafe and judge(y_c(x)) safe} / |H|, greedy decoding, y_0
@@ -29,8 +30,8 @@ from .base import Item, PrefixTeacher
 
 
 class ContextTeacher(PrefixTeacher):
-    """Base model + per-group context as the system message; the context prefix's KV cache is
-    computed once per group (PrefixTeacher)."""
+    """Base model + per-group context added to the model's own system prompt (chat_text); the
+    context prefix's KV cache is computed once per group (PrefixTeacher)."""
 
     def __init__(self, base, tokenizer, contexts: dict[str, str | None], *, use_cache: bool = True):
         super().__init__(base, tokenizer, use_cache=use_cache)
