@@ -459,66 +459,15 @@ def plot_training_curve(rows: list[dict], path) -> None:
 
 
 def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
+    """report.md of one run: before/after, where the KL sits, training, the method's own sections,
+    settings and data, each section present when its files are."""
     out = Path(out)
     lines = [f"# `{cfg.preset}` on `{cfg.model}` (seed {cfg.seed})", ""]
     if base and final:
         lines += before_after_section(out, base, final)
-    kl_path = out / "kl_by_position.json"
-    if kl_path.exists():
-        kl = json.loads(kl_path.read_text())
-        kl = kl[: max((i + 1 for i, v in enumerate(kl) if v > 0), default=1)]
-        plot_kl_by_position(kl, out / "kl_by_position.png")
-        top = sorted(range(len(kl)), key=lambda i: -kl[i])[:3]
-        total = sum(kl)
-        share = (
-            f"the first 10 of {len(kl)} positions hold {sum(kl[:10]) / total:.0%} of the summed per-position KL."
-            if len(kl) > 10 and total > 0
-            else f"responses had {len(kl)} positions with KL."
-        )
-        lines += [
-            "## Where the KL sits",
-            "",
-            "![KL by position](kl_by_position.png)",
-            "",
-            f"Positions with the largest mean KL: {', '.join(str(i + 1) for i in top)}; {share}",
-            "",
-        ]
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        from ..files import read_log
-
-        rows = read_log(metrics)
-        if rows:
-            last = rows[-1]
-            plot_training_curve(rows, out / "training_curve.png")
-            lines += [
-                "## Training",
-                "",
-                "![loss and KL by step](training_curve.png)",
-                "",
-                f"{len(rows)} optimizer steps in {training_seconds(rows):.0f} s "
-                f"({last.get('wall_time') or 0:.0f} s from model load, with the base evaluation and any search); "
-                f"last loss {_num(last.get('loss'))}"
-                + (f", mean KL {_num(last.get('mean_kl'))}" if "mean_kl" in last else ""),
-                "",
-            ]
-            from ..eval.diagnostics import collapse_section
-
-            lines += collapse_section(out, rows)
-    flip = out / "flip_rates.json"
-    if flip.exists():
-        ranking = json.loads(flip.read_text())
-        lines += [
-            "## Context chosen by teacher flip rate",
-            "",
-            "| context | flip rate | conditional | benign refusal |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['id']} | {r['flip_rate']:.2f} | {r['conditional_flip_rate']:.2f} | {r['benign_refusal_rate']:.2f} |"
-            for r in ranking[:5]
-        ]
-        lines.append("")
+    lines += kl_section(out)
+    lines += training_section(out)
+    lines += flip_rate_section(out)
     if (out / "shift.json").exists():
         from ..methods.dgr import shift_lines
 
@@ -528,6 +477,77 @@ def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
     if final:
         lines += ["## Data", "", manifest_table(final.get("manifest", [])), "", JUDGE_NOTE, ""]
     return "\n".join(lines)
+
+
+def kl_section(out: Path) -> list[str]:
+    """The mean KL by response position, plotted, when the run tracked it."""
+    kl_path = out / "kl_by_position.json"
+    if not kl_path.exists():
+        return []
+    kl = json.loads(kl_path.read_text())
+    kl = kl[: max((i + 1 for i, v in enumerate(kl) if v > 0), default=1)]
+    plot_kl_by_position(kl, out / "kl_by_position.png")
+    top = sorted(range(len(kl)), key=lambda i: -kl[i])[:3]
+    total = sum(kl)
+    share = (
+        f"the first 10 of {len(kl)} positions hold {sum(kl[:10]) / total:.0%} of the summed per-position KL."
+        if len(kl) > 10 and total > 0
+        else f"responses had {len(kl)} positions with KL."
+    )
+    return [
+        "## Where the KL sits",
+        "",
+        "![KL by position](kl_by_position.png)",
+        "",
+        f"Positions with the largest mean KL: {', '.join(str(i + 1) for i in top)}; {share}",
+        "",
+    ]
+
+
+def training_section(out: Path) -> list[str]:
+    """Loss and KL by step, the run's time, and the collapse probe."""
+    metrics = out / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    from ..files import read_log
+
+    rows = read_log(metrics)
+    if not rows:
+        return []
+    last = rows[-1]
+    plot_training_curve(rows, out / "training_curve.png")
+    lines = [
+        "## Training",
+        "",
+        "![loss and KL by step](training_curve.png)",
+        "",
+        f"{len(rows)} optimizer steps in {training_seconds(rows):.0f} s "
+        f"({last.get('wall_time') or 0:.0f} s from model load, with the base evaluation and any search); "
+        f"last loss {_num(last.get('loss'))}" + (f", mean KL {_num(last.get('mean_kl'))}" if "mean_kl" in last else ""),
+        "",
+    ]
+    from ..eval.diagnostics import collapse_section
+
+    return lines + collapse_section(out, rows)
+
+
+def flip_rate_section(out: Path) -> list[str]:
+    """The five best contexts of the flip-rate search, when the run ranked contexts."""
+    flip = out / "flip_rates.json"
+    if not flip.exists():
+        return []
+    ranking = json.loads(flip.read_text())
+    return [
+        "## Context chosen by teacher flip rate",
+        "",
+        "| context | flip rate | conditional | benign refusal |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['id']} | {r['flip_rate']:.2f} | {r['conditional_flip_rate']:.2f} | {r['benign_refusal_rate']:.2f} |"
+            for r in ranking[:5]
+        ),
+        "",
+    ]
 
 
 def steering_section(out) -> list[str]:
