@@ -132,10 +132,27 @@ def compare(
     resume: bool = False,
     frontier_steps: list[int] = (),
 ) -> dict:
+    """Every preset x seed trained and evaluated (finished runs reused), then compared with the
+    base model and with each other: compare.json, compare.md and frontier.png in `out`."""
     out = Path(out)
     frontier_steps = sorted(set(frontier_steps))
-    # Every preset, override and frontier step is checked before anything trains.
-    configs = {
+    configs = load_configs(presets, seeds, model=model, config_file=config_file, overrides=overrides)
+    check_frontier_steps(configs, frontier_steps)
+    results = run_all(configs, out, resume=resume, frontier_steps=frontier_steps)
+    summary = summarise(presets, seeds, configs, results, out)
+    summary["frontier"] = frontier(presets, seeds, configs, out, frontier_steps)
+    summary["verdict"] = verdict(summary)
+    write_json(out / "compare.json", summary)
+    plot_frontier(summary, out / "frontier.png")
+    atomic_write_text(out / "compare.md", compare_report(summary))
+    return summary
+
+
+def load_configs(
+    presets: list[str], seeds: list[int], *, model: str | None, config_file: str | None, overrides: list[str]
+) -> dict[tuple[str, int], object]:
+    """Every preset x seed's config, so a bad preset or override fails before anything trains."""
+    return {
         (preset, seed): load_config(
             preset,
             config_file=config_file,
@@ -144,7 +161,11 @@ def compare(
         for preset in presets
         for seed in seeds
     }
-    check_frontier_steps(configs, frontier_steps)
+
+
+def run_all(configs: dict, out: Path, *, resume: bool, frontier_steps: list[int]) -> dict[tuple[str, int], dict]:
+    """Train and evaluate each run in turn (a finished one is read back), sharing a base model's
+    evaluation between runs with the same model and eval settings, plus the frontier checkpoints."""
     done: list[tuple[str, object, Path]] = []
     results: dict[tuple[str, int], dict] = {}
     for (preset, seed), cfg in configs.items():
@@ -159,7 +180,12 @@ def compare(
         for step in frontier_steps:
             if step not in (0, cfg.steps):
                 evaluate_checkpoint(cfg, run_dir, step)
+    return results
 
+
+def summarise(presets: list[str], seeds: list[int], configs: dict, results: dict, out: Path) -> dict:
+    """The descriptive table, each method against the base model, and each pair of methods, with
+    paired statistics over the same eval items."""
     items = {
         key: (
             read_items(out / key[0] / f"seed-{key[1]}" / "generations_base.jsonl"),
@@ -168,7 +194,7 @@ def compare(
         for key in results
     }
     first = results[(presets[0], seeds[0])]["final"] or {}
-    summary = {
+    return {
         "model": configs[(presets[0], seeds[0])].model,
         "seeds": seeds,
         "presets": presets,
@@ -185,12 +211,6 @@ def compare(
             for a, b in combinations(presets, 2)
         },
     }
-    summary["frontier"] = frontier(presets, seeds, configs, out, frontier_steps)
-    summary["verdict"] = verdict(summary)
-    write_json(out / "compare.json", summary)
-    plot_frontier(summary, out / "frontier.png")
-    atomic_write_text(out / "compare.md", compare_report(summary))
-    return summary
 
 
 def descriptive(presets: list[str], seeds: list[int], results: dict) -> dict:
