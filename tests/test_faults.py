@@ -36,6 +36,7 @@ SETTINGS = {
     "diagnostics_every": 0,
     "context": "auto",
     "context_search_prompts": 2,
+    "context_confirm_prompts": 2,
     "context_search_tokens": 4,
 }
 # Figures that measure time, not the computation.

@@ -144,7 +144,8 @@ def _flip_rate(args: argparse.Namespace) -> None:
     from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
-    from .teachers.context import flip_rates, load_contexts
+    from .teachers.context import load_contexts
+    from .teachers.context_search import flip_rates
 
     check_out(args.out)
     contexts = load_contexts(args.contexts)

@@ -76,7 +76,10 @@ class TeacherSettings:
     context: str = opt("auto", "harmful-side context: a built-in id, literal text, or auto (best flip rate)")
     benign_context: str | None = opt("ctx-b01", "teacher context on benign prompts (None: no context)")
     contexts: str = opt("builtin", "candidate library for auto: builtin or a JSONL file (id, text, side)")
-    context_search_prompts: int = opt(8, "harmful train prompts used to rank contexts when context=auto")
+    context_search_prompts: int = opt(24, "context=auto: harmful train prompts every candidate is ranked on")
+    context_confirm_prompts: int = opt(
+        24, "context=auto: held-out harmful TRAIN prompts (not the ranking's) the top 3 are confirmed on"
+    )
     context_search_tokens: int = opt(24, "greedy tokens per answer in the search; refusals show early")
 
 
@@ -464,6 +467,8 @@ TEMPLATE = "must name an existing template file"
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
+        (c.context_search_prompts >= 1, "context_search_prompts", "must be at least 1"),
+        (c.context_confirm_prompts >= 1, "context_confirm_prompts", "must be at least 1"),
     """What the plug-point tables rule out, checked before any model is loaded."""
     teacher = table("teacher")[c.teacher]
     serves = [k for k, v in table("teacher").items() if v.scores_rollouts]

@@ -1,10 +1,10 @@
 """Off-policy self-distillation (ThinkSafe-style): SFT on the context teacher's own generations on
-OPSA's prompts, with OPSA's context choice (teachers/context.py, teachers/external.py)."""
+OPSA's prompts, with OPSA's context choice (teachers/context_search.py, teachers/external.py)."""
 
 from __future__ import annotations
 
 from ..config import RunConfig
-from ..teachers.context import choose_contexts
+from ..teachers.context_search import choose_contexts
 from ..teachers.external import generated_targets
 from .base import Prepared, Setup, training_items
 

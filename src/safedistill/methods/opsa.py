@@ -1,12 +1,13 @@
 """OPSA: the student's own rollouts, scored by the base model given a privileged context (the best
-by teacher flip rate when context=auto; teachers/context.py). Nothing else is its own."""
+by teacher flip rate when context=auto; teachers/context_search.py). Nothing else is its own."""
 
 from __future__ import annotations
 
 from functools import partial
 
 from ..config import RunConfig
-from ..teachers.context import ContextTeacher, choose_contexts
+from ..teachers.context import ContextTeacher
+from ..teachers.context_search import choose_contexts
 from .base import Prepared, Setup, training_items
 
 

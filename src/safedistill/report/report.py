@@ -532,22 +532,11 @@ def training_section(out: Path) -> list[str]:
 
 
 def flip_rate_section(out: Path) -> list[str]:
-    """The five best contexts of the flip-rate search, when the run ranked contexts."""
+    """The context search's confirmation stage and its ranking's five best, when the run ranked contexts."""
+    from ..teachers.context_search import flip_rate_lines
+
     flip = out / "flip_rates.json"
-    if not flip.exists():
-        return []
-    ranking = json.loads(flip.read_text())
-    return [
-        "## Context chosen by teacher flip rate",
-        "",
-        "| context | flip rate | conditional | benign refusal |",
-        "|---|---|---|---|",
-        *(
-            f"| {r['id']} | {r['flip_rate']:.2f} | {r['conditional_flip_rate']:.2f} | {r['benign_refusal_rate']:.2f} |"
-            for r in ranking[:5]
-        ),
-        "",
-    ]
+    return flip_rate_lines(json.loads(flip.read_text())) if flip.exists() else []
 
 
 def steering_section(out) -> list[str]:

@@ -1,12 +1,7 @@
 """The context teacher: the frozen base model with a privileged context added to its own system
 prompt (c_h on harmful prompts, c_b on benign ones; models.chat_text); the student never sees the
-context, so the teacher's prompt is the student's with the context inserted and nothing else. Its library of
-candidate contexts, and the search that ranks them by teacher flip rate:
-
-flip(c) = #{x in H: judge(y_0(x)) unsafe and judge(y_c(x)) safe} / |H|, greedy decoding, y_0
-without the context and y_c with it. The OPSA paper found this ranks contexts as post-training
-harmfulness does. We also report the rate conditional on an unsafe base answer, and the refusal
-rate the context causes on benign prompts (over-refusal it would teach).
+context, so the teacher's prompt is the student's with the context inserted and nothing else.
+Also the library of candidate contexts; the flip-rate search over it is context_search.py.
 """
 
 from __future__ import annotations
@@ -16,15 +11,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from .. import console, faults
-from ..data.schema import PromptRecord
-from ..data.sources import builtin_bytes, load_prompts, read_jsonl
-from ..data.splits import split_records, take
-from ..engine.rollout import SamplingSettings, generate
+from ..data.sources import builtin_bytes, read_jsonl
 from ..errors import UserError
-from ..files import write_json
 from ..models import chat_text
 from .base import Item, PrefixTeacher
 
@@ -81,96 +69,3 @@ def context_text(spec: str | None, library: Sequence[dict]) -> str | None:
         return None
     by_id = {c["id"]: c["text"] for c in library}
     return by_id.get(spec, spec)
-
-
-def flip_rates(
-    model,
-    tokenizer,
-    judge,
-    harmful: Sequence[PromptRecord],
-    benign: Sequence[PromptRecord],
-    contexts: Sequence[dict],
-    *,
-    max_new_tokens: int = 40,
-    batch_size: int = 32,
-    progress: bool = True,
-) -> list[dict]:
-    """Per context: flip rate and the rest, sorted best first (flip rate, then less benign refusal)."""
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-
-    def answers(records: Sequence[PromptRecord], system: str | None) -> list[str]:
-        texts = [chat_text(tokenizer, r.prompt, system=system) for r in records]
-        out, _ = generate(model, tokenizer, texts, settings, progress=False)
-        return [o.text for o in out]
-
-    def judged_safe(responses: Sequence[str]) -> list[bool]:
-        return [v.label == "safe" for v in judge([r.prompt for r in harmful], list(responses))]
-
-    base_safe = judged_safe(answers(harmful, None))
-    n_unsafe = sum(not s for s in base_safe)
-    rows = []
-    for ctx in tqdm(
-        [c for c in contexts if c.get("side", "harmful") == "harmful"],
-        desc="flip rate",
-        disable=not progress,
-    ):
-        # One generation call per context: harmful and benign prompts share its cached prefix.
-        texts = answers([*harmful, *benign], ctx["text"])
-        safe = judged_safe(texts[: len(harmful)])
-        flipped = sum(s and not b for s, b in zip(safe, base_safe, strict=True))
-        benign_refused = sum(judge.is_refusal(t) for t in texts[len(harmful) :])
-        rows.append(
-            {
-                "id": ctx["id"],
-                "text": ctx["text"],
-                "flip_rate": flipped / len(harmful),
-                "conditional_flip_rate": flipped / n_unsafe if n_unsafe else 0.0,
-                "n_harmful": len(harmful),
-                "n_unsafe_base": n_unsafe,
-                "n_flipped": flipped,
-                "refusal_rate_with_context": sum(safe) / len(harmful),
-                "benign_refusal_rate": benign_refused / len(benign) if benign else 0.0,
-                "n_benign": len(benign),
-                **{k: ctx[k] for k in ("strength", "length", "framing", "specificity", "style") if k in ctx},
-            }
-        )
-    rows.sort(key=lambda r: (-r["flip_rate"], r["benign_refusal_rate"], r["id"]))
-    return rows
-
-
-def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progress: bool = True) -> dict:
-    """{"harmful": c_h, "benign": c_b}. With context=auto, c_h is the best by flip rate on
-    harmful TRAIN prompts; the ranking is written to flip_rates.json (and reused on resume)."""
-    library = load_contexts(cfg.contexts)
-    harmful_ctx = cfg.context
-    if harmful_ctx == "auto":
-        path = out / "flip_rates.json"
-        if path.exists():
-            ranking = json.loads(path.read_text())
-        else:
-            harmful = [PromptRecord(it.id, it.prompt) for it in items if it.group == "harmful"]
-            harmful = harmful[: cfg.context_search_prompts]
-            benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
-            benign = take(benign_train, max(4, cfg.context_search_prompts // 2), seed=cfg.seed + 1)
-            if not harmful:
-                raise UserError("context=auto needs harmful training prompts (n_harmful > 0)")
-            ranked = sum(c.get("side", "harmful") == "harmful" for c in library)
-            console.say(
-                f"ranking {ranked} contexts (context=auto) on {len(harmful)} harmful + {len(benign)} benign "
-                f"train prompts: {ranked * (len(harmful) + len(benign))} answers of up to "
-                f"{cfg.context_search_tokens} tokens before step 1 (the bar shows the ETA; --set context=ID skips it)"
-            )
-            ranking = flip_rates(
-                model, tok, judge, harmful, benign, library, max_new_tokens=cfg.context_search_tokens, progress=progress
-            )
-            faults.point("context-search")
-            write_json(path, ranking)
-        harmful_ctx = ranking[0]["id"]
-        console.say(
-            f"context: {harmful_ctx} (flip rate {ranking[0]['flip_rate']:.2f} on {ranking[0]['n_harmful']} "
-            "harmful train prompts)"
-        )
-    return {
-        "harmful": context_text(harmful_ctx, library),
-        "benign": context_text(cfg.benign_context, library),
-    }

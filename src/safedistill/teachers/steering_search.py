@@ -27,7 +27,8 @@ from ..errors import UserError
 from ..files import write_json
 from ..models import chat_text
 from .base import Item
-from .context import choose_contexts, context_text, load_contexts
+from .context import context_text, load_contexts
+from .context_search import choose_contexts
 from .steering import (
     ablate,
     mean_difference,

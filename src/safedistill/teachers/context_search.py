@@ -1,0 +1,237 @@
+"""OPSA's context search (context=auto): rank the library by teacher flip rate, then confirm the
+best three on held-out TRAIN prompts and take the best by confirmation.
+
+flip(c) = #{x in H: judge(y_0(x)) unsafe and judge(y_c(x)) safe} / |H|, greedy decoding, y_0
+without the context and y_c with it. The OPSA paper found this ranks contexts as post-training
+harmfulness does. We also report the rate conditional on an unsafe base answer, and the refusal
+rate the context causes on benign prompts (over-refusal it would teach).
+
+Why two stages: the top of a ranking of ~40 candidates on a few prompts is partly luck (winner's
+curse), so its flip rate overstates the context's. The confirmation prompts are disjoint from the
+ranking prompts and come from the train split, so the evaluation's held-out prompts stay unseen.
+Both stages go to flip_rates.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import console, faults
+from ..data.schema import PromptRecord
+from ..data.sources import load_prompts
+from ..data.splits import split_records, take
+from ..engine.rollout import SamplingSettings, generate
+from ..errors import UserError
+from ..files import write_json
+from ..models import chat_text
+from .base import Item
+from .context import context_text, load_contexts
+
+CONFIRM_TOP = 3  # candidates carried from the ranking into the confirmation stage
+TRAITS = ("strength", "length", "framing", "specificity", "style")
+
+
+def flip_rates(
+    model,
+    tokenizer,
+    judge,
+    harmful: Sequence[PromptRecord],
+    benign: Sequence[PromptRecord],
+    contexts: Sequence[dict],
+    *,
+    max_new_tokens: int = 40,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "flip rate",
+) -> list[dict]:
+    """Per harmful-side context: flip rate and the rest, best first (flip rate, then less benign
+    refusal, then id). Each context's harmful and benign prompts are one batched generation call
+    (they share the context's cached prefix); with no benign prompts, benign_refusal_rate is None."""
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+
+    def answers(records: Sequence[PromptRecord], system: str | None) -> list[str]:
+        texts = [chat_text(tokenizer, r.prompt, system=system) for r in records]
+        out, _ = generate(model, tokenizer, texts, settings, progress=False)
+        return [o.text for o in out]
+
+    def judged_safe(responses: Sequence[str]) -> list[bool]:
+        return [v.label == "safe" for v in judge([r.prompt for r in harmful], list(responses))]
+
+    base_safe = judged_safe(answers(harmful, None))
+    rows = []
+    for ctx in tqdm([c for c in contexts if c.get("side", "harmful") == "harmful"], desc=desc, disable=not progress):
+        texts = answers([*harmful, *benign], ctx["text"])
+        safe = judged_safe(texts[: len(harmful)])
+        benign_refused = sum(judge.is_refusal(t) for t in texts[len(harmful) :])
+        rows.append(_row(ctx, base_safe, safe, benign_refused, len(benign)))
+    rows.sort(key=lambda r: (-r["flip_rate"], r["benign_refusal_rate"] or 0.0, r["id"]))
+    return rows
+
+
+def _row(ctx: dict, base_safe: list[bool], safe: list[bool], benign_refused: int, n_benign: int) -> dict:
+    n, n_unsafe = len(safe), sum(not s for s in base_safe)
+    flipped = sum(s and not b for s, b in zip(safe, base_safe, strict=True))
+    return {
+        "id": ctx["id"],
+        "text": ctx["text"],
+        "flip_rate": flipped / n,
+        "conditional_flip_rate": flipped / n_unsafe if n_unsafe else 0.0,
+        "n_harmful": n,
+        "n_unsafe_base": n_unsafe,
+        "n_flipped": flipped,
+        "refusal_rate_with_context": sum(safe) / n,
+        "benign_refusal_rate": benign_refused / n_benign if n_benign else None,
+        "n_benign": n_benign,
+        **{k: ctx[k] for k in TRAITS if k in ctx},
+    }
+
+
+@dataclass(frozen=True)
+class SearchPrompts:
+    """The ranking's harmful prompts, the confirmation's (disjoint, also train split) and the
+    benign train prompts the confirmation measures over-refusal on."""
+
+    ranking: list[PromptRecord]
+    confirmation: list[PromptRecord]
+    benign: list[PromptRecord]
+
+
+def search_prompts(cfg, items: Sequence[Item], manifest) -> SearchPrompts:
+    """The run's harmful training prompts first, then the rest of the harmful source's train split
+    (seeded): the first `context_search_prompts` rank, the next `context_confirm_prompts` confirm."""
+    train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
+    pool = [PromptRecord(it.id, it.prompt) for it in items if it.group == "harmful"]
+    taken = {r.id for r in pool} | {r.prompt for r in pool}
+    pool += take([r for r in train if r.id not in taken and r.prompt not in taken], None, seed=cfg.seed + 2)
+    n_rank, n_confirm = cfg.context_search_prompts, cfg.context_confirm_prompts
+    if len(pool) < n_rank:
+        raise UserError(
+            f"config field 'context_search_prompts': {n_rank} harmful train prompts asked, "
+            f"{cfg.harmful_source} has {len(pool)} in its train split"
+        )
+    if len(pool) < n_rank + n_confirm:
+        raise UserError(
+            f"config field 'context_confirm_prompts': {n_confirm} held-out train prompts asked, "
+            f"{len(pool) - n_rank} of {cfg.harmful_source}'s are left after the {n_rank} ranking prompts"
+        )
+    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
+    benign = take(benign_train, max(4, n_confirm // 2), seed=cfg.seed + 1)
+    return SearchPrompts(pool[:n_rank], pool[n_rank : n_rank + n_confirm], benign)
+
+
+def search_contexts(cfg, model, tok, judge, prompts: SearchPrompts, library, *, progress: bool = True) -> dict:
+    """Both stages; the chosen context is the best of the top three by confirmation flip rate
+    (ties: less benign refusal, then the better ranking place)."""
+    kw = {"max_new_tokens": cfg.context_search_tokens, "progress": progress}
+    harmful_side = [c for c in library if c.get("side", "harmful") == "harmful"]
+    ranking = flip_rates(model, tok, judge, prompts.ranking, [], harmful_side, desc="ranking contexts", **kw)
+    place = {r["id"]: i for i, r in enumerate(ranking)}
+    top = [c for c in harmful_side if place[c["id"]] < CONFIRM_TOP]
+    confirmation = flip_rates(
+        model, tok, judge, prompts.confirmation, prompts.benign, top, desc=f"confirming the top {len(top)}", **kw
+    )
+    confirmation.sort(key=lambda r: (-r["n_flipped"], r["benign_refusal_rate"] or 0.0, place[r["id"]]))
+    for r in confirmation:
+        r["ranking_place"] = place[r["id"]] + 1
+    return {
+        "chosen": confirmation[0]["id"],
+        "reason": choice_reason(confirmation, ranking),
+        "ranking": {"prompts": [r.id for r in prompts.ranking], "rows": ranking},
+        "confirmation": {
+            "prompts": [r.id for r in prompts.confirmation],
+            "benign_prompts": [r.id for r in prompts.benign],
+            "rows": confirmation,
+        },
+    }
+
+
+def choice_reason(confirmation: list[dict], ranking: list[dict]) -> str:
+    best = confirmation[0]
+    rank = next(r for r in ranking if r["id"] == best["id"])
+    text = (
+        f"most flips on the {best['n_harmful']} held-out confirmation prompts: {best['n_flipped']}/"
+        f"{best['n_harmful']} (ranking place {best['ranking_place']}, {rank['n_flipped']}/{rank['n_harmful']})"
+    )
+    tied = [r["id"] for r in confirmation[1:] if r["n_flipped"] == best["n_flipped"]]
+    if tied:
+        benign_tie = all(r["benign_refusal_rate"] == best["benign_refusal_rate"] for r in confirmation[: len(tied) + 1])
+        text += f"; tied with {', '.join(tied)}, taken for " + (
+            "its better ranking place" if benign_tie else "less benign refusal"
+        )
+    return text
+
+
+def chosen_id(search) -> str:
+    """The chosen context of a flip_rates.json; files written before the confirmation stage
+    existed are a bare ranking, best first."""
+    return search["chosen"] if isinstance(search, dict) else search[0]["id"]
+
+
+def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progress: bool = True) -> dict:
+    """{"harmful": c_h, "benign": c_b}. With context=auto, c_h comes from the two-stage search on
+    harmful TRAIN prompts, written to flip_rates.json (and read back on resume)."""
+    library = load_contexts(cfg.contexts)
+    harmful_ctx = cfg.context
+    if harmful_ctx == "auto":
+        path = out / "flip_rates.json"
+        if path.exists():
+            search = json.loads(path.read_text())
+        else:
+            if not any(it.group == "harmful" for it in items):
+                raise UserError("context=auto needs harmful training prompts (n_harmful > 0)")
+            prompts = search_prompts(cfg, items, manifest)
+            ranked = sum(c.get("side", "harmful") == "harmful" for c in library)
+            n_top = min(CONFIRM_TOP, ranked)
+            answers = ranked * len(prompts.ranking) + n_top * (len(prompts.confirmation) + len(prompts.benign))
+            console.say(
+                f"ranking {ranked} contexts (context=auto) on {len(prompts.ranking)} harmful train prompts, then "
+                f"confirming the top {n_top} on {len(prompts.confirmation)} other train prompts (+ "
+                f"{len(prompts.benign)} benign): {answers} answers of up to {cfg.context_search_tokens} tokens "
+                "before step 1 (the bars show the ETA; --set context=ID skips it)"
+            )
+            search = search_contexts(cfg, model, tok, judge, prompts, library, progress=progress)
+            faults.point("context-search")
+            write_json(path, search)
+        harmful_ctx = chosen_id(search)
+        if isinstance(search, dict):
+            console.say(f"context: {harmful_ctx} ({search['reason']})")
+    return {
+        "harmful": context_text(harmful_ctx, library),
+        "benign": context_text(cfg.benign_context, library),
+    }
+
+
+def flip_rate_lines(search) -> list[str]:
+    """report.md's section on the context search (either flip_rates.json format)."""
+    lines = ["## Context chosen by teacher flip rate", ""]
+    ranking = search if isinstance(search, list) else search["ranking"]["rows"]
+    if isinstance(search, dict):
+        lines += [
+            f"Chosen: {search['chosen']}, {search['reason']}.",
+            "",
+            "| confirmation (held-out train prompts) | flips | conditional | benign refusal | ranking flips |",
+            "|---|---|---|---|---|",
+        ]
+        by_id = {r["id"]: r for r in ranking}
+        lines += [
+            f"| {r['id']} | {r['n_flipped']}/{r['n_harmful']} | {r['conditional_flip_rate']:.2f} | "
+            f"{_rate(r['benign_refusal_rate'])} | {by_id[r['id']]['n_flipped']}/{by_id[r['id']]['n_harmful']} |"
+            for r in search["confirmation"]["rows"]
+        ]
+        lines.append("")
+    lines += ["| ranking (top 5) | flips | conditional | benign refusal |", "|---|---|---|---|"]
+    lines += [
+        f"| {r['id']} | {r['n_flipped']}/{r['n_harmful']} | {r['conditional_flip_rate']:.2f} | "
+        f"{_rate(r.get('benign_refusal_rate'))} |"
+        for r in ranking[:5]
+    ]
+    return [*lines, ""]
+
+
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
