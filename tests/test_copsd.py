@@ -22,6 +22,7 @@ from safedistill.losses.objectives import (
     group_normalize,
     k3_kl,
     ppo_clipped_loss,
+    sequence_advantages,
 )
 from safedistill.methods.base import training_items
 from safedistill.models import chat_text, load_model
@@ -159,13 +160,18 @@ def test_k3_kl_and_the_full_objective():
     t, ref = torch.randn(4, 3, 11), torch.randn(4, 3, 11)
     tokens = torch.randint(0, 11, (4, 3))
     mask = torch.ones(4, 3)
-    loss, stats = clipped_reward_objective(s, t, tokens, mask, group_size=2, ref_logits=ref, kl_coef=0.005)
     logp = s.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
     reward = (t.log_softmax(-1).gather(-1, tokens[..., None])[..., 0] - logp).clamp(-3, 5) + 0.02
-    adv = group_normalize(reward.detach(), mask, 2)
     kl = k3_kl(logp, ref.log_softmax(-1).gather(-1, tokens[..., None])[..., 0])
-    # At the rollout policy the ratio is 1: loss = -A + 0.005 * KL
-    torch.testing.assert_close(loss, -adv + 0.005 * kl)
+    for level, adv in (
+        ("token", group_normalize(reward.detach(), mask, 2)),
+        ("sequence", sequence_advantages(reward.detach(), mask, 2)),
+    ):
+        loss, stats = clipped_reward_objective(
+            s, t, tokens, mask, group_size=2, ref_logits=ref, kl_coef=0.005, reward_level=level
+        )
+        # At the rollout policy the ratio is 1: loss = -A + 0.005 * KL
+        torch.testing.assert_close(loss, -adv + 0.005 * kl)
     torch.testing.assert_close(stats["reward"], reward.detach())
     assert not stats["clipped"].any()
     loss.sum().backward()

@@ -30,6 +30,8 @@ DivergenceName = Literal["reverse_kl", "forward_kl", "jsd", "mixture", "sampled"
 TokenMaskName = Literal["all", "first_k", "top_fraction", "threshold"]
 VocabMaskName = Literal["none", "safety_tokens"]
 ObjectiveName = Literal["divergence", "clipped_reward"]
+RewardLevel = Literal["sequence", "token"]
+RefKLEstimator = Literal["k3_forward", "full_reverse"]
 Backend = Literal["hf", "merged", "vllm"]
 Precision = Literal["fp32", "bf16", "auto"]
 
@@ -171,8 +173,20 @@ class LossSettings:
     reward_clip_low: float = opt(-3.0, "clipped_reward: r_t = clip(log pi_T - log pi_S, low, high) + bonus")
     reward_clip_high: float = opt(5.0, "clipped_reward: upper clip of the per-token reward")
     reward_bonus: float = opt(0.02, "clipped_reward: reward added to every emitted token")
-    ppo_clip: float = opt(0.2, "clipped_reward: PPO ratio clip epsilon")
-    ref_kl_coef: float = opt(0.005, "clipped_reward: weight of KL(student || frozen base) on sampled tokens")
+    reward_level: RewardLevel = opt(
+        "sequence",
+        "clipped_reward: sequence (GRPO: rewards summed per response, normalised across the prompt's rollouts; "
+        "needs rollouts_per_prompt >= 2) | token (each token's reward normalised over the group's tokens: the "
+        "constant reward_bonus cancels) (REWARD_LEVELS)",
+    )
+    ppo_clip: float = opt(0.2, "clipped_reward: PPO ratio clip epsilon (acts only with ppo_epochs > 1)")
+    ref_kl_coef: float = opt(0.005, "clipped_reward: weight of the KL to the frozen base (ref_kl_estimator)")
+    ref_kl_estimator: RefKLEstimator = opt(
+        "k3_forward",
+        "clipped_reward: k3_forward (k3 on sampled tokens; expected gradient is that of the forward KL(base || "
+        "student)) | full_reverse (reverse KL(student || base) over the whole vocabulary at each position) "
+        "(REF_KL_ESTIMATORS)",
+    )
 
 
 @dataclass
@@ -189,6 +203,12 @@ class OptimSettings:
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     batch_size: int = opt(8, "prompts per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
+    ppo_epochs: int = opt(
+        1,
+        "trainer=onpolicy: optimizer updates per rollout batch; updates after the first reuse the step's rollouts, "
+        "teacher scores and old log-probs, so the PPO ratio moves off 1 and ppo_clip can act (same lr within a step; "
+        "a checkpoint holds whole steps)",
+    )
     steps: int = opt(24, "optimizer steps")
     precision: Precision = opt("fp32", "fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 if fast)")
     save_every: int = opt(4, "checkpoint every N steps (adapter/weights, optimizer, RNG, data position)")
@@ -267,6 +287,8 @@ TABLES = {
     "token_mask": ("safedistill.losses.masks", "TOKEN_MASKS"),
     "vocab_mask": ("safedistill.losses.masks", "VOCAB_MASKS"),
     "objective": ("safedistill.losses.objectives", "OBJECTIVES"),
+    "reward_level": ("safedistill.losses.objectives", "REWARD_LEVELS"),
+    "ref_kl_estimator": ("safedistill.losses.objectives", "REF_KL_ESTIMATORS"),
     "rollout_backend": ("safedistill.engine.backends", "ROLLOUT_BACKENDS"),
 }
 # Fields older run directories saved that no longer exist, with the value that means "unused".
@@ -421,6 +443,7 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.steps >= 1, "steps", "must be at least 1"),
         (c.batch_size >= 1, "batch_size", "must be at least 1"),
         (c.grad_accum >= 1, "grad_accum", "must be at least 1"),
+        (c.ppo_epochs >= 1, "ppo_epochs", "must be at least 1"),
         (c.learning_rate > 0, "learning_rate", "must be positive"),
         (0 <= c.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
         (c.temperature >= 0, "temperature", "must be >= 0"),
@@ -497,6 +520,14 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
             "vocab_mask",
             f"{c.vocab_mask} needs divergence {' or '.join(subset_ok)}",
         ),
+        (
+            not (c.trainer == "onpolicy" and c.objective == "clipped_reward" and c.reward_level == "sequence")
+            or c.rollouts_per_prompt >= 2,
+            "rollouts_per_prompt",
+            "must be at least 2 with objective=clipped_reward and reward_level=sequence (a group of one rollout "
+            "has advantage 0: no gradient); or set reward_level=token",
+        ),
+        (c.trainer != "sft" or c.ppo_epochs == 1, "ppo_epochs", "reuses rollouts: trainer=sft takes 1"),
         (
             c.targets != "external" or c.external_model is not None,
             "external_model",

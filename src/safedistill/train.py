@@ -13,7 +13,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
 from .losses.divergence import masked_mean, token_stats
 from .losses.masks import TOKEN_MASKS
-from .losses.objectives import OBJECTIVES, Scored
+from .losses.objectives import OBJECTIVES, Scored, sampling_temperature, tempered, token_logprobs
 from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
 from .teachers.base import FrozenBase, Item, Teacher
 
@@ -119,8 +119,11 @@ class OnPolicyStep:
         self.objective = OBJECTIVES[cfg.objective].loss
         self.token_mask = TOKEN_MASKS[cfg.token_mask].select
         self.kl = KLByPosition(cfg.max_new_tokens)
+        self.kept: dict[int, tuple[Scored, torch.Tensor]] = {}  # micro -> epoch 0's batch, for ppo_epochs > 1
 
-    def __call__(self, model, batch: list[Item], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model, batch: list[Item], step: int, micro: int, epoch: int = 0) -> tuple[torch.Tensor, dict]:
+        if epoch:
+            return self.reuse(model, micro, epoch)
         items = [it for it in batch for _ in range(self.cfg.rollouts_per_prompt)]
         diag = self.probe(model, self.teacher) if self.probe and micro == 0 and self.probe.due(step) else {}
         precision = resolve_precision(self.cfg.precision, next(model.parameters()).device)
@@ -129,8 +132,10 @@ class OnPolicyStep:
         t1 = time.perf_counter()
         teacher_logits = self.teacher_scores(model, items, responses, precision)
         t2 = time.perf_counter()
-        scored = self.student_scores(model, rollouts, responses, teacher_logits, precision)
+        scored = self.student_scores(model, [r.prompt_ids for r in rollouts], responses, teacher_logits, precision)
         loss, loss_mask, stats, extra = self.loss(model, scored)
+        if self.cfg.ppo_epochs > 1:
+            self.keep(micro, scored, loss_mask)
         times = {"rollout_tokens_per_s": gen.tokens_per_s, "t_rollout": t1 - t0, "t_teacher": t2 - t1}
         times["t_student"] = time.perf_counter() - t2
         self.kl.add(stats["reverse_kl"], scored.mask)
@@ -157,9 +162,8 @@ class OnPolicyStep:
         with autocast(precision, next(model.parameters()).device):
             return self.teacher.logits(model, items, responses)
 
-    def student_scores(self, model, rollouts, responses, teacher_logits, precision: str) -> Scored:
+    def student_scores(self, model, prompts, responses, teacher_logits, precision: str) -> Scored:
         model.train()
-        prompts = [r.prompt_ids for r in rollouts]
         with autocast(precision, next(model.parameters()).device):
             student_logits, mask = response_logits(model, prompts, responses, pad_id=self.tok.pad_token_id)
         tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
@@ -176,6 +180,24 @@ class OnPolicyStep:
         if s.vocab_ids is not None:
             extra["student_mass_on_s"] = float(masked_mean(stats["mass_on_ids"], s.mask))
         return masked_mean(per_token, loss_mask), loss_mask, stats, extra
+
+    def keep(self, micro: int, s: Scored, loss_mask: torch.Tensor) -> None:
+        """Epoch 0's batch for the updates that reuse it, with the rollout policy's tempered
+        log-probs of the sampled tokens fixed as the PPO ratio's denominator and the reward's."""
+        old = token_logprobs(tempered(s.student_logits.detach(), sampling_temperature(self.cfg)), s.tokens)
+        self.kept[micro] = (replace(s, student_logits=None, old_logp=old), loss_mask)
+
+    def reuse(self, model, micro: int, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Update `epoch` (>= 1) of a step: the kept rollouts, teacher logits, loss positions and
+        old log-probs, the student rescored with its current weights. Metrics: the objective's
+        (clip_fraction, ...) and this update's loss as reuse_loss."""
+        kept, loss_mask = self.kept[micro] if epoch < self.cfg.ppo_epochs - 1 else self.kept.pop(micro)
+        precision = resolve_precision(self.cfg.precision, next(model.parameters()).device)
+        s = self.student_scores(model, kept.prompts, kept.responses, kept.teacher_logits, precision)
+        s.old_logp = kept.old_logp
+        per_token, extra = self.objective(self.cfg, s, model, self.teacher.reference, self.tok.pad_token_id)
+        loss = masked_mean(per_token, loss_mask)
+        return loss, {"reuse_loss": loss.item(), **extra}
 
     def metrics(self, items, rollouts, s: Scored, loss, loss_mask, stats, times: dict) -> dict:
         mask = s.mask
@@ -339,7 +361,7 @@ def metrics_row(done: StepDone, procs: Processes, scheduler, started: float) -> 
         lr=done.lr if done.lr is not None else scheduler.get_last_lr()[0],
         grad_norm=done.grad_norm,
         step_seconds=done.seconds,
-        tokens_per_s=sum(d["tokens"] for d in logs) / done.seconds,
+        tokens_per_s=sum(d.get("tokens", 0) for d in logs) / done.seconds,
         wall_time=time.perf_counter() - started,
     )
     return row
@@ -451,6 +473,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         start=start,
         desc=f"{cfg.preset} training",
         progress=progress,
+        passes=cfg.ppo_epochs if cfg.trainer == "onpolicy" else 1,
     )
     seconds: list[float] = []
     try:

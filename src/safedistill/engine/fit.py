@@ -18,6 +18,7 @@ from .. import faults
 from ..errors import RunDiverged
 from .distributed import Processes
 
+# (model, batch, step, micro[, epoch]) -> (loss, metrics); epoch only when fit takes passes > 1
 StepFn = Callable[..., tuple[torch.Tensor, dict]]
 
 
@@ -77,35 +78,55 @@ def fit(
     start: int = 0,
     desc: str = "training",
     progress: bool = True,
+    passes: int = 1,
 ) -> Iterator[StepDone]:
-    """Steps `start` .. `steps`-1; each yields once its optimizer update is done. A non-finite loss
-    or gradient raises RunDiverged before the update, a non-finite weight after it: the caller
-    then saves nothing more, so no checkpoint holds the bad step."""
+    """Steps `start` .. `steps`-1; each yields once its optimizer updates are done. `passes` > 1
+    takes that many updates on each step's batches, calling step_fn(..., epoch) with epoch 0..
+    passes-1 (the step function reuses what it drew at epoch 0); the scheduler moves once per
+    step. A non-finite loss or gradient raises RunDiverged before the update, a non-finite weight
+    after it: the caller then saves nothing more, so no checkpoint holds the bad step."""
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
         logs: list[dict] = []
-        for micro in range(batching.grad_accum):
-            batch = batch_for_step(data, step, micro, batching)
-            loss, info = step_fn(model, procs.shard(batch) if procs else batch, step, micro)
-            if not torch.isfinite(loss.detach()).all():
-                raise RunDiverged(step + 1, f"the loss is {loss.item()}")
-            (loss / batching.grad_accum).backward()
-            logs.append(info)
-        if procs:
-            procs.average_gradients_(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise RunDiverged(step + 1, f"the gradient norm is {float(grad_norm)}")
+        norms: list[float] = []
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        if not _finite(params):
-            raise RunDiverged(step + 1, "the update made some weights non-finite", from_weights=False)
+        for epoch in range(passes):
+            logs += _accumulate(model, step_fn, data, step, batching, procs, epoch if passes > 1 else None)
+            norms.append(_update(params, optimizer, max_grad_norm, step, procs))
         faults.point("step")
         if scheduler is not None:
             scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{sum(d['loss'] for d in logs) / len(logs):.3f}")
-        yield StepDone(step, logs, float(grad_norm), time.perf_counter() - t0, lr)
+        losses = [d["loss"] for d in logs if "loss" in d]
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
+        yield StepDone(step, logs, sum(norms) / len(norms), time.perf_counter() - t0, lr)
     bar.close()
+
+
+def _accumulate(model, step_fn: StepFn, data: Sequence, step: int, batching, procs, epoch: int | None) -> list[dict]:
+    """The step's micro-batches, forward and backward (gradients summed, / grad_accum)."""
+    logs = []
+    for micro in range(batching.grad_accum):
+        batch = batch_for_step(data, step, micro, batching)
+        args = (model, procs.shard(batch) if procs else batch, step, micro) + (() if epoch is None else (epoch,))
+        loss, info = step_fn(*args)
+        if not torch.isfinite(loss.detach()).all():
+            raise RunDiverged(step + 1, f"the loss is {loss.item()}")
+        (loss / batching.grad_accum).backward()
+        logs.append(info)
+    return logs
+
+
+def _update(params, optimizer, max_grad_norm: float, step: int, procs) -> float:
+    """Sync, clip, one optimizer update; the gradient norm before clipping."""
+    if procs:
+        procs.average_gradients_(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise RunDiverged(step + 1, f"the gradient norm is {float(grad_norm)}")
+    optimizer.step()
+    if not _finite(params):
+        raise RunDiverged(step + 1, "the update made some weights non-finite", from_weights=False)
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
