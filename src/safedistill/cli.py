@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
-from .config import preset_names
+from .config import DgrSettings, choices, preset_names
 from .errors import RunDiverged, UserError
 
 DESCRIPTION = """\
@@ -410,9 +410,13 @@ def _add_refine(sub, common: argparse.ArgumentParser) -> None:
     d.add_argument("--data", default="builtin", help="builtin (= builtin:directrefusal), builtin:NAME or a JSONL file")
     d.add_argument("--out", required=True, help="directory for refined.jsonl and shift.json")
     d.add_argument("--n-samples", type=int, help="refine at most N samples (seeded subset; default: all)")
-    d.add_argument("--retries", type=int, default=2, help="sampled retries after the greedy rewrite")
+    dgr = DgrSettings()  # the run config's dgr section: one place for these defaults and choices
+    d.add_argument("--retries", type=int, default=dgr.refine_retries, help="sampled retries after the greedy rewrite")
     d.add_argument(
-        "--on-fail", choices=["fallback", "drop"], default="fallback", help="when every rewrite fails the judge"
+        "--on-fail",
+        choices=list(choices("refine_on_fail")),
+        default=dgr.refine_on_fail,
+        help="when every rewrite fails the judge",
     )
     d.add_argument("--template", help="response refinement prompt file with {prompt} and {reference}")
     d.add_argument("--reasoning-template", help="reasoning refinement prompt file with {prompt} and {reference}")

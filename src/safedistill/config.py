@@ -128,7 +128,7 @@ class CopsdSettings:
 
 @dataclass
 class DgrSettings:
-    """DGR's refinement of external data (methods/dgr.py)."""
+    """DGR's refinement of external data; its knobs live here only (methods/dgr.py reads this section)."""
 
     refine_retries: int = opt(2, "sampled retries after the greedy rewrite before giving up on a sample")
     refine_on_fail: Literal["fallback", "drop"] = opt("fallback", "fallback (keep the original sample) | drop")

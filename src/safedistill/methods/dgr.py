@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import DgrSettings, RunConfig, choices
 from ..data.schema import Demonstration
 from ..engine.rollout import SamplingSettings, generate
 from ..engine.sft import sequence_nll
@@ -53,12 +54,17 @@ Write your own short thinking about the request, in your own words: what is bein
 PLACEHOLDERS = ("{prompt}", "{reference}")
 
 
+DGR = DgrSettings()  # the run config's `dgr` section: the one place DGR's knobs, defaults and help live
+ON_FAIL = choices("refine_on_fail")
+
+
 @dataclass
 class RefineSettings:
-    """How samples are rewritten. The first attempt is greedy; retries sample."""
+    """How samples are rewritten: the `dgr` section's knobs resolved (template files read) plus the
+    run's sampling fields (`settings_from`). The first attempt is greedy; retries sample."""
 
-    retries: int = 2  # sampled attempts after the greedy one before giving up on a sample
-    on_fail: str = "fallback"  # fallback: keep the original sample; drop: leave it out
+    retries: int = DGR.refine_retries
+    on_fail: str = DGR.refine_on_fail
     template: str = RESPONSE_TEMPLATE
     reasoning_template: str = REASONING_TEMPLATE
     max_new_tokens: int = 64
@@ -115,8 +121,8 @@ def _rewrite(model, tok, samples, field: str, template: str, settings: SamplingS
 def refine(model, tok, judge, samples: list[Demonstration], s: RefineSettings, *, progress=True) -> list[Outcome]:
     """One Outcome per sample, in input order. Attempt a (0 greedy, then sampled with seed
     s.seed * 1009 + a) rewrites every sample still pending; the judge sees the response only."""
-    if s.on_fail not in {"fallback", "drop"}:
-        raise UserError(f"on_fail must be fallback or drop, got {s.on_fail!r}")
+    if s.on_fail not in ON_FAIL:
+        raise UserError(f"on_fail must be {' or '.join(ON_FAIL)}, got {s.on_fail!r}")
     model.eval()
     result: dict[int, Outcome] = {}
     pending = list(range(len(samples)))
@@ -286,12 +292,14 @@ def read_refined(path: Path) -> list[Demonstration]:
     return [Demonstration(r["prompt"], r["response"], r["id"], r.get("reasoning"), r.get("source", "")) for r in rows]
 
 
-def settings_from(cfg, seed: int | None = None) -> RefineSettings:
+def settings_from(cfg: RunConfig, seed: int | None = None) -> RefineSettings:
+    """The run config's `dgr` section, its rollout sampling fields and its seed, as RefineSettings."""
+    dgr: DgrSettings = cfg.section("dgr")
     return RefineSettings(
-        retries=cfg.refine_retries,
-        on_fail=cfg.refine_on_fail,
-        template=load_template(cfg.refine_template, RESPONSE_TEMPLATE),
-        reasoning_template=load_template(cfg.refine_reasoning_template, REASONING_TEMPLATE),
+        retries=dgr.refine_retries,
+        on_fail=dgr.refine_on_fail,
+        template=load_template(dgr.refine_template, RESPONSE_TEMPLATE),
+        reasoning_template=load_template(dgr.refine_reasoning_template, REASONING_TEMPLATE),
         max_new_tokens=cfg.max_new_tokens,
         reasoning_max_new_tokens=2 * cfg.max_new_tokens,
         temperature=cfg.temperature,
