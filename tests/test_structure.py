@@ -1,0 +1,43 @@
+"""The architecture rules of docs/design.md that a change can break silently: no import circles
+in src/safedistill (bench/structure.py computes them from the source with ast)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def structure():
+    spec = importlib.util.spec_from_file_location("bench_structure", ROOT / "bench" / "structure.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_no_import_circles(structure, lazy):
+    graph = structure.import_graph(structure.read_modules(structure.SRC), lazy)
+    assert structure.circles(graph) == []
+
+
+def test_circles_and_floors_of_a_small_package(structure, tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("from .c import thing\n")
+    (pkg / "c.py").write_text("def thing():\n    from . import a\n")
+    (pkg / "d.py").write_text("import os\n")
+    eager = structure.import_graph(structure.read_modules(pkg), lazy=False)
+    assert structure.circles(eager) == []
+    assert structure.floors(eager, []) == {"pkg": 0, "pkg.a": 2, "pkg.b": 1, "pkg.c": 0, "pkg.d": 0}
+    lazy = structure.import_graph(structure.read_modules(pkg), lazy=True)
+    assert structure.circles(lazy) == [["pkg.a", "pkg.b", "pkg.c"]]
+    assert [name for _, name in structure.functions(structure.read_modules(pkg))] == ["pkg.c:thing"]
