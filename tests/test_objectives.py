@@ -279,3 +279,12 @@ def test_resume_with_ppo_epochs_redoes_only_the_interrupted_step(tiny_dir, sourc
     for a, b in zip(got, want, strict=True):
         for key in ("loss", "reuse_loss", "clip_fraction", "ppo_ratio_dev"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_run_with_the_full_reverse_kl_to_the_base(tiny_dir, sources, tmp_path):
+    settings = dict(steps=2, objective="clipped_reward", rollouts_per_prompt=2, ref_kl_estimator="full_reverse")
+    cfg = load_config("opsa", overrides=run_settings(tiny_dir, sources, diagnostics_every=0, **settings))
+    train(cfg, tmp_path / "run", progress=False)
+    first, second = metrics(tmp_path / "run")
+    assert first["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts at the base
+    assert second["ref_kl"] > 1e-6 and math.isfinite(second["loss"])  # one update moved the student off it
