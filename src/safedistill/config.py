@@ -124,6 +124,15 @@ class CopsdSettings:
     cross_sft_batch_size: int = opt(8, "cold start: crossed pairs per step")
     cross_sft_samples: int = opt(2, "cold start: samples per harmful prompt under the constitution; first safe kept")
     cross_sft_max_new_tokens: int = opt(96, "cold start: token budget of the crossed answers")
+    cross_sft_seed_context: str | None = opt(
+        "ctx-h37",
+        "cold start: harmful prompts the constitution leaves without a safe answer get cross_sft_samples tries "
+        "under this context (library id, literal text, or auto: OPSA's flip-rate search); its judge-verified "
+        "refusals become their crossed answers (None: constitution only)",
+    )
+    cross_sft_harmful_share: float | None = opt(
+        0.5, "cold start: least share of harmful rows in the crossed set, reached by repeating them (None: as found)"
+    )
 
 
 @dataclass
@@ -467,9 +476,16 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.reward_clip_low <= c.reward_clip_high, "reward_clip_low", "must not exceed reward_clip_high"),
         (0 < c.ppo_clip < 1, "ppo_clip", "must be in (0, 1)"),
         (c.diagnostics_every >= 0, "diagnostics_every", "must be >= 0"),
+        (c.context_search_prompts >= 1, "context_search_prompts", "must be at least 1"),
+        (c.context_confirm_prompts >= 1, "context_confirm_prompts", "must be at least 1"),
         (c.cross_sft_steps >= 1, "cross_sft_steps", "must be at least 1"),
         (c.cross_sft_batch_size >= 1, "cross_sft_batch_size", "must be at least 1"),
         (c.cross_sft_samples >= 1, "cross_sft_samples", "must be at least 1"),
+        (
+            c.cross_sft_harmful_share is None or 0 <= c.cross_sft_harmful_share < 1,
+            "cross_sft_harmful_share",
+            "must be in [0, 1) or null",
+        ),
         (c.safety_tokens_k >= 1, "safety_tokens_k", "must be at least 1"),
         (_number_list(c.steer_layers, int), "steer_layers", "must be auto or comma-separated layer indices"),
         (_number_list(c.steer_scales, float), "steer_scales", "must be comma-separated numbers"),
@@ -490,8 +506,6 @@ TEMPLATE = "must name an existing template file"
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
-        (c.context_search_prompts >= 1, "context_search_prompts", "must be at least 1"),
-        (c.context_confirm_prompts >= 1, "context_confirm_prompts", "must be at least 1"),
     """What the plug-point tables rule out, checked before any model is loaded."""
     teacher = table("teacher")[c.teacher]
     serves = [k for k, v in table("teacher").items() if v.scores_rollouts]

@@ -146,11 +146,7 @@ def collapse_section(out: Path, rows: list[dict]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
     crossed = Path(out) / "crossed_summary.json"
     if crossed.exists():
-        c = json.loads(crossed.read_text())
-        lines += [
-            "",
-            f"Cross-SFT cold start: {c['harmful_kept']}/{c['harmful_prompts']} harmful prompts got a judge-verified "
-            f"safe answer under the constitution; {c['benign_rows']} benign rows ({c['benign_truncated']} cut at the "
-            "token limit); see `crossed.jsonl`.",
-        ]
+        from ..teachers.calibrated import summary_line
+
+        lines += ["", f"Cross-SFT cold start: {summary_line(json.loads(crossed.read_text()))}; see `crossed.jsonl`."]
     return [*lines, ""]

@@ -18,7 +18,9 @@ def prepare(cfg: RunConfig, s: Setup) -> Prepared:
     constitution = load_constitution(cfg.constitution)
     calibrated = None
     if cfg.cold_start == "cross_sft":
-        calibrated = calibrated_model(cfg, s.model, s.tok, s.judge, items, constitution, s.out, progress=s.progress)
+        calibrated = calibrated_model(
+            cfg, s.model, s.tok, s.judge, items, constitution, s.out, manifest=s.manifest, progress=s.progress
+        )
     return Prepared(items=items, make_teacher=partial(_teacher, constitution=constitution, calibrated=calibrated))
 
 

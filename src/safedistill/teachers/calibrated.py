@@ -3,19 +3,27 @@ that reads the constitution (teachers/constitution.py) without collapsing into s
 
 Cross-SFT (the paper has not published its recipe; this is our reading):
   constitution + harmful prompt -> a safe answer the model itself gave under the constitution
-                                   (judge-verified; prompts with no safe sample are dropped)
+                                   (judge-verified), else a refusal it gave under a privileged
+                                   context (`cross_sft_seed_context`: the flipped answers a small
+                                   model gives far more often than under a long constitution);
+                                   prompts with neither are dropped
   constitution + benign prompt  -> the model's own answer to the bare prompt (no constitution)
 A copy of the model is fine-tuned (LoRA, merged afterwards) on these crossed pairs, so that the
 constitution keeps its effect on harmful prompts but no longer shortens or hedges benign answers;
 frozen, it is the teacher for constitution-conditioned on-policy distillation into the original
-student. The crossed set is written to crossed.jsonl, the adapter to cross_sft/ (reused on resume).
+student. Harmful rows are repeated up to `cross_sft_harmful_share` of the set. The crossed set is
+written to crossed.jsonl (its make-up and harmful share to crossed_summary.json), the adapter to
+cross_sft/ (reused on resume).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,8 +39,12 @@ from ..models import LoraSettings, add_lora, chat_text, save_model
 from .constitution import wrap
 
 
-def crossed_rows(cfg, model, tok, judge, items, constitution: str, *, progress: bool = True) -> list[dict]:
-    """The crossed data set (see the module docstring); `cross_sft_samples` tries per harmful prompt."""
+def crossed_rows(
+    cfg, model, tok, judge, items, constitution: str, *, seed_context: str | None = None, progress: bool = True
+) -> list[dict]:
+    """The crossed data set (see the module docstring): `cross_sft_samples` tries per harmful
+    prompt under the constitution, then under `seed_context` for the prompts still without a safe
+    answer; harmful rows repeated up to `cross_sft_harmful_share` (balance)."""
     harmful = [it for it in items if it.group == "harmful"]
     benign = [it for it in items if it.group != "harmful"]
     settings = SamplingSettings(
@@ -42,29 +54,70 @@ def crossed_rows(cfg, model, tok, judge, items, constitution: str, *, progress: 
         batch_size=16,
         seed=cfg.seed * 31 + 5,
     )
-    k = cfg.cross_sft_samples
+    ask = partial(_safe_answers, model, tok, judge, settings=settings, k=cfg.cross_sft_samples, progress=progress)
     rows: list[dict] = []
-    if harmful:
-        tries = [it for it in harmful for _ in range(k)]
-        texts = [chat_text(tok, wrap(constitution, it.prompt)) for it in tries]
-        out, _ = generate(model, tok, texts, settings, desc="crossed: harmful", progress=progress)
-        verdicts = judge([it.prompt for it in tries], [r.text for r in out])
-        done: set[str] = set()
-        for it, r, v in zip(tries, out, verdicts, strict=True):
-            if it.id in done or not v.safe_target or not r.text.strip():
-                continue
-            done.add(it.id)
-            rows.append(_row(it, constitution, r, "constitution", v.label))
+    found = ask(harmful, lambda it: chat_text(tok, wrap(constitution, it.prompt)), desc="crossed: harmful")
+    rows += [_row(it, constitution, *found[it.id], "constitution") for it in harmful if it.id in found]
+    missing = [it for it in harmful if it.id not in found]
+    if seed_context is not None and missing:
+        seeded = ask(missing, lambda it: chat_text(tok, it.prompt, system=seed_context), desc="crossed: seed context")
+        rows += [_row(it, constitution, *seeded[it.id], "context") for it in missing if it.id in seeded]
     if benign:
         texts = [chat_text(tok, it.prompt) for it in benign]
         out, _ = generate(model, tok, texts, settings, desc="crossed: benign", progress=progress)
         rows += [
-            _row(it, constitution, r, "own-answer", None) for it, r in zip(benign, out, strict=True) if r.text.strip()
+            _row(it, constitution, r, None, "own-answer") for it, r in zip(benign, out, strict=True) if r.text.strip()
         ]
-    return rows
+    return balance(rows, cfg.cross_sft_harmful_share)
 
 
-def _row(item, constitution: str, rollout, source: str, label: str | None) -> dict:
+def _safe_answers(model, tok, judge, items, prompt_text, *, settings, k: int, desc: str, progress: bool) -> dict:
+    """{item id: (first answer of k samples the judge takes as a safe target, its label)}."""
+    if not items:
+        return {}
+    tries = [it for it in items for _ in range(k)]
+    out, _ = generate(model, tok, [prompt_text(it) for it in tries], settings, desc=desc, progress=progress)
+    verdicts = judge([it.prompt for it in tries], [r.text for r in out])
+    found: dict[str, tuple] = {}
+    for it, r, v in zip(tries, out, verdicts, strict=True):
+        if it.id not in found and v.safe_target and r.text.strip():
+            found[it.id] = (r, v.label)
+    return found
+
+
+def balance(rows: list[dict], share: float | None) -> list[dict]:
+    """`rows` plus copies of its harmful rows (in order, each marked with `copy`: 1, 2, ...) until
+    harmful rows make at least `share` of the set; unchanged when share is None or no harmful row
+    exists."""
+    harmful = [r for r in rows if r["group"] == "harmful"]
+    if share is None or not harmful:
+        return rows
+    need = math.ceil(share * (len(rows) - len(harmful)) / (1 - share) - 1e-9)
+    return rows + [dict(harmful[i % len(harmful)], copy=1 + i // len(harmful)) for i in range(need - len(harmful))]
+
+
+def crossed_summary(rows: list[dict], n_harmful_prompts: int, target: float | None, seed_context) -> dict:
+    """What crossed_summary.json records: where the harmful rows came from and their share."""
+    harmful = [r for r in rows if r["group"] == "harmful"]
+    distinct = [r for r in harmful if not r.get("copy")]
+    benign = [r for r in rows if r["group"] != "harmful"]
+    return {
+        "harmful_prompts": n_harmful_prompts,
+        "harmful_kept": len(distinct),
+        "harmful_from_constitution": sum(r["source"] == "constitution" for r in distinct),
+        "harmful_from_context": sum(r["source"] == "context" for r in distinct),
+        "harmful_copies": len(harmful) - len(distinct),
+        "harmful_rows": len(harmful),
+        "benign_rows": len(benign),
+        "benign_truncated": sum(not r["finished"] for r in benign),
+        "harmful_share": len(harmful) / len(rows) if rows else 0.0,
+        "harmful_share_distinct": len(distinct) / (len(distinct) + len(benign)) if distinct or benign else 0.0,
+        "target_share": target,
+        "seed_context": seed_context,
+    }
+
+
+def _row(item, constitution: str, rollout, label: str | None, source: str) -> dict:
     return {
         "id": item.id,
         "group": item.group,
@@ -135,26 +188,50 @@ def cross_sft(cfg, model, tok, rows: list[dict], out: Path, *, progress: bool = 
     return teacher.merge_and_unload().eval()
 
 
-def calibrated_model(cfg, model, tok, judge, items, constitution: str, out: Path, *, progress: bool = True):
-    """The crossed set (crossed.jsonl, reused on resume) and the Cross-SFT copy trained on it."""
+def seed_context(cfg, model, tok, judge, items, manifest, out: Path, *, progress: bool = True) -> str | None:
+    """The text of `cross_sft_seed_context`: a library id, literal text, auto (OPSA's flip-rate
+    search, flip_rates.json) or None."""
+    from .context import check_context, context_text, load_contexts
+    from .context_search import choose_contexts
+
+    spec = cfg.cross_sft_seed_context
+    if spec == "auto":
+        searched = dataclasses.replace(cfg, context="auto")
+        return choose_contexts(searched, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
+    library = load_contexts(cfg.contexts)
+    check_context("cross_sft_seed_context", spec, library)
+    return context_text(spec, library)
+
+
+def calibrated_model(
+    cfg, model, tok, judge, items, constitution: str, out: Path, *, manifest=None, progress: bool = True
+):
+    """The crossed set (crossed.jsonl, reused on resume; its make-up in crossed_summary.json) and
+    the Cross-SFT copy trained on it."""
     path = out / "crossed.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
-        rows = crossed_rows(cfg, model, tok, judge, items, constitution, progress=progress)
+        context = seed_context(cfg, model, tok, judge, items, manifest, out, progress=progress)
+        rows = crossed_rows(cfg, model, tok, judge, items, constitution, seed_context=context, progress=progress)
         write_jsonl(path, rows)
     n_harm = sum(it.group == "harmful" for it in items)
-    kept = sum(r["group"] == "harmful" for r in rows)
-    summary = {
-        "harmful_prompts": n_harm,
-        "harmful_kept": kept,
-        "benign_rows": len(rows) - kept,
-        "benign_truncated": sum(r["group"] != "harmful" and not r["finished"] for r in rows),
-    }
+    summary = crossed_summary(rows, n_harm, cfg.cross_sft_harmful_share, cfg.cross_sft_seed_context)
     write_json(out / "crossed_summary.json", summary)
-    print(
-        f"cross-sft: {kept}/{n_harm} harmful prompts got a safe answer; {len(rows) - kept} benign rows", file=sys.stderr
-    )
+    print(f"cross-sft: {summary_line(summary)}", file=sys.stderr)
     if not rows:
         raise UserError("cross-sft: the crossed data set is empty (no safe harmful answer and no benign prompt)")
     return cross_sft(cfg, model, tok, rows, out, progress=progress)
+
+
+def summary_line(c: dict) -> str:
+    """One sentence on the crossed set: where its harmful rows came from and their share (also the report's)."""
+    copies = f" + {c['harmful_copies']} repeated" if c.get("harmful_copies") else ""
+    target = f" (target {c['target_share']:.2f})" if c.get("target_share") is not None else ""
+    seeded = f", {c['harmful_from_context']} from the seed context {c['seed_context']}" if c.get("seed_context") else ""
+    return (
+        f"{c['harmful_kept']}/{c['harmful_prompts']} harmful prompts got a judge-verified safe answer "
+        f"({c.get('harmful_from_constitution', c['harmful_kept'])} under the constitution{seeded}){copies}; "
+        f"{c['benign_rows']} benign rows ({c['benign_truncated']} cut at the token limit); harmful share of the rows "
+        f"{c.get('harmful_share', 0.0):.2f}{target}"
+    )
