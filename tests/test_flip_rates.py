@@ -174,6 +174,13 @@ def test_a_confirmation_tie_goes_to_the_better_ranking_place(generations, tmp_pa
     assert "tied with ctx-a" in result["reason"] and "better ranking place" in result["reason"]
 
 
+@pytest.mark.parametrize("field", ["context_search_prompts", "context_confirm_prompts"])
+def test_search_sizes_must_be_positive(field):
+    assert getattr(load_config("opsa"), field) == 24
+    with pytest.raises(UserError, match=f"config field '{field}' must be at least 1"):
+        load_config("opsa", overrides=[f"{field}=0"])
+
+
 def test_a_flip_rates_file_of_the_old_format_resumes(generations, tmp_path):
     cfg = search_config(tmp_path)
     (tmp_path / "flip_rates.json").write_text(json.dumps([{"id": "ctx-b"}, {"id": "ctx-a"}]))
