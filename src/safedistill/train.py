@@ -452,20 +452,32 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
     start = resume_from_checkpoint(cfg, out, model, optimizer, scheduler, step_fn, procs) if resume else 0
-    batching = Batching(cfg.batch_size, cfg.grad_accum, cfg.seed)
+    run_steps(cfg, out, model, step_fn, prepared.data, optimizer, scheduler, procs, start, started, progress)
+    procs.barrier()
+    if not procs.is_main:
+        return {"base": None, "final": None, "config": asdict(cfg)}
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    return finish(cfg, out, model, tok, step_fn, base_eval, progress, vocab_size)
+
+
+def run_steps(
+    cfg: RunConfig, out: Path, model, step_fn, data, optimizer, scheduler, procs, start: int, started: float, progress
+) -> None:
+    """Steps `start`.. of the fit loop: each logged, checked by the divergence guard and
+    checkpointed every save_every steps and at the last."""
     vocab_size = model.get_output_embeddings().weight.shape[0]
     guard = EntropyGuard(cfg.diverge_entropy, vocab_size, next(iter(read_log(out / "metrics.jsonl")), None))
     if start < cfg.steps:
         console.say(
             f"training: steps {start + 1}-{cfg.steps} of {cfg.batch_size} x {cfg.grad_accum} prompts "
-            f"({len(prepared.data)} training examples), lr {cfg.learning_rate:g}, checkpoint every {cfg.save_every}"
+            f"({len(data)} training examples), lr {cfg.learning_rate:g}, checkpoint every {cfg.save_every}"
         )
     loop = fit(
         model,
         step_fn,
-        prepared.data,
+        data,
         optimizer,
-        batching,
+        Batching(cfg.batch_size, cfg.grad_accum, cfg.seed),
         steps=cfg.steps,
         max_grad_norm=cfg.max_grad_norm,
         scheduler=scheduler,
@@ -490,10 +502,6 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
                 save_state(out, done.step + 1, model, optimizer, scheduler, step_fn)
     except RunDiverged as e:
         raise _diverged(e, cfg, out, procs) from None
-    procs.barrier()
-    if not procs.is_main:
-        return {"base": None, "final": None, "config": asdict(cfg)}
-    return finish(cfg, out, model, tok, step_fn, base_eval, progress, vocab_size)
 
 
 def _diverged(e: RunDiverged, cfg: RunConfig, out: Path, procs: Processes) -> RunDiverged:
