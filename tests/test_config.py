@@ -260,3 +260,23 @@ def test_config_show_prints_sections_with_help(capsys):
     assert "\nsteps: 2  # optimizer steps" in out and "\nbase: safesteer  # " in out
     shown = yaml.safe_load(out)
     assert shown == yaml.safe_load(to_yaml(load_config("safesteer-fkl", overrides=["steps=2"])))
+
+
+def test_an_old_copsd_run_without_reward_level_resumes_only_with_the_per_token_reward():
+    """A COPSD run saved before reward_level existed trained with the per-token reward: resuming
+    it under the new default (sequence) would change the objective mid-run, so it is refused by
+    name, and agrees with reward_level=token. Runs the field does not apply to are unaffected."""
+    from safedistill.config import settings_differ
+
+    cfg = load_config("copsd", overrides=["steps=3"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    del saved["reward_level"]
+    assert cfg.reward_level == "sequence"
+    differ = settings_differ(yaml.safe_dump(saved), cfg)
+    assert len(differ) == 1 and differ[0].startswith("reward_level") and "token" in differ[0]
+    old = load_config("copsd", overrides=["steps=3", "reward_level=token"])
+    assert settings_differ(yaml.safe_dump(saved), old) == []
+    opsa = load_config("opsa", overrides=["steps=3"])
+    saved_opsa = yaml.safe_load(to_yaml(opsa))
+    del saved_opsa["reward_level"]
+    assert settings_differ(yaml.safe_dump(saved_opsa), opsa) == []

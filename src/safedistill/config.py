@@ -302,6 +302,9 @@ TABLES = {
 }
 # Fields older run directories saved that no longer exist, with the value that means "unused".
 RETIRED = {"extra": {}}
+# Fields added with a new default behaviour: a run directory saved before one existed ran the old
+# behaviour, so it agrees only with that value (when the field applies to its config).
+ADDED = {"reward_level": ("token", lambda saved: saved.get("objective") == "clipped_reward")}
 
 
 def table(name: str) -> dict:
@@ -576,14 +579,21 @@ def to_yaml(c: RunConfig) -> str:
 
 def settings_differ(saved_yaml: str, c: RunConfig) -> list[str]:
     """The fields where a run directory's saved config.yaml and `c` disagree. A field the saved
-    file lacks was added after that run was written: it agrees when `c` keeps its default; a
-    retired field agrees at its unused value; `base` is lineage, not a setting."""
+    file lacks was added after that run was written: it agrees when `c` keeps its default (or, for
+    a field in ADDED, the behaviour that run had); a retired field agrees at its unused value;
+    `base` is lineage, not a setting."""
     saved = yaml.safe_load(saved_yaml) or {}
     current = dataclasses.asdict(c)
     defaults = dataclasses.asdict(RunConfig())
     differ = [k for k in saved if k not in current and not (k in RETIRED and saved[k] == RETIRED[k])]
     for k, v in current.items():
-        if k != "base" and (saved[k] != v if k in saved else v != defaults[k]):
+        if k in saved or k == "base":
+            if k != "base" and saved[k] != v:
+                differ.append(k)
+        elif k in ADDED and ADDED[k][1](saved):
+            if v != ADDED[k][0]:
+                differ.append(f"{k} (added later; that run used {k}={ADDED[k][0]})")
+        elif v != defaults[k]:
             differ.append(k)
     return differ
 
