@@ -224,10 +224,10 @@ def flip_rate_lines(search) -> list[str]:
             for r in search["confirmation"]["rows"]
         ]
         lines.append("")
-    lines += ["| ranking (top 5) | flips | conditional | benign refusal |", "|---|---|---|---|"]
+    lines += ["| ranking (top 5) | flips | conditional | refusal with the context |", "|---|---|---|---|"]
     lines += [
         f"| {r['id']} | {r['n_flipped']}/{r['n_harmful']} | {r['conditional_flip_rate']:.2f} | "
-        f"{_rate(r.get('benign_refusal_rate'))} |"
+        f"{r['refusal_rate_with_context']:.2f} |"
         for r in ranking[:5]
     ]
     return [*lines, ""]
