@@ -125,7 +125,7 @@ class CopsdSettings:
     cross_sft_samples: int = opt(2, "cold start: samples per harmful prompt under the constitution; first safe kept")
     cross_sft_max_new_tokens: int = opt(96, "cold start: token budget of the crossed answers")
     cross_sft_seed_context: str | None = opt(
-        "ctx-h37",
+        "ctx-h38",
         "cold start: harmful prompts the constitution leaves without a safe answer get cross_sft_samples tries "
         "under this context (library id, literal text, or auto: OPSA's flip-rate search); its judge-verified "
         "refusals become their crossed answers (None: constitution only)",
