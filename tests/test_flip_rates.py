@@ -181,6 +181,14 @@ def test_search_sizes_must_be_positive(field):
         load_config("opsa", overrides=[f"{field}=0"])
 
 
+def test_a_library_without_harmful_contexts_is_an_error(generations, tmp_path):
+    cfg = search_config(tmp_path)
+    (tmp_path / "contexts.jsonl").write_text(json.dumps(CONTEXTS[3]) + "\n")  # the benign-side one only
+    items = [Item(r.id, r.prompt, "harmful") for r in HARMFUL]
+    with pytest.raises(UserError, match="config field 'contexts'.*no harmful-side context"):
+        search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
+
+
 def test_a_flip_rates_file_of_the_old_format_resumes(generations, tmp_path):
     cfg = search_config(tmp_path)
     (tmp_path / "flip_rates.json").write_text(json.dumps([{"id": "ctx-b"}, {"id": "ctx-a"}]))

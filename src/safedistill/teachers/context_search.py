@@ -184,8 +184,10 @@ def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progr
         else:
             if not any(it.group == "harmful" for it in items):
                 raise UserError("context=auto needs harmful training prompts (n_harmful > 0)")
-            prompts = search_prompts(cfg, items, manifest)
             ranked = sum(c.get("side", "harmful") == "harmful" for c in library)
+            if not ranked:
+                raise UserError(f"config field 'contexts': {cfg.contexts} has no harmful-side context to rank")
+            prompts = search_prompts(cfg, items, manifest)
             n_top = min(CONFIRM_TOP, ranked)
             answers = ranked * len(prompts.ranking) + n_top * (len(prompts.confirmation) + len(prompts.benign))
             console.say(
