@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from helpers import run_settings, write_sources
-from safedistill.config import load_config
+from safedistill.config import load_config, settings_differ, to_yaml
 from safedistill.engine.rollout import encode_prompts
 from safedistill.eval.judging import load_judge
 from safedistill.models import chat_text, load_model
@@ -111,3 +112,18 @@ def test_the_run_records_the_share_and_respects_the_knob(taught, tmp_path, share
 def test_share_out_of_range_is_a_config_error(tmp_path):
     with pytest.raises(Exception, match="cross_sft_harmful_share"):
         config(tmp_path, cross_sft_harmful_share=1.0)
+
+
+def test_an_old_copsd_run_resumes_only_with_the_constitution_only_crossed_set():
+    """A COPSD run saved before the seed context and the share existed built its crossed set from
+    the constitution alone: resuming it under the new defaults is refused by name."""
+    fields = ("cross_sft_seed_context", "cross_sft_harmful_share")
+
+    def saved_without(preset):
+        saved = yaml.safe_load(to_yaml(load_config(preset)))
+        return yaml.safe_dump({k: v for k, v in saved.items() if k not in fields})
+
+    differ = settings_differ(saved_without("copsd"), load_config("copsd"))
+    assert [d.split()[0] for d in differ] == list(fields) and all("added later" in d for d in differ)
+    assert settings_differ(saved_without("copsd"), load_config("copsd", overrides=[f"{f}=null" for f in fields])) == []
+    assert settings_differ(saved_without("constitutional-opsd"), load_config("constitutional-opsd")) == []

@@ -304,7 +304,11 @@ TABLES = {
 RETIRED = {"extra": {}}
 # Fields added with a new default behaviour: a run directory saved before one existed ran the old
 # behaviour, so it agrees only with that value (when the field applies to its config).
-ADDED = {"reward_level": ("token", lambda saved: saved.get("objective") == "clipped_reward")}
+ADDED = {
+    "reward_level": ("token", lambda saved: saved.get("objective") == "clipped_reward"),
+    "cross_sft_seed_context": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
+    "cross_sft_harmful_share": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
+}
 
 
 def table(name: str) -> dict:
