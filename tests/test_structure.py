@@ -41,3 +41,11 @@ def test_circles_and_floors_of_a_small_package(structure, tmp_path):
     lazy = structure.import_graph(structure.read_modules(pkg), lazy=True)
     assert structure.circles(lazy) == [["pkg.a", "pkg.b", "pkg.c"]]
     assert [name for _, name in structure.functions(structure.read_modules(pkg))] == ["pkg.c:thing"]
+
+
+def test_no_function_in_src_is_longer_than_a_screen(structure):
+    """docs/design.md: a step, and every other function in src, fits one screen (60 lines)."""
+    longest = structure.functions(structure.read_modules(structure.SRC))
+    over = [(n, name) for n, name in longest if n > 60]
+    assert over == [], over
+    assert longest and longest[0][0] > 20  # the scan found real functions
