@@ -82,3 +82,20 @@ def test_report_shows_both_stages(run, out):
     text = "\n".join(flip_rate_section(out))
     assert "confirmation (held-out train prompts)" in text and "ranking (top 5)" in text
     assert f"Chosen: {run[3]['chosen']}" in text
+
+
+def test_the_flip_rate_command_runs_the_same_two_stage_search(tiny_dir, tmp_path, capsys):
+    from safedistill.cli import main
+
+    library = write_jsonl(tmp_path / "contexts.jsonl", CONTEXTS)
+    out = tmp_path / "fr"
+    main(
+        ["flip-rate", "--model", tiny_dir, "--out", str(out), "--contexts", str(library), "-q"]
+        + ["--limit", "5", "--confirm", "4"]
+    )
+    result = json.loads((out / "flip_rates.json").read_text())
+    assert len(result["ranking"]["prompts"]) == 5 and len(result["confirmation"]["prompts"]) == 4
+    assert not set(result["ranking"]["prompts"]) & set(result["confirmation"]["prompts"])
+    assert len(result["ranking"]["rows"]) == 5  # every harmful-side context ranked
+    assert result["chosen"] in {r["id"] for r in result["confirmation"]["rows"]}
+    assert f"Chosen: {result['chosen']}" in capsys.readouterr().out

@@ -298,3 +298,11 @@ def test_training_on_an_eval_benchmark_is_refused_before_anything_is_written(tmp
     message = cli_error(capsys)
     assert "harmful_source" in message and "evaluation benchmark" in message
     assert not out.exists()
+
+
+def test_a_mistyped_cross_sft_seed_context_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "copsd", "--out", str(out), "--set", "cross_sft_seed_context=ctx-h7"]) == 2
+    message = cli_error(capsys)
+    assert "cross_sft_seed_context" in message and "did you mean ctx-h07" in message
+    assert not out.exists()

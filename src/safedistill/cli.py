@@ -139,32 +139,32 @@ def _config_show(args: argparse.Namespace) -> None:
 
 
 def _flip_rate(args: argparse.Namespace) -> None:
-    from .data.sources import load_prompts
-    from .data.splits import split_records, take
+    """The same two-stage search a run with context=auto makes (rank, then confirm the top three
+    on other train prompts), on its own."""
+    from .config import load_config
     from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
     from .teachers.context import load_contexts
-    from .teachers.context_search import flip_rates
+    from .teachers.context_search import flip_rate_lines, search_contexts, search_prompts
 
     check_out(args.out)
-    contexts = load_contexts(args.contexts)
-    harmful = take(split_records(load_prompts(args.harmful), seed=0)[0], args.limit, seed=args.seed)
-    benign = take(
-        split_records(load_prompts("benign"), seed=0)[0],
-        max(4, args.limit // 2),
-        seed=args.seed + 1,
+    cfg = load_config(
+        "opsa",
+        overrides=[
+            f"harmful_source={args.harmful}",
+            f"contexts={args.contexts}",
+            f"context_search_prompts={args.limit}",
+            f"context_confirm_prompts={args.confirm}",
+            f"seed={args.seed}",
+        ],
     )
+    library = load_contexts(cfg.contexts)
+    prompts = search_prompts(cfg, [], None)
     model, tok = load_model(args.model, device=resolve_device("auto"))
-    rows = flip_rates(model, tok, load_judge(args.judge), harmful, benign, contexts, progress=not args.quiet)
-    write_json(Path(args.out) / "flip_rates.json", rows)
-    print("| context | flip rate | conditional | benign refusal | framing | length |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['id']} | {r['flip_rate']:.2f} | {r['conditional_flip_rate']:.2f} | "
-            f"{r['benign_refusal_rate']:.2f} | {r.get('framing', '')} | {r.get('length', '')} |"
-        )
+    search = search_contexts(cfg, model, tok, load_judge(args.judge), prompts, library, progress=not args.quiet)
+    write_json(Path(args.out) / "flip_rates.json", search)
+    print("\n".join(flip_rate_lines(search)))
     print(f"wrote {args.out}/flip_rates.json")
 
 
@@ -397,8 +397,9 @@ def _add_flip_rate(sub, common: argparse.ArgumentParser) -> None:
     f.add_argument("--out", required=True, help="directory for flip_rates.json")
     f.add_argument("--contexts", default="builtin", help="builtin or a JSONL file (id, text, side)")
     f.add_argument("--harmful", default="advbench", help="harmful source (its train split is used)")
-    f.add_argument("--limit", type=int, default=32, help="harmful prompts to decode")
-    f.add_argument("--judge", default="keyword", help="heuristic, keyword, or a judge model")
+    f.add_argument("--limit", type=int, default=24, help="harmful train prompts every context is ranked on")
+    f.add_argument("--confirm", type=int, default=24, help="other train prompts the top three are confirmed on")
+    f.add_argument("--judge", default="heuristic", help="heuristic, keyword, or a judge model")
     f.add_argument("--seed", type=int, default=0, help="which prompts are taken")
     f.set_defaults(func=_flip_rate)
 

@@ -285,9 +285,12 @@ def preflight(cfg: RunConfig) -> None:
             load_prompts(getattr(cfg, field))
         except UserError as e:
             raise UserError(f"config field '{field}': {e}") from None
-    if cfg.teacher == "context":
+    fields = ("context", "benign_context") if cfg.teacher == "context" else ()
+    if cfg.cold_start == "cross_sft":
+        fields += ("cross_sft_seed_context",)
+    if fields:
         library = load_contexts(cfg.contexts)
-        for field in ("context", "benign_context"):
+        for field in fields:
             check_context(field, getattr(cfg, field), library)
 
 
