@@ -241,7 +241,7 @@ class EvalSection:
     )
     eval_seed: int = opt(0, "which eval items are taken; fixed, never the training seed, so runs pair item by item")
     capability: str = opt(
-        "hellaswag:30,winogrande:30", "eval capability basket: TASK[:N],... | demo | default (eval/capability.py)"
+        "hellaswag:30,piqa:30", "eval capability basket: TASK[:N],... | demo | default (eval/capability.py)"
     )
     eval_overrefusal: str = opt(
         "xstest-safe", "over-refusal set of the eval: xstest-safe | overrefusal (built-in) | JSONL"
