@@ -59,6 +59,7 @@ class SFTStep:
         }
 
 
+@torch.no_grad()
 def sequence_nll(model, tok, samples: list[Demonstration], *, batch_size: int = 8, progress=True) -> list[tuple]:
     """(summed NLL in nats, token count) of each sample's SFT target given its chat-formatted prompt."""
     model.eval()
