@@ -78,3 +78,25 @@ def run_settings(model, sources: tuple[str, str], **overrides) -> list[str]:
         **overrides,
     }
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def train_until_killed(cfg, out: Path, monkeypatch, at_call: int) -> list[tuple]:
+    """Train `cfg` into `out`, interrupted (KeyboardInterrupt) at the `at_call`-th call of the
+    on-policy step, as a user's Ctrl-C mid-step; returns the positional args of every call made."""
+    import pytest
+
+    from safedistill.train import OnPolicyStep, train
+
+    real_call, calls = OnPolicyStep.__call__, []
+
+    def dying_call(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnPolicyStep, "__call__", dying_call)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=False)
+    monkeypatch.setattr(OnPolicyStep, "__call__", real_call)
+    return calls

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_settings, write_sources
+from helpers import run_settings, train_until_killed, write_sources
 from safedistill.config import load_config
 from safedistill.engine import rollout as trainer_mod
 from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate
@@ -29,7 +29,7 @@ from safedistill.models import chat_text, load_model
 from safedistill.teachers import FrozenBase, Item
 from safedistill.teachers.calibrated import crossed_rows
 from safedistill.teachers.constitution import REQUEST_HEADER, ConstitutionTeacher, load_constitution, wrap
-from safedistill.train import OnPolicyStep, train
+from safedistill.train import train
 
 
 @pytest.fixture(scope="module")
@@ -274,19 +274,7 @@ def test_copsd_run_writes_crossed_set_diagnostics_and_plot(copsd_run):
 def test_copsd_resume_matches_the_uninterrupted_run(tiny_dir, sources, copsd_run, tmp_path, monkeypatch):
     cfg = make_cfg(tiny_dir, sources, judge="keyword")  # as copsd_run, the run it must match
     out = tmp_path / "killed"
-    real_call = OnPolicyStep.__call__
-    calls = []
-
-    def dying_call(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(OnPolicyStep, "__call__", dying_call)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, progress=False)
-    monkeypatch.setattr(OnPolicyStep, "__call__", real_call)
+    train_until_killed(cfg, out, monkeypatch, 3)
     train(cfg, out, resume=True, progress=False)
     got, want = metrics(out), metrics(copsd_run)
     assert [r["step"] for r in got] == [1, 2, 3]

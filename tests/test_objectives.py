@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_settings, write_sources
+from helpers import run_settings, train_until_killed, write_sources
 from safedistill.config import load_config
 from safedistill.errors import UserError
 from safedistill.losses.divergence import masked_mean, per_token_divergence
@@ -22,7 +22,7 @@ from safedistill.losses.objectives import (
     sequence_advantages,
     tempered,
 )
-from safedistill.train import OnPolicyStep, train
+from safedistill.train import train
 
 TAU = 0.6
 
@@ -261,18 +261,7 @@ def test_ppo_epochs_reuse_the_rollouts_so_the_ratio_moves_and_the_clip_acts(ppo_
 
 def test_resume_with_ppo_epochs_redoes_only_the_interrupted_step(tiny_dir, sources, ppo_runs, tmp_path, monkeypatch):
     cfg, out = ppo_cfg(tiny_dir, sources, 2), tmp_path / "killed"
-    real_call, calls = OnPolicyStep.__call__, []
-
-    def dying_call(self, *args, **kwargs):
-        calls.append(args)
-        if len(calls) == 4:  # step 2, its second update
-            raise KeyboardInterrupt
-        return real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(OnPolicyStep, "__call__", dying_call)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, progress=False)
-    monkeypatch.setattr(OnPolicyStep, "__call__", real_call)
+    calls = train_until_killed(cfg, out, monkeypatch, 4)  # step 2, its second update
     assert [c[-1] for c in calls] == [0, 1, 0, 1] and [r["step"] for r in metrics(out)] == [1]
     train(cfg, out, resume=True, progress=False)
     got, want = metrics(out), metrics(ppo_runs[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import HARMFUL, run_settings, write_jsonl, write_sources
+from helpers import HARMFUL, run_settings, train_until_killed, write_jsonl, write_sources
 from safedistill import train as trainer_mod
 from safedistill.config import load_config
 from safedistill.errors import UserError
@@ -120,19 +120,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(
 ):
     cfg = make_cfg(tiny_dir, sources, save_every=save_every)
     out = tmp_path / "killed"
-    real_call = OnPolicyStep.__call__
-    calls = []
-
-    def dying_call(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == kill_at_call:
-            raise KeyboardInterrupt
-        return real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(OnPolicyStep, "__call__", dying_call)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, progress=False)
-    monkeypatch.setattr(OnPolicyStep, "__call__", real_call)
+    train_until_killed(cfg, out, monkeypatch, kill_at_call)
     assert len(metrics(out)) == kill_at_call - 1
     assert not (out / "final").exists()
 
