@@ -71,7 +71,7 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data.sources import load_prompts
-    from .eval.evaluate import EvalSettings, capability_basket, evaluate, generalization_styles
+    from .eval.evaluate import EvalSettings, capability_basket, evaluate, generalization_styles, safety_token_ids
     from .eval.judging import load_judge
     from .files import write_json, write_jsonl
     from .models import load_model, resolve_device
@@ -88,6 +88,7 @@ def _eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         judge=args.judge,
         batch_size=args.batch_size,
+        safety_tokens=args.safety_tokens,
     )
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -96,6 +97,8 @@ def _eval(args: argparse.Namespace) -> None:
     capability_basket(settings)
     for source in (args.harmful, args.overrefusal):
         load_prompts(source)
+    if settings.safety_tokens:
+        safety_token_ids(settings.safety_tokens)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     judge = load_judge(args.judge)
     results, generations = evaluate(
@@ -343,6 +346,11 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
         help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
     )
     e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    e.add_argument(
+        "--safety-tokens",
+        help="a `safedistill steer` output dir: also report the model's probability mass on its S along the "
+        "answers to the harmful prompts",
+    )
     e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     e.set_defaults(func=_eval)
 

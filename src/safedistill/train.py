@@ -52,6 +52,7 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
         seed=cfg.eval_seed,
         split_seed=cfg.split_seed,
         judge=cfg.judge,
+        safety_tokens=cfg.steer_from,
     )
 
 

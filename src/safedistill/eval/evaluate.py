@@ -3,12 +3,14 @@ model, on held-out data, with every generation kept so a reader can check the ju
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -46,6 +48,9 @@ class EvalSettings:
     max_new_tokens: int = 64  # safety, jailbreak, over-refusal: refusals show in the first tokens
     expressiveness_max_new_tokens: int = 96
     batch_size: int = 32
+    # A `safedistill steer` output (or its safety_tokens.json): also report each model's probability mass
+    # on that S along its own answers to the harmful prompts, SafeSteer's figure of whether S grew or shrank.
+    safety_tokens: str | None = None
 
 
 def generalization_styles(spec: str) -> list[str]:
@@ -118,23 +123,55 @@ def distinct_n(texts: list[list[str]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def response_entropy(model, tokenizer, records, rollouts, batch_size: int) -> float:
-    """Mean per-token entropy of the model's next-token distribution along its own answers."""
+def answer_logits(model, tokenizer, records, rollouts, batch_size: int) -> Iterator[tuple]:
+    """(logits, mask) of the model's next-token distributions along its own answers, a few at a time."""
     import torch
 
-    from ..engine.scoring import mean_entropy
-
-    total, count = 0.0, 0
     batch_size = min(batch_size, 8)  # [B, T, V] float32 logits: keep the peak memory small
     for start in range(0, len(records), batch_size):
         recs, outs = records[start : start + batch_size], rollouts[start : start + batch_size]
         prompts = encode_prompts(tokenizer, [chat_text(tokenizer, r.prompt) for r in recs])
         responses = [x.response_ids or [tokenizer.pad_token_id] for x in outs]
         with torch.no_grad():
-            logits, mask = response_logits(model, prompts, responses, pad_id=tokenizer.pad_token_id)
+            yield response_logits(model, prompts, responses, pad_id=tokenizer.pad_token_id)
+
+
+def response_entropy(model, tokenizer, records, rollouts, batch_size: int) -> float:
+    """Mean per-token entropy of the model's next-token distribution along its own answers."""
+    from ..engine.scoring import mean_entropy
+
+    total, count = 0.0, 0.0
+    for logits, mask in answer_logits(model, tokenizer, records, rollouts, batch_size):
         n = float(mask.sum())
         total, count = total + mean_entropy(logits, mask) * n, count + n
     return total / count if count else 0.0
+
+
+def response_mass(model, tokenizer, records, rollouts, ids: list[int], batch_size: int) -> list[float]:
+    """Per answer: the model's total next-token probability on `ids`, averaged over the answer's positions."""
+    import torch
+
+    index = torch.tensor(ids, dtype=torch.long)
+    out: list[float] = []
+    for logits, mask in answer_logits(model, tokenizer, records, rollouts, batch_size):
+        mass = torch.softmax(logits.float(), dim=-1).index_select(-1, index.to(logits.device)).sum(-1)
+        m = mask.to(mass.dtype)
+        out += (((mass * m).sum(-1)) / m.sum(-1).clamp_min(1.0)).tolist()
+    return out
+
+
+def safety_token_ids(path: str) -> list[int]:
+    """S's token ids from a `safedistill steer` output directory or its safety_tokens.json."""
+    file = Path(path) / "safety_tokens.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"safety_tokens: {path} has no safety_tokens.json (write one with `safedistill steer`)")
+    try:
+        ids = [int(t["id"]) for t in json.loads(file.read_text())["tokens"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{file}: not a safety_tokens.json (needs tokens: [{{id: ...}}, ...]): {e}") from None
+    if not ids:
+        raise UserError(f"{file}: the safety token set S is empty")
+    return ids
 
 
 @dataclass
@@ -149,6 +186,7 @@ class EvalItems:
     jailbreak: list[PromptRecord]  # each harmful prompt inside one template; category = template id
     basket: list[tuple[str, int | None]]
     agreement: dict  # the judge's agreement with human labels, quoted by every report
+    safety_ids: list[int] | None = None  # S, when settings.safety_tokens names one
 
 
 def jailbreak_records(harmful: list[PromptRecord], templates: list[dict]) -> list[PromptRecord]:
@@ -180,6 +218,7 @@ def load_items(judge, settings: EvalSettings) -> EvalItems:
         jailbreak=jailbreak_records(harmful, templates),
         basket=basket,
         agreement=agreement_figures,
+        safety_ids=safety_token_ids(settings.safety_tokens) if settings.safety_tokens else None,
     )
 
 
@@ -192,6 +231,12 @@ def check_items_fit(model, tokenizer, items: EvalItems, settings: EvalSettings) 
     ):
         texts = [chat_text(tokenizer, r.prompt) for r in records]
         check_fits(model, encode_prompts(tokenizer, texts), max_new, [r.id for r in records])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    bad = [i for i in items.safety_ids or [] if not 0 <= i < vocab]
+    if bad:
+        raise UserError(
+            f"safety_tokens {settings.safety_tokens}: ids {bad[:5]} outside this model's vocabulary ({vocab})"
+        )
 
 
 class EvalRun:
@@ -208,6 +253,7 @@ class EvalRun:
             seed=settings.seed,
         )
         self.generations: list[dict] = []
+        self.rollouts: dict[str, list] = {}  # axis (or rephrasing) -> its greedy answers, in item order
         self.seconds: dict[str, float] = {}
         self.new_tokens, self.decode_seconds = 0, 0.0
 
@@ -251,6 +297,7 @@ def safety_axis(run: EvalRun, axis: str, records: list[PromptRecord], task: str 
     with run.timed(task or axis):
         groups = [r.category for r in records] if axis == "jailbreak" else None
         rollouts = run.decode(task or axis, [(r.id, r.prompt) for r in records], run.settings.max_new_tokens, groups)
+        run.rollouts[task or axis] = rollouts
         verdicts = run.judge([r.prompt for r in records], [x.text for x in rollouts])
         for r, x, v in zip(records, rollouts, verdicts, strict=True):
             run.generations.append(
@@ -366,6 +413,16 @@ def expressiveness_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
         }
 
 
+def mass_axis(run: EvalRun, records: list[PromptRecord], ids: list[int]) -> dict:
+    """The model's probability mass on S along its own answers to the harmful prompts: an
+    unnormalised S-masked reverse KL can shrink it while the loss falls (docs/safesteer.md)."""
+    with run.timed("mass_on_s"):
+        values = response_mass(run.model, run.tokenizer, records, run.rollouts["safety"], ids, run.settings.batch_size)
+        for r, v in zip(records, values, strict=True):
+            run.generations.append({"axis": "mass_on_s", "id": r.id, "prompt": r.prompt, "value": v})
+    return {"mean": sum(values) / len(values), "ci": list(rate_interval(values)), "n": len(values), "k": len(ids)}
+
+
 def summary(results: dict, run: EvalRun, items: EvalItems, start: float) -> dict:
     """The composite score, the judge's agreement, settings, data files, timing and counts."""
     return {
@@ -411,6 +468,8 @@ def evaluate(
     results["generalization"] = {
         style: safety_axis(run, "generalization", rs, style) for style, rs in items.rephrased.items()
     }
+    if items.safety_ids:
+        results["mass_on_s"] = mass_axis(run, items.harmful, items.safety_ids)
     results["jailbreak"] = safety_axis(run, "jailbreak", items.jailbreak)
     results["overrefusal"] = overrefusal_axis(run, items.overrefusal)
     results["capability"] = capability_axis(run, items.basket, items.manifest)

@@ -47,7 +47,8 @@ METRICS = [
 ]
 SAFETY = "harmful refusal rate"
 OVERREFUSAL = "over-refusal rate"
-BETWEEN_METHODS = (SAFETY, "jailbreak refusal rate", OVERREFUSAL)  # plus the capability row
+MASS_ON_S = "mass on S (harmful answers)"  # only with steer_from (SafeSteer's S)
+BETWEEN_METHODS = (SAFETY, "jailbreak refusal rate", OVERREFUSAL, MASS_ON_S)  # plus the capability row
 
 
 def summarize(values: list[float | None]) -> dict:

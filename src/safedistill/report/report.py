@@ -24,6 +24,7 @@ AXIS_LABELS = {
     "overrefusal": "over-refusal rate",
     "capability": "capability",
     "expressiveness": "mean length (tokens)",
+    "mass_on_s": "mass on S (harmful answers)",
 }
 # Corpus-level figures: no per-item values, so no paired interval.
 CORPUS_ROWS = [
