@@ -146,13 +146,7 @@ class OnPolicyStep:
         """Student samples (no grad) with a seed fixed by (seed, step, micro); the stop token is
         part of what the student must learn to produce, so a finished answer keeps it."""
         cfg = self.cfg
-        sampling = SamplingSettings(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=len(items),
-            seed=cfg.seed * 1_000_003 + step * 101 + micro,
-        )
+        sampling = SamplingSettings.of_run(cfg, batch_size=len(items), seed=cfg.seed * 1_000_003 + step * 101 + micro)
         model.eval()
         prompts = [chat_text(self.tok, it.prompt) for it in items]
         rollouts, gen = self.generate(model, self.tok, prompts, sampling, progress=False)

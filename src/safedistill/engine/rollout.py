@@ -28,6 +28,19 @@ class SamplingSettings:
     batch_size: int = 16
     seed: int = 0
 
+    @classmethod
+    def of_run(cls, cfg, *, seed: int, batch_size: int = 16, max_new_tokens: int | None = None) -> SamplingSettings:
+        """A run config's sampling (temperature, top_p, max_new_tokens): every sampler that stands in
+        for the training rollouts (the rollouts themselves, the collapse probe, teacher targets,
+        Cross-SFT answers) draws the same way, so a temperature change reaches them all."""
+        return cls(
+            max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
 
 @dataclass
 class Rollout:

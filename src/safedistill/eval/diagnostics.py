@@ -56,13 +56,7 @@ class CollapseProbe:
 
     def _side(self, model, texts: list[str]) -> dict:
         cfg = self.cfg
-        sampling = SamplingSettings(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            batch_size=len(texts),
-            seed=cfg.seed * 7 + 11,
-        )
+        sampling = SamplingSettings.of_run(cfg, batch_size=len(texts), seed=cfg.seed * 7 + 11)
         rollouts, _ = generate(model, self.tok, texts, sampling, progress=False)
         nb = len(self.benign)
         own = rollouts[:nb]

@@ -47,13 +47,7 @@ def crossed_rows(
     answer; harmful rows repeated up to `cross_sft_harmful_share` (balance)."""
     harmful = [it for it in items if it.group == "harmful"]
     benign = [it for it in items if it.group != "harmful"]
-    settings = SamplingSettings(
-        max_new_tokens=cfg.cross_sft_max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        batch_size=16,
-        seed=cfg.seed * 31 + 5,
-    )
+    settings = SamplingSettings.of_run(cfg, seed=cfg.seed * 31 + 5, max_new_tokens=cfg.cross_sft_max_new_tokens)
     ask = partial(_safe_answers, model, tok, judge, settings=settings, k=cfg.cross_sft_samples, progress=progress)
     rows: list[dict] = []
     found = ask(harmful, lambda it: chat_text(tok, wrap(constitution, it.prompt)), desc="crossed: harmful")
