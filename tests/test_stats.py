@@ -204,3 +204,23 @@ def test_rate_interval_continuous_bootstrap():
     assert lo < sum(x) / len(x) < hi
     assert hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.2)
     assert rate_interval([]) == (None, None)
+
+
+def test_figure_keeps_significant_digits_only_for_tiny_values():
+    from safedistill.eval.stats import figure
+
+    assert figure(0.4567) == "0.457" and figure(0.25, signed=True) == "+0.250"
+    assert figure(-0.0) == "0.000" and figure(0.0, signed=True) == "+0.000"
+    assert figure(-1.4e-17, signed=True) == "+0.000"  # float noise, not a figure
+    assert figure(1.0189e-4) == "0.000102" and figure(3.09e-05) == "3.09e-05"
+    assert figure(-7.1e-05, signed=True) == "-7.1e-05"
+
+
+def test_tiny_masses_print_their_digits_in_reports():
+    from safedistill.report.report import fmt, fmt_ci, fmt_diff
+
+    small = {"diff": 4.5e-05, "mean_a": 1.02e-04, "mean_b": 1.47e-04, "significant": False}
+    assert fmt_diff(small) == "+4.5e-05" and fmt(1.02e-04) == "0.000102"
+    assert fmt_ci(-9.4e-05, 2.1e-04) == "[-9.4e-05, +0.00021]"
+    rate = {"diff": 1e-4, "mean_a": 0.5, "mean_b": 0.5001, "significant": False}
+    assert fmt_diff(rate) == "+0.000"  # between ordinary figures, a difference under 0.0005 rounds away

@@ -284,13 +284,23 @@ def _significant(lo: float, hi: float, p: float) -> bool:
     return (lo > 0 or hi < 0) and p < ALPHA
 
 
+def figure(value: float, digits: int = 3, *, signed: bool = False) -> str:
+    """`digits` decimals, or that many significant digits for a nonzero value below 10**-digits in
+    size: a rate never needs them, a probability mass such as SafeSteer's S (about 1e-4) does."""
+    sign = "+" if signed else ""
+    value = 0.0 if abs(value) < 1e-12 else value  # float noise of sums of 0/1 differences
+    if value != 0 and abs(value) < 10**-digits:
+        return f"{value:{sign}.{digits}g}"
+    return f"{round(value, digits) + 0.0:{sign}.{digits}f}"  # + 0.0: no "-0.000"
+
+
 def reading(result: dict, digits: int = 3) -> str:
     """Words for a difference: a direction only when significant, else what the sample could have seen."""
     if not result or not result.get("n"):
         return "no paired items"
     if result["significant"]:
         return "up" if result["diff"] > 0 else "down"
-    detect = "n/a" if result.get("mde") is None else f"{result['mde']:.{digits}f}"
+    detect = "n/a" if result.get("mde") is None else figure(result["mde"], digits)
     lo, hi, p = result.get("lo"), result.get("hi"), result.get("p")
     test = f"p = {p:.3f} although the interval excludes 0; " if lo is not None and (lo > 0 or hi < 0) else ""
     return f"not distinguishable at n = {result['n']} ({test}smallest detectable difference {detect})"

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..eval.stats import paired_difference, rate_interval, reading
+from ..eval.stats import figure, paired_difference, rate_interval, reading
 
 # Per-item axes in report order: axis -> what the mean of its per-item "value" is.
 AXIS_LABELS = {
@@ -62,24 +62,25 @@ def get_or_none(d: dict | None, path: tuple[str, ...]):
 
 
 def fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None else figure(value, digits)
 
 
 def fmt_diff(result: dict | None) -> str:
-    """A signed difference; one that rounds to zero prints +0.000 unless it is significant."""
+    """A signed difference; between figures of ordinary size one that rounds to zero prints +0.000
+    unless it is significant, between tiny ones (mass on S) it keeps its significant digits."""
     if not result or result.get("diff") is None:
         return "n/a"
     d = result["diff"]
-    if abs(d) < 0.0005:
-        return f"{d:+.2g}" if result.get("significant") else "+0.000"
-    return f"{d:+.3f}"
+    scale = max(abs(result.get("mean_a") or 0.0), abs(result.get("mean_b") or 0.0))
+    if abs(d) < 0.0005 and not result.get("significant") and scale >= 0.001:
+        return "+0.000"
+    return figure(d, signed=True)
 
 
 def fmt_ci(lo, hi, signed: bool = True) -> str:
     if lo is None or hi is None:
         return "n/a"
-    lo, hi = round(lo, 3) + 0.0, round(hi, 3) + 0.0  # + 0.0: no "-0.000"
-    return f"[{lo:+.3f}, {hi:+.3f}]" if signed else f"[{lo:.3f}, {hi:.3f}]"
+    return f"[{figure(lo, signed=signed)}, {figure(hi, signed=signed)}]"
 
 
 def manifest_table(manifest: list[dict]) -> str:
