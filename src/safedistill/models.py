@@ -304,6 +304,21 @@ def resolve_model(name: str) -> str:
     return name  # an HF hub id; loading it needs a hub connection
 
 
+def check_model(name: str, *, trust_remote_code: bool = False) -> None:
+    """The checks on a model name that fetch and convert nothing (run before anything is written):
+    a bundled alias is known by name, a local folder needs a readable config.json, anything else
+    must be a hub id that can be fetched."""
+    if name in BUNDLED or name in ASSEMBLED:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        resolve_model(name)
+        _check_config(path, trust_remote_code)
+        return
+    resolve_model(name)
+    check_hub_name(name)
+
+
 def locate_model(name: str, *, trust_remote_code: bool = False) -> str:
     """resolve_model, then the checks that need no weights: a local folder's config.json, or a hub
     id that can be fetched (failing at once when offline, with a did-you-mean)."""

