@@ -2,7 +2,7 @@
 
 A preset in `configs/` may inherit another (`base: opsa`) and change a few fields; a user YAML
 and then `--set key=value` override it. Fields live in sections (run, data, teacher, steering,
-copsd, dgr, rollout, loss, optim, eval) and are addressed as `section.field` or by their flat name,
+copsd, dgr, rollout, loss, optim, eval, scale) and are addressed as `section.field` or by their flat name,
 which is also how config.yaml stores them, so old run directories still load. Choices come from the
 plug-point tables (TEACHERS, DIVERGENCES, TOKEN_MASKS, VOCAB_MASKS, OBJECTIVES, ROLLOUT_BACKENDS);
 combinations they rule out are rejected here, before a model is loaded. See docs/design.md.
@@ -34,6 +34,7 @@ RewardLevel = Literal["sequence", "token"]
 RefKLEstimator = Literal["k3_forward", "full_reverse"]
 Backend = Literal["hf", "merged", "vllm"]
 Precision = Literal["fp32", "bf16", "auto"]
+Parallel = Literal["auto", "none", "ddp", "fsdp2"]
 
 
 def opt(default: Any, help: str) -> Any:
@@ -252,6 +253,21 @@ class EvalSection:
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
 
 
+@dataclass
+class ScaleSettings:
+    """Several processes (`torchrun --nproc_per_node N` or `accelerate launch`; engine/distributed.py)."""
+
+    parallel: Parallel = opt(
+        "auto",
+        "auto (ddp under a launcher, i.e. WORLD_SIZE > 1, else none) | none | ddp (torch DistributedDataParallel: "
+        "the student replicated) | fsdp2 (torch fully_shard per decoder layer, then the root: weights, gradients and "
+        "optimizer state sharded, for full-parameter runs that do not fit one device)",
+    )
+    process_timeout: float = opt(
+        240.0, "minutes a process waits for the others at a collective (they wait while process 0 evaluates)"
+    )
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSettings,
     "data": DataSettings,
@@ -263,11 +279,13 @@ SECTIONS: dict[str, type] = {
     "loss": LossSettings,
     "optim": OptimSettings,
     "eval": EvalSection,
+    "scale": ScaleSettings,
 }
 
 
 @dataclass
 class RunConfig(
+    ScaleSettings,
     EvalSection,
     OptimSettings,
     LossSettings,
@@ -302,6 +320,9 @@ TABLES = {
 }
 # Fields older run directories saved that no longer exist, with the value that means "unused".
 RETIRED = {"extra": {}}
+# How a run is spread over processes, not what it computes (N processes compute what one does):
+# a run may resume, or be reused, with other values.
+PLACEMENT = ("parallel", "process_timeout")
 # Fields added with a new default behaviour: a run directory saved before one existed ran the old
 # behaviour, so it agrees only with that value (when the field applies to its config).
 ADDED = {
@@ -483,6 +504,7 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.reward_clip_low <= c.reward_clip_high, "reward_clip_low", "must not exceed reward_clip_high"),
         (0 < c.ppo_clip < 1, "ppo_clip", "must be in (0, 1)"),
         (c.diagnostics_every >= 0, "diagnostics_every", "must be >= 0"),
+        (c.process_timeout > 0, "process_timeout", "must be positive (minutes)"),
         (c.context_search_prompts >= 1, "context_search_prompts", "must be at least 1"),
         (c.context_confirm_prompts >= 1, "context_confirm_prompts", "must be at least 1"),
         (c.cross_sft_steps >= 1, "cross_sft_steps", "must be at least 1"),
@@ -585,12 +607,14 @@ def settings_differ(saved_yaml: str, c: RunConfig) -> list[str]:
     """The fields where a run directory's saved config.yaml and `c` disagree. A field the saved
     file lacks was added after that run was written: it agrees when `c` keeps its default (or, for
     a field in ADDED, the behaviour that run had); a retired field agrees at its unused value;
-    `base` is lineage, not a setting."""
+    `base` is lineage and PLACEMENT how processes share the work, not settings."""
     saved = yaml.safe_load(saved_yaml) or {}
     current = dataclasses.asdict(c)
     defaults = dataclasses.asdict(RunConfig())
     differ = [k for k in saved if k not in current and not (k in RETIRED and saved[k] == RETIRED[k])]
     for k, v in current.items():
+        if k in PLACEMENT:
+            continue
         if k in saved or k == "base":
             if k != "base" and saved[k] != v:
                 differ.append(k)

@@ -22,11 +22,11 @@ from . import console, faults, methods
 from .config import RunConfig, same_settings, settings_differ, to_yaml
 from .data.packaged import Manifest
 from .engine.backends import rollout_backend
-from .engine.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
-from .engine.distributed import Processes
+from .engine.checkpoint import latest_checkpoint, load_training_state, load_weights, remove_partial, save_checkpoint
+from .engine.distributed import Processes, gathered, is_sharded, positions, unwrap
 from .engine.fit import Batching, StepDone, fit
 from .engine.precision import autocast, resolve_precision
-from .engine.rollout import SamplingSettings, stop_token_ids
+from .engine.rollout import SamplingSettings, item_seed, stop_token_ids
 from .engine.scoring import response_logits
 from .engine.sft import SFTStep
 from .errors import RunDiverged, UserError
@@ -125,16 +125,21 @@ class OnPolicyStep:
     def __call__(self, model, batch: list[Item], step: int, micro: int, epoch: int = 0) -> tuple[torch.Tensor, dict]:
         if epoch:
             return self.reuse(model, micro, epoch)
-        items = [it for it in batch for _ in range(self.cfg.rollouts_per_prompt)]
-        diag = self.probe(model, self.teacher) if self.probe and micro == 0 and self.probe.due(step) else {}
+        rpp = self.cfg.rollouts_per_prompt
+        items = [it for it in batch for _ in range(rpp)]
+        # Where each rollout sits in the step's whole batch (all processes, all micro-batches).
+        index = [(micro * self.cfg.batch_size + pos) * rpp + r for pos in positions(batch) for r in range(rpp)]
+        module = unwrap(model)  # no-grad phases bypass the DDP wrapper; FSDP2 gathers for them
         precision = resolve_precision(self.cfg.precision, next(model.parameters()).device)
-        t0 = time.perf_counter()
-        rollouts, responses, gen = self.rollout(model, items, step, micro)
-        t1 = time.perf_counter()
-        teacher_logits = self.teacher_scores(model, items, responses, precision)
+        with gathered(module):
+            diag = self.probe(module, self.teacher) if self.probe and micro == 0 and self.probe.due(step) else {}
+            t0 = time.perf_counter()
+            rollouts, responses, gen = self.rollout(module, items, step, index)
+            t1 = time.perf_counter()
+            teacher_logits = self.teacher_scores(module, items, responses, precision)
         t2 = time.perf_counter()
         scored = self.student_scores(model, [r.prompt_ids for r in rollouts], responses, teacher_logits, precision)
-        loss, loss_mask, stats, extra = self.loss(model, scored)
+        loss, loss_mask, stats, extra = self.loss(module, scored)
         if self.cfg.ppo_epochs > 1:
             self.keep(micro, scored, loss_mask)
         times = {"rollout_tokens_per_s": gen.tokens_per_s, "t_rollout": t1 - t0, "t_teacher": t2 - t1}
@@ -142,11 +147,20 @@ class OnPolicyStep:
         self.kl.add(stats["reverse_kl"], scored.mask)
         return loss, {**self.metrics(items, rollouts, scored, loss, loss_mask, stats, times), **extra, **diag}
 
-    def rollout(self, model, items: list[Item], step: int, micro: int):
-        """Student samples (no grad) with a seed fixed by (seed, step, micro); the stop token is
-        part of what the student must learn to produce, so a finished answer keeps it."""
+    def state(self) -> dict:
+        """What travels in checkpoints: the KL-by-position sums (they add across processes)."""
+        return self.kl.state()
+
+    def load(self, state: dict) -> None:
+        self.kl.load(state)
+
+    def rollout(self, model, items: list[Item], step: int, index: list[int]):
+        """Student samples (no grad), item i seeded by (seed, step, index[i]: its place in the
+        step's whole batch), so any number of processes draws the same rollouts; the stop token
+        is part of what the student must learn to produce, so a finished answer keeps it."""
         cfg = self.cfg
-        sampling = SamplingSettings.of_run(cfg, batch_size=len(items), seed=cfg.seed * 1_000_003 + step * 101 + micro)
+        seeds = [item_seed(cfg.seed, step, i) for i in index]
+        sampling = SamplingSettings.of_run(cfg, batch_size=len(items), seed=cfg.seed, seeds=seeds)
         model.eval()
         prompts = [chat_text(self.tok, it.prompt) for it in items]
         rollouts, gen = self.generate(model, self.tok, prompts, sampling, progress=False)
@@ -159,8 +173,13 @@ class OnPolicyStep:
 
     def student_scores(self, model, prompts, responses, teacher_logits, precision: str) -> Scored:
         model.train()
+        # Under FSDP2 every process must run the same forwards with gradient: no prefix pass,
+        # whose presence depends on the shard's prompts.
+        share = not is_sharded(model)
         with autocast(precision, next(model.parameters()).device):
-            student_logits, mask = response_logits(model, prompts, responses, pad_id=self.tok.pad_token_id)
+            student_logits, mask = response_logits(
+                model, prompts, responses, pad_id=self.tok.pad_token_id, share_prefix=share
+            )
         tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
         for i, r in enumerate(responses):
             tokens[i, : len(r)] = torch.tensor(r)
@@ -190,9 +209,9 @@ class OnPolicyStep:
         precision = resolve_precision(self.cfg.precision, next(model.parameters()).device)
         s = self.student_scores(model, kept.prompts, kept.responses, kept.teacher_logits, precision)
         s.old_logp = kept.old_logp
-        per_token, extra = self.objective(self.cfg, s, model, self.teacher.reference, self.tok.pad_token_id)
+        per_token, extra = self.objective(self.cfg, s, unwrap(model), self.teacher.reference, self.tok.pad_token_id)
         loss = masked_mean(per_token, loss_mask)
-        return loss, {"reuse_loss": loss.item(), **extra}
+        return loss, {"reuse_loss": loss.item(), "loss_tokens": float(loss_mask.sum()), **extra}
 
     def metrics(self, items, rollouts, s: Scored, loss, loss_mask, stats, times: dict) -> dict:
         mask = s.mask
@@ -208,6 +227,7 @@ class OnPolicyStep:
             "rollout_length": n_tok / len(items),
             "student_refusal_rate": refused / len(harmful) if harmful else 0.0,
             "tokens": n_tok,
+            "loss_tokens": float(loss_mask.sum()),
             **times,
             "teacher_entropy": float(masked_mean(stats["teacher_entropy"], mask)),
             "rollout_distinct_2": text_stats([r.text for r in rollouts], [len(r) for r in s.responses])["distinct_2"],
@@ -326,21 +346,26 @@ def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared):
     return OnPolicyStep(cfg, tok, teacher, judge, **masks)
 
 
-def resume_from_checkpoint(cfg: RunConfig, out: Path, model, optimizer, scheduler, step_fn, procs) -> int:
-    """The step to start at: 0, or the latest checkpoint's (weights, optimizer, RNG, KL sums
-    restored). Metrics past the checkpoint belong to the step that was lost; it is redone."""
-    start = 0
+def checkpoint_to_resume(out: Path, procs: Processes) -> Path | None:
+    """The latest complete checkpoint in `out` (half-written ones removed first), or None."""
     if procs.is_main:
         for name in remove_partial(out):
             console.say(f"removed {name}, left half-written by an interrupted run")
     procs.barrier()
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        start = meta["step"]
-        if isinstance(step_fn, OnPolicyStep):
-            step_fn.kl.load(meta["extra"])
-        console.say(f"resuming from {ckpt.name}")
+    return latest_checkpoint(out)
+
+
+def resume_from_checkpoint(out: Path, ckpt: Path, model, optimizer, scheduler, step_fn, procs) -> int:
+    """The step to start at: the checkpoint's (its weights are already in the model: they load
+    before DDP/FSDP2 wrap it; optimizer, scheduler, RNG and the step's state restored here, the
+    same on any number of processes). Metrics past the checkpoint belong to the step that was
+    lost; it is redone."""
+    state, meta = load_training_state(ckpt, scheduler=scheduler)
+    procs.load_optimizer_state(model, optimizer, state)
+    start = meta["step"]
+    # The saved step state is summed over processes: process 0 continues it, the others add to zero.
+    step_fn.load(meta["extra"] if procs.is_main else _zeroed(meta["extra"]))
+    console.say(f"resuming from {ckpt.name}")
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists() and procs.is_main:
         kept = [row for row in read_log(metrics_path) if row["step"] <= start]
@@ -348,24 +373,37 @@ def resume_from_checkpoint(cfg: RunConfig, out: Path, model, optimizer, schedule
     return start
 
 
-def save_state(out: Path, step: int, model, optimizer, scheduler, step_fn) -> None:
-    extra = step_fn.kl.state() if isinstance(step_fn, OnPolicyStep) else {}
-    path = out / "checkpoints" / f"step-{step}"
-    save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
+def _zeroed(state: dict) -> dict:
+    return {k: [0.0] * len(v) if isinstance(v, list) else 0.0 for k, v in state.items()}
+
+
+def save_state(out: Path, step: int, model, optimizer, scheduler, step_fn, procs: Processes) -> None:
+    """A checkpoint of full tensors; every process takes part (FSDP2 gathers), process 0 writes."""
+    weights = procs.full_state(model, trainable_only=True)
+    optimizer_state = procs.optimizer_state(model, optimizer)
+    extra = procs.summed_state(step_fn.state())
+    if procs.is_main:
+        path = out / "checkpoints" / f"step-{step}"
+        save_checkpoint(
+            path, weights=weights, optimizer_state=optimizer_state, scheduler=scheduler, step=step, extra=extra
+        )
+    procs.barrier()
 
 
 def metrics_row(done: StepDone, procs: Processes, scheduler, started: float) -> dict:
     """Micro-batch metrics averaged (some, like the collapse probe, come from the first only),
-    then across processes, plus the step's optimizer and timing figures."""
+    then across processes (the loss is already the global token mean), plus the step's optimizer
+    and timing figures (tokens/s over all processes)."""
     logs = done.logs
     keys = dict.fromkeys(k for d in logs for k in d)
     row = procs.average_metrics({k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys})
+    tokens = procs.sum([sum(d.get("tokens", 0) for d in logs)])[0]
     row.update(
         step=done.step + 1,
         lr=done.lr if done.lr is not None else scheduler.get_last_lr()[0],
         grad_norm=done.grad_norm,
         step_seconds=done.seconds,
-        tokens_per_s=sum(d.get("tokens", 0) for d in logs) / done.seconds,
+        tokens_per_s=tokens / done.seconds,
         wall_time=time.perf_counter() - started,
     )
     return row
@@ -429,7 +467,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     """The whole run. Returns {'base': eval, 'final': eval} (either None when cfg.eval is off).
     Raises RunDiverged (exit 3) when the divergence guard stops it; the last good checkpoint stays."""
     out = Path(out)
-    procs = Processes(resolve_device(cfg.device))
+    procs = Processes(resolve_device(cfg.device), cfg.parallel, cfg.process_timeout)
     procs.check(cfg.batch_size)
     progress = progress and procs.is_main and not console.quiet()
     preflight(cfg)
@@ -451,17 +489,43 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     step_fn = build_step(cfg, model, tok, judge, prepared)
-    params = [p for p in model.parameters() if p.requires_grad]
-    procs.broadcast_(params)
+    ckpt = checkpoint_to_resume(out, procs) if resume else None
+    if ckpt is not None:
+        load_weights(ckpt, model)
+    student = procs.wrap(model)  # DDP around it, FSDP2 shards of it, or itself
+    params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
-    start = resume_from_checkpoint(cfg, out, model, optimizer, scheduler, step_fn, procs) if resume else 0
-    run_steps(cfg, out, model, step_fn, prepared.data, optimizer, scheduler, procs, start, started, progress)
+    start = resume_from_checkpoint(out, ckpt, student, optimizer, scheduler, step_fn, procs) if ckpt else 0
+    run_steps(cfg, out, student, step_fn, prepared.data, optimizer, scheduler, procs, start, started, progress)
     procs.barrier()
+    model = final_model(cfg, student, procs)
+    state = procs.summed_state(step_fn.state())
     if not procs.is_main:
+        procs.close()
         return {"base": None, "final": None, "config": asdict(cfg)}
+    step_fn.load(state)  # process 0 reports the KL by position of every process
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    return finish(cfg, out, model, tok, step_fn, base_eval, progress, vocab_size)
+    result = finish(cfg, out, model, tok, step_fn, base_eval, progress, vocab_size)
+    procs.close()
+    return result
+
+
+def final_model(cfg: RunConfig, student, procs: Processes):
+    """The trained model as one plain module on process 0 (every process calls this): the
+    unwrapped student, or under FSDP2 a fresh copy holding the gathered full weights."""
+    if procs.mode != "fsdp2":
+        return unwrap(student)
+    full = procs.full_state(student, trainable_only=False)
+    if not procs.is_main:
+        return None
+    model, _ = load_model(cfg.model, device=procs.device)
+    if cfg.lora:
+        model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    assert not unexpected and not params & set(missing), (unexpected, missing)
+    return model
 
 
 def run_steps(
@@ -469,7 +533,7 @@ def run_steps(
 ) -> None:
     """Steps `start`.. of the fit loop: each logged, checked by the divergence guard and
     checkpointed every save_every steps and at the last."""
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    vocab_size = unwrap(model).get_output_embeddings().weight.shape[0]
     guard = EntropyGuard(cfg.diverge_entropy, vocab_size, next(iter(read_log(out / "metrics.jsonl")), None))
     if start < cfg.steps:
         console.say(
@@ -502,8 +566,8 @@ def run_steps(
             reason = guard.check(row)
             if reason:
                 raise RunDiverged(done.step + 1, reason)
-            if procs.is_main and ((done.step + 1) % cfg.save_every == 0 or done.step + 1 == cfg.steps):
-                save_state(out, done.step + 1, model, optimizer, scheduler, step_fn)
+            if (done.step + 1) % cfg.save_every == 0 or done.step + 1 == cfg.steps:
+                save_state(out, done.step + 1, model, optimizer, scheduler, step_fn, procs)
     except RunDiverged as e:
         raise _diverged(e, cfg, out, procs) from None
 

@@ -6,6 +6,7 @@ different backend (vLLM) only has to implement the same function.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +28,18 @@ class SamplingSettings:
     top_p: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # one per prompt (item_seed); None: item_seed(seed, 0, i)
 
     @classmethod
-    def of_run(cls, cfg, *, seed: int, batch_size: int = 16, max_new_tokens: int | None = None) -> SamplingSettings:
+    def of_run(
+        cls,
+        cfg,
+        *,
+        seed: int,
+        batch_size: int = 16,
+        max_new_tokens: int | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> SamplingSettings:
         """A run config's sampling (temperature, top_p, max_new_tokens): every sampler that stands in
         for the training rollouts (the rollouts themselves, the collapse probe, teacher targets,
         Cross-SFT answers) draws the same way, so a temperature change reaches them all."""
@@ -39,7 +49,23 @@ class SamplingSettings:
             top_p=cfg.top_p,
             batch_size=batch_size,
             seed=seed,
+            seeds=None if seeds is None else tuple(seeds),
         )
+
+
+def item_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of one answer: a hash of (seed, step, the item's index in the step's
+    whole batch). Each answer draws from its own stream, so the rollouts are the same however a
+    batch is split across processes or into generation batches, and no two processes share one."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def uniforms(seeds: Sequence[int], n: int) -> torch.Tensor:
+    """[len(seeds), n] uniforms, row r from its own generator seeded with seeds[r]: the draws
+    next_tokens consumes, one per decode step."""
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.float64)
 
 
 @dataclass
@@ -103,12 +129,12 @@ def finish(prompt_ids: list[int], new: list[int], stops: Sequence[int], tokenize
     return Rollout(prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True), cut is not None)
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row: argmax at temperature 0, else a draw from softmax(logits / T) cut to the
     top-p nucleus (the tokens, most probable first, whose mass before them is below top_p). Drawn
     by inverting the cumulative distribution with one uniform per row: the same distribution as
     torch.multinomial, which on CPU draws an exponential for every vocabulary entry (the slowest
-    part of a small model's decode step)."""
+    part of a small model's decode step). `u` [B, 1]: the rows' uniforms (default: drawn here)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -118,7 +144,9 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch
         before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype)
+    u = u.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True)
     # A draw that float rounding puts at the total would land past the last entry with mass.
     last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
@@ -136,18 +164,20 @@ def decode(
     settings: SamplingSettings,
     stops: Sequence[int],
     pad: int,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens [B, <= max_new_tokens] for left-padded `input_ids`, whose first `cached`
     columns are already in `cache`. Rows that hit a stop token are padded afterwards; decoding
     ends when every row has stopped. A plain loop over the model's forward with a KV cache:
-    what `model.generate` does for this case, without its per-step processor machinery."""
+    what `model.generate` does for this case, without its per-step processor machinery. `draws`
+    [B, max_new_tokens]: each row's uniforms (`uniforms`), column t for new token t."""
     positions = (attention.cumsum(-1) - 1).clamp_(min=0)
     stop_ids = torch.tensor(list(stops), device=input_ids.device)
     done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     step_ids, step_pos = input_ids[:, cached:], positions[:, cached:]
     out_tokens = []
-    for _ in range(settings.max_new_tokens):
+    for t in range(settings.max_new_tokens):
         out = model(
             input_ids=step_ids,
             attention_mask=attention,
@@ -157,7 +187,8 @@ def decode(
             **keep,
         )
         cache = returned_cache(out)
-        token = next_tokens(out.logits[:, -1], settings.temperature, settings.top_p)
+        u = None if draws is None else draws[:, t : t + 1]
+        token = next_tokens(out.logits[:, -1], settings.temperature, settings.top_p, u)
         token = token.masked_fill(done, pad)
         out_tokens.append(token)
         done |= torch.isin(token, stop_ids)
@@ -181,8 +212,9 @@ def generate(
     progress: bool = True,
 ) -> tuple[list[Rollout], GenerationStats]:
     """Responses for chat-formatted `prompts`, in input order. Batches are built from prompts of
-    similar length (less padding); batch b is sampled with seed `settings.seed + b`, so a given
-    seed reproduces the same responses."""
+    similar length (less padding); prompt i samples from its own stream, seeded with
+    `settings.seeds[i]` (default item_seed(settings.seed, 0, i)), so a given seed reproduces the
+    same responses whatever the batching."""
     encoded = encode_prompts(tokenizer, prompts)
     check_fits(model, encoded, settings.max_new_tokens, names)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -193,10 +225,13 @@ def generate(
     shared = shared_prefix_length(encoded)
     prefix_cache = prefix_kv(model, encoded[0][:shared]) if shared else None
 
+    seeds = settings.seeds or tuple(item_seed(settings.seed, 0, i) for i in range(len(encoded)))
+    if len(seeds) != len(encoded):
+        raise ValueError(f"{len(seeds)} sampling seeds for {len(encoded)} prompts")
     results: list[Rollout | None] = [None] * len(encoded)
     stats = GenerationStats()
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="prompt", leave=False)
-    for b, start in enumerate(range(0, len(order), settings.batch_size)):
+    for start in range(0, len(order), settings.batch_size):
         idx = order[start : start + settings.batch_size]
         width = shared + max(len(encoded[i]) - shared for i in idx)
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -210,9 +245,8 @@ def generate(
             attention[row, width - len(ids) + shared :] = 1
         cache = expand_cache(prefix_cache, len(idx)) if prefix_cache is not None else None
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed + b)
-            new = decode(model, input_ids.to(device), attention.to(device), cache, shared, settings, stops, pad)
+        draws = uniforms([seeds[i] for i in idx], settings.max_new_tokens) if settings.temperature > 0 else None
+        new = decode(model, input_ids.to(device), attention.to(device), cache, shared, settings, stops, pad, draws)
         stats.seconds += time.perf_counter() - t0
         for row, i in enumerate(idx):
             results[i] = finish(encoded[i], new[row].tolist(), stops, tokenizer, stats)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..data.schema import Demonstration
 from ..models import chat_text
+from .distributed import is_sharded
 from .rollout import encode_prompts, stop_token_ids
 from .scoring import response_logits
 
@@ -33,7 +34,17 @@ class SFTStep:
         return target_ids(self.tok, d, self.stop)
 
     def response_logits(self, model, prompts: list[list[int]], targets: list[list[int]]):
-        return response_logits(model, prompts, targets, pad_id=self.tok.pad_token_id)
+        # Under FSDP2 every process runs the same forwards: no shard-dependent prefix pass.
+        return response_logits(
+            model, prompts, targets, pad_id=self.tok.pad_token_id, share_prefix=not is_sharded(model)
+        )
+
+    def state(self) -> dict:
+        """Nothing beyond the weights travels in checkpoints."""
+        return {}
+
+    def load(self, state: dict) -> None:
+        return None
 
     def __call__(self, model, batch: list[Demonstration], step: int, micro: int) -> tuple[torch.Tensor, dict]:
         t0 = time.perf_counter()
@@ -54,6 +65,7 @@ class SFTStep:
             "loss": loss.item(),
             "student_entropy": float((entropy * mask).sum() / mask.sum()),
             "tokens": n_tok,
+            "loss_tokens": float(n_tok),
             "target_length": n_tok / len(batch),
             "t_student": time.perf_counter() - t0,
         }
