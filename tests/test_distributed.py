@@ -1,6 +1,7 @@
 """Several training processes compute what one process computes (CPU, gloo, torchrun, a tiny
 random model, fp32, temperature 1): DDP and FSDP2 against one process over 3 steps (losses,
-gradient norms, final weights, evaluation), 5 prompts over 2 processes (uneven shards), a run
+gradient norms, final weights, evaluation; LoRA, and full-parameter under FSDP2 with the teacher
+loaded and sharded), 5 prompts over 2 processes (uneven shards), a run
 interrupted after step 2 and resumed on 2 processes (from 2 and from 1), and a NaN on one
 process stopping both with exit 3. One torchrun launch trains all the 2-process runs (about
 a minute on 2 cores); the NaN test is a second, short launch."""
@@ -63,6 +64,30 @@ def test_shards_split_a_batch_deterministically_and_completely():
     assert isinstance(shards[0], Shard)
 
 
+def test_each_answer_samples_from_its_own_seed_whatever_the_batching(tiny_dir):
+    """What makes N processes draw the rollouts one does: an answer's draws depend on its seed
+    (rollout.item_seed of seed, step, global index) only, not on its batch or neighbours."""
+    from safedistill.engine.rollout import SamplingSettings, generate, item_seed
+    from safedistill.models import chat_text, load_model
+
+    model, tok = load_model(tiny_dir, device="cpu")
+    prompts = [chat_text(tok, p) for p in ("Write a poem.", "Explain photosynthesis step by step.", "Hi", "Paris?")]
+    seeds = [item_seed(0, 3, i) for i in range(4)]
+
+    def sample(index: list[int], batch_size: int) -> list[list[int]]:
+        s = SamplingSettings(max_new_tokens=10, temperature=1.0, batch_size=batch_size, seeds=[seeds[i] for i in index])
+        return [r.response_ids for r in generate(model, tok, [prompts[i] for i in index], s, progress=False)[0]]
+
+    whole = sample([0, 1, 2, 3], 4)
+    assert sample([0, 2], 2) + sample([1, 3], 1) == [whole[0], whole[2], whole[1], whole[3]]  # two "processes"
+    assert sample([3, 2, 1, 0], 3) == whole[::-1]
+    assert len({item_seed(0, 3, i) for i in range(100)} | {item_seed(0, 4, i) for i in range(100)}) == 200
+    other = SamplingSettings(
+        max_new_tokens=10, temperature=1.0, batch_size=4, seeds=[item_seed(1, 3, i) for i in range(4)]
+    )
+    assert [r.response_ids for r in generate(model, tok, prompts, other, progress=False)[0]] != whole
+
+
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     """A tiny model whose logits are far enough from uniform that the loss and its gradient are
@@ -108,10 +133,9 @@ def assert_same_numbers(out: Path, reference: Path) -> None:
         assert a["tokens"] == b["tokens"] and a["loss_tokens"] == b["loss_tokens"], (a["step"], out.name)
         for key in ("loss", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), (a["step"], key, out.name)
-    w, ref = (
-        load_file(out / "final" / "adapter_model.safetensors"),
-        load_file(reference / "final" / "adapter_model.safetensors"),
-    )
+    lora = (reference / "final" / "adapter_model.safetensors").exists()
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    w, ref = load_file(out / "final" / weights), load_file(reference / "final" / weights)
     assert w.keys() == ref.keys() and w
     for k in w:
         torch.testing.assert_close(w[k], ref[k], atol=ATOL, rtol=RTOL, msg=f"{out.name}: {k}")
@@ -161,8 +185,10 @@ def torchrun(plan: list[dict], tmp: Path) -> None:
 def test_two_processes_compute_what_one_does(setting, tmp_path, monkeypatch):
     root, base = setting
     uneven = [*base, "batch_size=5"]
+    full = [*base, "lora=false", "learning_rate=1e-4"]  # the teacher: a second model, FSDP2 shards
     ref = one_process(base, tmp_path / "ref")
     ref_uneven = one_process(uneven, tmp_path / "ref-uneven")
+    ref_full = one_process(full, tmp_path / "ref-full")
     # One process interrupted in step 3 (after step 2's checkpoint), to be resumed by two.
     calls = train_until_killed(load_config("opsa", overrides=base), tmp_path / "from-one", monkeypatch, at_call=3)
     assert len(calls) == 3 and (tmp_path / "from-one" / "checkpoints" / "step-2").is_dir()
@@ -170,6 +196,7 @@ def test_two_processes_compute_what_one_does(setting, tmp_path, monkeypatch):
         "ddp": base + ["parallel=ddp"],
         "fsdp2": base + ["parallel=fsdp2"],
         "uneven": uneven + ["parallel=auto"],  # auto: ddp under torchrun
+        "full": full + ["parallel=fsdp2"],
         "killed": base + ["parallel=ddp"],
     }
     plan = [{"out": str(tmp_path / name), "overrides": o, "resume": False} for name, o in runs.items()]
@@ -181,6 +208,7 @@ def test_two_processes_compute_what_one_does(setting, tmp_path, monkeypatch):
     for name in ("ddp", "fsdp2", "killed", "from-one"):
         assert_same_numbers(tmp_path / name, ref)
     assert_same_numbers(tmp_path / "uneven", ref_uneven)
+    assert_same_numbers(tmp_path / "full", ref_full)
     assert any(
         v.abs().max() > 1e-3 for k, v in load_file(ref / "final/adapter_model.safetensors").items() if "lora_B" in k
     )
@@ -237,3 +265,10 @@ def test_parallel_none_under_a_launcher_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="parallel"):
         Processes("cpu", "none")
+
+
+def test_merged_rollouts_are_refused_under_fsdp2():
+    from safedistill.errors import UserError
+
+    with pytest.raises(UserError, match="rollout_backend.*fsdp2"):
+        load_config("opsa", overrides=["parallel=fsdp2", "rollout_backend=merged"])

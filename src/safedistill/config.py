@@ -572,6 +572,12 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
         ),
         (c.trainer != "sft" or c.ppo_epochs == 1, "ppo_epochs", "reuses rollouts: trainer=sft takes 1"),
         (
+            not (c.parallel == "fsdp2" and c.rollout_backend == "merged"),
+            "rollout_backend",
+            "merged is refused with parallel=fsdp2: its merged copy would hold the full weights on every process "
+            "(use hf, which decodes with the gathered shards)",
+        ),
+        (
             c.targets != "external" or c.external_model is not None,
             "external_model",
             "must be set when targets=external (--set external_model=HF_ID_OR_DIR)",

@@ -337,11 +337,12 @@ def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
     atomic_write_text(saved, to_yaml(cfg))
 
 
-def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared):
-    """The step function for the run's trainer, over the (LoRA-wrapped) student."""
+def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared, frozen=None):
+    """The step function for the run's trainer, over the (LoRA-wrapped) student; `frozen`: the
+    full-parameter teacher's own copy of the base model (loaded from its path)."""
     if cfg.trainer == "sft":
         return SFTStep(cfg, tok)
-    teacher = prepared.make_teacher(FrozenBase(model, share_weights=cfg.lora), tok)
+    teacher = prepared.make_teacher(FrozenBase(model, share_weights=cfg.lora, frozen=frozen), tok)
     masks = {"vocab_ids": prepared.vocab_ids} if prepared.vocab_ids is not None else {}
     return OnPolicyStep(cfg, tok, teacher, judge, **masks)
 
@@ -469,6 +470,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     out = Path(out)
     procs = Processes(resolve_device(cfg.device), cfg.parallel, cfg.process_timeout)
     procs.check(cfg.batch_size)
+    if not procs.is_main:
+        console.set_quiet(True)  # process 0 speaks for all; warnings still show
     progress = progress and procs.is_main and not console.quiet()
     preflight(cfg)
     if procs.is_main:
@@ -488,7 +491,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         write_json(out / "manifest.json", manifest.to_list())
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
-    step_fn = build_step(cfg, model, tok, judge, prepared)
+    step_fn = build_step(cfg, model, tok, judge, prepared, frozen_teacher(cfg, procs))
     ckpt = checkpoint_to_resume(out, procs) if resume else None
     if ckpt is not None:
         load_weights(ckpt, model)
@@ -509,6 +512,15 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     result = finish(cfg, out, model, tok, step_fn, base_eval, progress, vocab_size)
     procs.close()
     return result
+
+
+def frozen_teacher(cfg: RunConfig, procs: Processes):
+    """Full-parameter on-policy runs: the frozen base model the teacher runs, loaded from the
+    model's path and placed like the student (FSDP2 shards it), not copied from the student."""
+    if cfg.lora or cfg.trainer != "onpolicy":
+        return None
+    model, _ = load_model(cfg.model, device=procs.device)
+    return procs.shard_model(model.eval().requires_grad_(False))
 
 
 def final_model(cfg: RunConfig, student, procs: Processes):

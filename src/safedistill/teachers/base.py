@@ -5,7 +5,8 @@ returns its logits [B, T, V] at the response positions, aligned with the student
 `reference`, the frozen original model (COPSD's KL term pulls toward it). A teacher that reads a
 different prompt than the student also exposes `prompt_text(item)` (the collapse probe samples
 it). With LoRA the frozen weights are the student's with the adapter disabled (no second copy);
-with full-parameter training they are a copy made before training starts.
+with full-parameter training they are a second model loaded from the student's path (sharded
+like the student under FSDP2), or a copy made before training starts where no path is given.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..engine.distributed import gathered
 from ..engine.rollout import encode_prompts
 from ..engine.scoring import common_prefix, prefix_kv, response_logits
 
@@ -53,11 +55,17 @@ class PromptedTeacher(Protocol):
 
 
 class FrozenBase:
-    """Runs the frozen base weights: the adapter switched off, or a copy taken at construction."""
+    """Runs the frozen base weights: the adapter switched off, or a separate frozen model:
+    `frozen` (loaded from the model's path, placed as the student is: replicated, or FSDP2
+    shards gathered while it runs), else a copy taken at construction (never of a sharded model:
+    the trainer passes `frozen`)."""
 
-    def __init__(self, model, *, share_weights: bool):
+    def __init__(self, model, *, share_weights: bool, frozen=None):
         self.share = share_weights
-        self.model = model if share_weights else copy.deepcopy(model).eval().requires_grad_(False)
+        if share_weights:
+            self.model = model
+        else:
+            self.model = (frozen if frozen is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
     @contextlib.contextmanager
     def weights(self, student) -> Iterator:
@@ -65,7 +73,8 @@ class FrozenBase:
             with student.disable_adapter():
                 yield student
         else:
-            yield self.model
+            with gathered(self.model):
+                yield self.model
 
 
 class FrozenModel:
