@@ -197,12 +197,13 @@ def test_two_processes_compute_what_one_does(setting, tmp_path, monkeypatch):
         "fsdp2": base + ["parallel=fsdp2"],
         "uneven": uneven + ["parallel=auto"],  # auto: ddp under torchrun
         "full": full + ["parallel=fsdp2"],
-        "killed": base + ["parallel=ddp"],
+        "killed": base + ["parallel=fsdp2"],  # its step-2 checkpoint gathered from FSDP2 shards
     }
     plan = [{"out": str(tmp_path / name), "overrides": o, "resume": False} for name, o in runs.items()]
     plan[-1]["interrupt_at_call"] = 3
-    plan.append({"out": str(tmp_path / "killed"), "overrides": runs["killed"], "resume": True})
-    plan.append({"out": str(tmp_path / "from-one"), "overrides": base + ["parallel=ddp"], "resume": True})
+    # Checkpoints hold full tensors: FSDP2's resumes under DDP, one process's under FSDP2.
+    plan.append({"out": str(tmp_path / "killed"), "overrides": base + ["parallel=ddp"], "resume": True})
+    plan.append({"out": str(tmp_path / "from-one"), "overrides": base + ["parallel=fsdp2"], "resume": True})
     torchrun(plan, tmp_path)
 
     for name in ("ddp", "fsdp2", "killed", "from-one"):
