@@ -184,8 +184,9 @@ def torchrun(plan: list[dict], tmp: Path) -> None:
 
 def test_two_processes_compute_what_one_does(setting, tmp_path, monkeypatch):
     root, base = setting
-    uneven = [*base, "batch_size=5"]
-    full = [*base, "lora=false", "learning_rate=1e-4"]  # the teacher: a second model, FSDP2 shards
+    # Gradient accumulation (DDP's no_sync, FSDP2's set_requires_gradient_sync) in two of them.
+    uneven = [*base, "batch_size=5", "grad_accum=2"]
+    full = [*base, "lora=false", "learning_rate=1e-4", "grad_accum=2"]  # the teacher: a second model, FSDP2 shards
     ref = one_process(base, tmp_path / "ref")
     ref_uneven = one_process(uneven, tmp_path / "ref-uneven")
     ref_full = one_process(full, tmp_path / "ref-full")
@@ -216,7 +217,7 @@ def test_two_processes_compute_what_one_does(setting, tmp_path, monkeypatch):
 
     # Each process trained on its own share: 5 prompts split 3 + 2.
     seen = [json.loads((tmp_path / "uneven" / f"seen-rank{r}.json").read_text()) for r in (0, 1)]
-    assert [len(s) for s in seen[0]] == [3, 3, 3] and [len(s) for s in seen[1]] == [2, 2, 2]
+    assert [len(s) for s in seen[0]] == [3] * 6 and [len(s) for s in seen[1]] == [2] * 6
     assert all(a != b for a, b in zip(*seen, strict=True))
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-2", "step-3"]
     # The uneven shards are what the global token count is for: a mean of per-process means differs.
