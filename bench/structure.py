@@ -10,6 +10,12 @@ imports; a circle is a strongly connected group of two or more modules.
 
     python bench/structure.py               # summary: floors, circles, functions over --limit
     python bench/structure.py --top 20 --limit 60 --lazy
+    python bench/structure.py --whole-config --upward   # list them
+
+Two more figures (issue 23): functions outside cli.py, config.py and train.py that take the whole
+RunConfig (a parameter typed RunConfig or named cfg, lambdas included), and arrows that run back
+up: imports (lazy and type-only ones included, and importlib strings naming a module) from a
+module to one on a higher layer of LAYERS, the package's intended order from the ground up.
 """
 
 from __future__ import annotations
@@ -21,6 +27,24 @@ from pathlib import Path
 
 PACKAGE = "safedistill"
 SRC = Path(__file__).resolve().parent.parent / "src" / PACKAGE
+# The intended layers, ground floor first (docs/design.md): a module may import its own layer and
+# those below it. A module's layer is named by its first name under the package.
+LAYERS = (
+    ("errors", "console", "faults", "files", "config", ""),
+    ("data",),
+    ("models",),
+    ("engine",),
+    ("losses",),
+    ("teachers",),
+    ("eval",),
+    ("searches",),
+    ("methods",),
+    ("train",),
+    ("report",),
+    ("cli",),
+)
+# The modules that may see the whole RunConfig: the CLI, the config itself and the recipe.
+WHOLE_CONFIG_OK = ("cli", "config", "train")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -83,6 +107,8 @@ def targets(node: ast.Import | ast.ImportFrom, here: str, is_package: bool, know
 
 
 def import_graph(modules: dict[str, tuple[Path, ast.Module]], lazy: bool) -> dict[str, set[str]]:
+    """Module -> the package modules it imports; with `lazy`, also a string constant that names
+    a module (an importlib target)."""
     known = set(modules)
     graph = {}
     for name, (path, tree) in modules.items():
@@ -90,8 +116,38 @@ def import_graph(modules: dict[str, tuple[Path, ast.Module]], lazy: bool) -> dic
         edges = set()
         for node in import_nodes(tree, lazy):
             edges |= targets(node, name, is_package, known)
+        if lazy:
+            edges |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in known}
         graph[name] = edges - {name}
     return graph
+
+
+def layer(module: str) -> int:
+    top = module.removeprefix(PACKAGE).lstrip(".").split(".")[0]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports from a module to one on a higher layer (pass the lazy graph: every arrow)."""
+    return sorted((a, b) for a, bs in graph.items() for b in bs if layer(b) > layer(a))
+
+
+def whole_config(modules: dict[str, tuple[Path, ast.Module]]) -> list[str]:
+    """module:function (lambdas as <lambda>:line) of every function outside WHOLE_CONFIG_OK with a
+    parameter typed RunConfig or named cfg."""
+    found = []
+    for module, (_, tree) in modules.items():
+        short = module.removeprefix(f"{PACKAGE}.")
+        if short in WHOLE_CONFIG_OK:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue
+            a = node.args
+            params = a.posonlyargs + a.args + a.kwonlyargs
+            if any(p.arg == "cfg" or "RunConfig" in ast.unparse(p.annotation or ast.Constant("")) for p in params):
+                found.append(f"{short}:{getattr(node, 'name', '<lambda>')}:{node.lineno}")
+    return sorted(found)
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -180,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=60, help="flag functions longer than this many lines")
     parser.add_argument("--lazy", action="store_true", help="count imports inside functions too")
     parser.add_argument("--floors", action="store_true", help="list every module with its floor")
+    parser.add_argument("--whole-config", action="store_true", help="list the functions that take the RunConfig")
+    parser.add_argument("--upward", action="store_true", help="list the arrows that run back up")
     args = parser.parse_args(argv)
 
     modules = read_modules(args.root)
@@ -198,6 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"functions: {len(funcs)}   longest: {funcs[0][0]} lines ({funcs[0][1]})   over {args.limit}: {len(over)}")
     for lines, name in funcs[: max(args.top, len(over))]:
         print(f"  {lines:4d}  {name}" + ("   > limit" if lines > args.limit else ""))
+    every = import_graph(modules, lazy=True)
+    config_floor = floors(every, circles(every)).get(f"{PACKAGE}.config")
+    print(f"config.py floor (every import counted): {config_floor}")
+    up = upward(every)
+    print(f"arrows that run back up: {len(up)}")
+    for a, b in up if args.upward else []:
+        print(f"  {a.removeprefix(PACKAGE + '.')} -> {b.removeprefix(PACKAGE + '.')}")
+    whole = whole_config(modules)
+    print(f"functions outside {', '.join(WHOLE_CONFIG_OK)} taking the whole RunConfig: {len(whole)}")
+    for name in whole if args.whole_config else []:
+        print(f"  {name}")
     print("lines per method module: " + ", ".join(f"{k} {v}" for k, v in method_lines(args.root).items()))
     return 0
 

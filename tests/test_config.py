@@ -201,8 +201,11 @@ def test_saved_config_missing_a_newer_field_matches_only_at_its_default():
 def test_choices_come_from_the_plug_point_tables():
     import typing
 
-    from safedistill.config import TABLES, choices, table
+    from safedistill.config import PLUG_FIELDS, choices
+    from safedistill.methods import PLUG_TABLES as TABLES
 
+    table = TABLES.__getitem__
+    assert set(TABLES) == set(PLUG_FIELDS)
     for name in TABLES:
         assert set(choices(name)) == set(table(name))
         hint = typing.get_type_hints(RunConfig)[name]
@@ -220,8 +223,10 @@ def test_choices_come_from_the_plug_point_tables():
     ],
 )
 def test_incompatible_combinations_fail_at_load(preset, item, field):
+    from safedistill.methods import check_config
+
     with pytest.raises(UserError) as e:
-        load_config(preset, overrides=[item])
+        check_config(load_config(preset, overrides=[item]))
     assert f"'{field}'" in str(e.value)
 
 

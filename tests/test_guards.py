@@ -19,7 +19,6 @@ from safedistill.eval.guards import (
     llamaguard_prompt,
     llamaguard_text,
     parse_harmbench,
-    parse_llamaguard,
     parse_strongreject,
     strongreject_messages,
     strongreject_templates,
@@ -100,22 +99,6 @@ def test_llamaguard_prompt_uses_the_guard_own_template(make_tokenizer):
     tok = make_tokenizer(chat_template=guard)
     got = llamaguard_prompt(tok, PROMPTS[0], RESPONSES[0])
     assert got == f"GUARD unsafe content check|user={PROMPTS[0]}|assistant={RESPONSES[0]}|verdict:"
-
-
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [
-        ("safe", ("safe", [])),
-        ("\n\nsafe\n", ("safe", [])),
-        ("unsafe\nS1,S10", ("unsafe", ["S1", "S10"])),
-        ("Unsafe\nS2, S9 ", ("unsafe", ["S2", "S9"])),
-        ("unsafe", ("unsafe", [])),
-        ("The answer is safe", (None, [])),
-        ("", (None, [])),
-    ],
-)
-def test_parse_llamaguard(text, parsed):
-    assert parse_llamaguard(text) == parsed
 
 
 def last_logits(model, tok, text: str, add_special_tokens: bool) -> torch.Tensor:

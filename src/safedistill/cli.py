@@ -133,8 +133,10 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
 
 def _config_show(args: argparse.Namespace) -> None:
     from .config import load_config, show
+    from .methods import check_config
 
     cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, *_cli_overrides(args)])
+    check_config(cfg)
     print(f"# safedistill {__version__}: resolved config of preset {args.preset}", end="")
     print(f" + {args.config}" if args.config else "", end="")
     print(f" + --set {' '.join(args.set)}" if args.set else "")

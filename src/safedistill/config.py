@@ -2,16 +2,17 @@
 
 A preset in `configs/` may inherit another (`base: opsa`) and change a few fields; a user YAML
 and then `--set key=value` override it. Fields live in sections (run, data, teacher, steering,
-copsd, dgr, rollout, loss, optim, eval, scale) and are addressed as `section.field` or by their flat name,
-which is also how config.yaml stores them, so old run directories still load. Choices come from the
-plug-point tables (TEACHERS, DIVERGENCES, TOKEN_MASKS, VOCAB_MASKS, OBJECTIVES, ROLLOUT_BACKENDS);
-combinations they rule out are rejected here, before a model is loaded. See docs/design.md.
+copsd, dgr, rollout, loss, optim, eval, scale) and are addressed as `section.field` or by their flat
+name, which is also how config.yaml stores them, so old run directories still load. This module is
+the ground floor: it imports nothing of the package but errors. A field that names a plug point is
+a Literal of that table's keys (tests/test_config.py holds them equal); the combinations the
+tables rule out are checked by the layer that owns them (methods.check_config), before anything
+is written. See docs/design.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,17 +308,18 @@ class RunConfig(
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-# The plug-point tables the choices come from (module, table), loaded when a config is checked.
-TABLES = {
-    "teacher": ("safedistill.teachers", "TEACHERS"),
-    "divergence": ("safedistill.losses.divergence", "DIVERGENCES"),
-    "token_mask": ("safedistill.losses.masks", "TOKEN_MASKS"),
-    "vocab_mask": ("safedistill.losses.masks", "VOCAB_MASKS"),
-    "objective": ("safedistill.losses.objectives", "OBJECTIVES"),
-    "reward_level": ("safedistill.losses.objectives", "REWARD_LEVELS"),
-    "ref_kl_estimator": ("safedistill.losses.objectives", "REF_KL_ESTIMATORS"),
-    "rollout_backend": ("safedistill.engine.backends", "ROLLOUT_BACKENDS"),
-}
+# Fields whose values are the keys of a plug-point table (methods.PLUG_TABLES holds the tables;
+# tests/test_config.py holds each Literal equal to its table's keys).
+PLUG_FIELDS = (
+    "teacher",
+    "divergence",
+    "token_mask",
+    "vocab_mask",
+    "objective",
+    "reward_level",
+    "ref_kl_estimator",
+    "rollout_backend",
+)
 # Fields older run directories saved that no longer exist, with the value that means "unused".
 RETIRED = {"extra": {}}
 # How a run is spread over processes, not what it computes (N processes compute what one does):
@@ -332,15 +334,8 @@ ADDED = {
 }
 
 
-def table(name: str) -> dict:
-    module, attr = TABLES[name]
-    return getattr(importlib.import_module(module), attr)
-
-
 def choices(name: str) -> tuple | None:
-    """Valid values of a field: its table's keys, or its Literal's values; None if free."""
-    if name in TABLES:
-        return tuple(table(name))
+    """Valid values of a field: its Literal's values (for a plug point, its table's keys); None if free."""
     base = _base_type(name)
     return typing.get_args(base) if typing.get_origin(base) is Literal else None
 
@@ -535,34 +530,8 @@ TEMPLATE = "must name an existing template file"
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
-    """What the plug-point tables rule out, checked before any model is loaded."""
-    teacher = table("teacher")[c.teacher]
-    serves = [k for k, v in table("teacher").items() if v.scores_rollouts]
-    writers = [k for k, v in table("teacher").items() if v.targets]
-    uses_divergence = table("objective")[c.objective].uses_divergence
-    subset_ok = [k for k, v in table("divergence").items() if v.vocab_subset]
+    """Combinations of fields that need no plug-point table (those are methods.check_config's)."""
     return [
-        (
-            c.trainer != "onpolicy" or teacher.scores_rollouts,
-            "teacher",
-            f"cannot score on-policy rollouts (trainer=onpolicy needs one of {', '.join(serves)})",
-        ),
-        (
-            c.trainer != "sft" or bool(teacher.targets),
-            "teacher",
-            f"only scores on-policy rollouts; trainer=sft needs one of {', '.join(writers)}",
-        ),
-        (
-            c.trainer != "sft" or not teacher.targets or c.targets in teacher.targets,
-            "targets",
-            f"is not served by teacher={c.teacher} with trainer=sft (it serves: {', '.join(teacher.targets)})",
-        ),
-        (
-            not (c.trainer == "onpolicy" and uses_divergence and table("vocab_mask")[c.vocab_mask].needs_ids)
-            or table("divergence")[c.divergence].vocab_subset,
-            "vocab_mask",
-            f"{c.vocab_mask} needs divergence {' or '.join(subset_ok)}",
-        ),
         (
             not (c.trainer == "onpolicy" and c.objective == "clipped_reward" and c.reward_level == "sequence")
             or c.rollouts_per_prompt >= 2,
@@ -586,23 +555,15 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
 
 
 def validate(c: RunConfig) -> None:
-    for ok, name, msg in [*_ranges(c), *_combinations(c)]:
+    """The checks that need no plug-point table (methods.check_config runs the others)."""
+    problems(c, [*_ranges(c), *_combinations(c)])
+
+
+def problems(c, rules: list[tuple[bool, str, str]]) -> None:
+    """Raise for the first failed (ok, field, message) rule, naming the field and its value."""
+    for ok, name, msg in rules:
         if not ok:
             raise UserError(f"config field '{name}' {msg} (got {getattr(c, name)!r})")
-    _validate_eval(c)
-
-
-def _validate_eval(c: RunConfig) -> None:
-    from .eval.evaluate import EvalSettings, capability_basket, generalization_styles
-
-    for name, check in (
-        ("capability", lambda: capability_basket(EvalSettings(capability=c.capability))),
-        ("eval_generalization", lambda: generalization_styles(c.eval_generalization)),
-    ):
-        try:
-            check()
-        except UserError as e:
-            raise UserError(f"config field '{name}': {e}") from None
 
 
 def to_yaml(c: RunConfig) -> str:
@@ -649,6 +610,6 @@ def show(c: RunConfig) -> str:
             )
             value = value.strip().removeprefix("{").removesuffix("}")
             allowed = choices(f.name)
-            note = f.metadata["help"] + (f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in TABLES else "")
+            note = f.metadata["help"] + (f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in PLUG_FIELDS else "")
             lines.append(f"{value}  # {note}")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("base-eval", "context-search", "step", "checkpoint", "final-save", "final-eval", "metrics")
+POINTS = ("base-eval", "context-search", "step", "checkpoint", "final-save", "final-eval")
 _seen: dict[str, int] = {}
 
 

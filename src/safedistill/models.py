@@ -130,12 +130,6 @@ def _bundled_gguf(alias: str, tmp: Path) -> tuple[Path, dict]:
     return gguf, {"alias": alias, "gguf_sha256": part["sha256"], "parts": [part]}
 
 
-def bundled_manifest(name: str) -> dict | None:
-    """What a converted bundled alias was built from (manifest.json in its cache), if recorded."""
-    path = cache_dir() / "models" / name / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> a float32 safetensors model and tokenizer in `out`. The GGUF-flagged model refuses
     save_pretrained, so its de-quantized state dict is copied into a fresh model of the same

@@ -290,6 +290,7 @@ def preflight(cfg: RunConfig) -> None:
     from .models import check_hub_name, check_model
     from .teachers.context import check_context, load_contexts
 
+    methods.check_config(cfg)
     check_model(cfg.model)
     if cfg.judge not in ("heuristic", "keyword"):
         kind, sep, target = cfg.judge.partition(":")

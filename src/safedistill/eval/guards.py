@@ -91,18 +91,6 @@ def llamaguard_prompt(tokenizer, prompt: str, response: str) -> str:
     return f"[INST] {text} [/INST]"
 
 
-def parse_llamaguard(generation: str) -> tuple[str | None, list[str]]:
-    """("safe", []), ("unsafe", ["S1", "S10"]) or (None, []) when the text is neither."""
-    lines = generation.strip().splitlines()
-    first = lines[0].strip().lower() if lines else ""
-    if first == "safe":
-        return "safe", []
-    if first == "unsafe":
-        codes = lines[1] if len(lines) > 1 else ""
-        return "unsafe", [c.strip() for c in codes.split(",") if c.strip()]
-    return None, []
-
-
 # ---- HarmBench classifier ------------------------------------------------------------------------
 
 # HarmBench's LLAMA2_CLS_PROMPT["prompt"] (centerforaisafety/HarmBench eval_utils.py), verbatim,

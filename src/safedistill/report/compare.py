@@ -20,6 +20,7 @@ from ..config import RunConfig, load_config
 from ..errors import UserError
 from ..eval.stats import clustered_difference, clustered_mean, reading
 from ..files import atomic_write_text, write_json
+from ..methods import check_config
 from ..train import eval_settings, finished_run, run_eval, train
 from .report import (
     axis_values,
@@ -153,7 +154,7 @@ def load_configs(
     presets: list[str], seeds: list[int], *, model: str | None, config_file: str | None, overrides: list[str]
 ) -> dict[tuple[str, int], object]:
     """Every preset x seed's config, so a bad preset or override fails before anything trains."""
-    return {
+    configs = {
         (preset, seed): load_config(
             preset,
             config_file=config_file,
@@ -162,6 +163,9 @@ def load_configs(
         for preset in presets
         for seed in seeds
     }
+    for cfg in configs.values():
+        check_config(cfg)
+    return configs
 
 
 def run_all(configs: dict, out: Path, *, resume: bool, frontier_steps: list[int]) -> dict[tuple[str, int], dict]:
