@@ -82,7 +82,9 @@ def fingerprint(preset: str, model: str, sources: tuple[str, str], out: Path) ->
     files = {
         p.relative_to(out).as_posix(): digest(p)
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.suffix in {".json", ".jsonl", ".safetensors"} and p.name != "metrics.jsonl"
+        if p.is_file()
+        and p.suffix in {".json", ".jsonl", ".safetensors"}
+        and p.name != "metrics.jsonl"
         and not {"checkpoints", "final"} & set(p.parts)
     }
     return {
@@ -113,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, help="a fingerprint to compare with; exit 1 if any differs")
     parser.add_argument("--only", default="", help="comma-separated presets (default: all)")
     parser.add_argument(
-        "--work", type=Path, default=Path("/tmp/safedistill-identity"), help="scratch dir (emptied first; a fixed "
-        "path, since run files name their sources)"
+        "--work",
+        type=Path,
+        default=Path("/tmp/safedistill-identity"),
+        help="scratch dir (emptied first; a fixed path, since run files name their sources)",
     )
     args = parser.parse_args(argv)
     from conftest import save_compact

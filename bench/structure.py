@@ -28,7 +28,9 @@ from pathlib import Path
 PACKAGE = "safedistill"
 SRC = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 # The intended layers, ground floor first (docs/design.md): a module may import its own layer and
-# those below it. A module's layer is named by its first name under the package.
+# those below it. A module's layer is named by its longest dotted prefix listed here: report.report
+# (one run directory's report.md, which the recipe writes) sits below train, report.compare (which
+# runs recipes) above it.
 LAYERS = (
     ("errors", "console", "faults", "files", "config", ""),
     ("data",),
@@ -39,6 +41,7 @@ LAYERS = (
     ("eval",),
     ("searches",),
     ("methods",),
+    ("report.report",),
     ("train",),
     ("report",),
     ("cli",),
@@ -123,8 +126,9 @@ def import_graph(modules: dict[str, tuple[Path, ast.Module]], lazy: bool) -> dic
 
 
 def layer(module: str) -> int:
-    top = module.removeprefix(PACKAGE).lstrip(".").split(".")[0]
-    return next(i for i, names in enumerate(LAYERS) if top in names)
+    parts = module.removeprefix(PACKAGE).lstrip(".").split(".")
+    prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+    return next(i for p in prefixes for i, names in enumerate(LAYERS) if p in names)
 
 
 def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from safedistill.eval.evaluate import EvalSettings, held_out
 from safedistill.eval.judging import load_judge
 from safedistill.methods.base import training_items
 from safedistill.models import load_model
-from safedistill.report.report import flip_rate_section
+from safedistill.teachers.context_search import flip_rate_section
 from safedistill.teachers import context_search as search
 
 CONTEXTS = [

@@ -24,6 +24,7 @@ import yaml
 
 from .errors import UserError
 
+MethodName = Literal["opsa", "safesteer", "copsd", "sft", "dgr", "offpolicy-sd", "external-kd"]
 Trainer = Literal["onpolicy", "sft"]
 TeacherName = Literal["context", "constitution", "steering", "none"]
 Targets = Literal["demonstrations", "teacher", "external", "refined"]
@@ -48,6 +49,7 @@ class RunSettings:
 
     preset: str = opt("opsa", "a name from configs/ (`safedistill run --help` lists them)")
     base: str | None = opt(None, "the preset this one inherits from (set by presets; informational)")
+    method: MethodName = opt("opsa", "what the run prepares before training and reports after (METHODS)")
     trainer: Trainer = opt("onpolicy", "onpolicy (distillation on rollouts) or sft (fixed targets)")
     model: str = opt("smollm2-135m-instruct", "HF id, local directory or bundled alias")
     device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
@@ -311,6 +313,7 @@ SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasse
 # Fields whose values are the keys of a plug-point table (methods.PLUG_TABLES holds the tables;
 # tests/test_config.py holds each Literal equal to its table's keys).
 PLUG_FIELDS = (
+    "method",
     "teacher",
     "divergence",
     "token_mask",
@@ -325,9 +328,30 @@ RETIRED = {"extra": {}}
 # How a run is spread over processes, not what it computes (N processes compute what one does):
 # a run may resume, or be reused, with other values.
 PLACEMENT = ("parallel", "process_timeout")
+# Before `method` existed a run's method followed from (trainer, teacher) for on-policy runs and
+# (trainer, targets) for SFT runs; a run directory saved then ran the method this rule names.
+INFERRED_METHOD = {
+    ("onpolicy", "context"): "opsa",
+    ("onpolicy", "steering"): "safesteer",
+    ("onpolicy", "constitution"): "copsd",
+    ("sft", "demonstrations"): "sft",
+    ("sft", "refined"): "dgr",
+    ("sft", "teacher"): "offpolicy-sd",
+    ("sft", "external"): "external-kd",
+}
+
+
+def inferred_method(saved: dict) -> str | None:
+    trainer = saved.get("trainer", "onpolicy")
+    key = saved.get("teacher", "context") if trainer == "onpolicy" else saved.get("targets", "demonstrations")
+    return INFERRED_METHOD.get((trainer, key))
+
+
 # Fields added with a new default behaviour: a run directory saved before one existed ran the old
-# behaviour, so it agrees only with that value (when the field applies to its config).
+# behaviour, so it agrees only with that value (or the value a function of the saved fields gives)
+# when the field applies to its config.
 ADDED = {
+    "method": (inferred_method, lambda saved: True),
     "reward_level": ("token", lambda saved: saved.get("objective") == "clipped_reward"),
     "cross_sft_seed_context": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
     "cross_sft_harmful_share": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
@@ -586,8 +610,9 @@ def settings_differ(saved_yaml: str, c: RunConfig) -> list[str]:
             if k != "base" and saved[k] != v:
                 differ.append(k)
         elif k in ADDED and ADDED[k][1](saved):
-            if v != ADDED[k][0]:
-                differ.append(f"{k} (added later; that run used {k}={ADDED[k][0]})")
+            then = ADDED[k][0](saved) if callable(ADDED[k][0]) else ADDED[k][0]
+            if v != then:
+                differ.append(f"{k} (added later; that run used {k}={then})")
         elif v != defaults[k]:
             differ.append(k)
     return differ
@@ -610,6 +635,8 @@ def show(c: RunConfig) -> str:
             )
             value = value.strip().removeprefix("{").removesuffix("}")
             allowed = choices(f.name)
-            note = f.metadata["help"] + (f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in PLUG_FIELDS else "")
+            note = f.metadata["help"] + (
+                f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in PLUG_FIELDS else ""
+            )
             lines.append(f"{value}  # {note}")
     return "\n".join(lines) + "\n"

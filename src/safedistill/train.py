@@ -255,24 +255,9 @@ def finished_run(cfg: RunConfig, out: Path) -> dict | None:
     return {"base": json.loads(files[1].read_text()), "final": json.loads(files[2].read_text())}
 
 
-# What a run writes before its first step; a run that never got there may be replaced.
-BEFORE_FIRST_STEP = (
-    "eval_base.json",
-    "generations_base.jsonl",
-    "manifest.json",
-    "flip_rates.json",
-    "targets.jsonl",
-    "refined.jsonl",
-    "shift.json",
-    "crossed.jsonl",
-    "crossed_summary.json",
-    "cross_sft_metrics.jsonl",
-    "steering.json",
-    "steering_direction.safetensors",
-    "safety_tokens.json",
-    "cross_sft",
-    "checkpoints",
-)
+# What a run writes before its first step, besides its method's preparation (methods.prepared_files);
+# a run that never got there may be replaced.
+BEFORE_FIRST_STEP = ("eval_base.json", "generations_base.jsonl", "manifest.json", "checkpoints")
 
 
 def run_started(out: Path) -> bool:
@@ -325,7 +310,7 @@ def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
         if not run_started(out):
             if differ:
                 console.say(f"{out}: replacing a run that never took a step (changed: {', '.join(differ)})")
-                for name in BEFORE_FIRST_STEP:
+                for name in (*BEFORE_FIRST_STEP, *methods.prepared_files()):
                     path = out / name
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         elif not resume:
@@ -343,7 +328,7 @@ def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared, fr
     full-parameter teacher's own copy of the base model (loaded from its path)."""
     if cfg.trainer == "sft":
         return SFTStep(cfg, tok)
-    teacher = prepared.make_teacher(FrozenBase(model, share_weights=cfg.lora, frozen=frozen), tok)
+    teacher = methods.make_teacher(cfg.teacher, FrozenBase(model, share_weights=cfg.lora, frozen=frozen), tok, prepared)
     masks = {"vocab_ids": prepared.vocab_ids} if prepared.vocab_ids is not None else {}
     return OnPolicyStep(cfg, tok, teacher, judge, **masks)
 
@@ -622,7 +607,7 @@ def finish(
         model = model.merge_and_unload()
     adapter_note = str(out / "final") if cfg.lora else None
     final_eval = run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress) if cfg.eval else None
-    report = run_report(out, cfg, base_eval, final_eval)
+    report = run_report(out, cfg, base_eval, final_eval, methods.report_sections(cfg.method, cfg.vocab_mask, out))
     degenerate = degeneration(read_log(out / "metrics.jsonl"), vocab_size, cfg.diverge_entropy)
     if degenerate:
         console.warn(f"the trained model looks degenerate: {degenerate}; its results are not meaningful")

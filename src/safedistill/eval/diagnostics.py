@@ -9,7 +9,6 @@ benign-sensitive prompts (CPU budget: `diagnostics_prompts` of each).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -138,9 +137,4 @@ def collapse_section(out: Path, rows: list[dict]) -> list[str]:
     for key, label in PANELS:
         cells = [r.get(f"diag_{who}_{key}") for who in ("student", "teacher") for r in (first, last)]
         lines.append(f"| {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
-    crossed = Path(out) / "crossed_summary.json"
-    if crossed.exists():
-        from ..teachers.calibrated import summary_line
-
-        lines += ["", f"Cross-SFT cold start: {summary_line(json.loads(crossed.read_text()))}; see `crossed.jsonl`."]
     return [*lines, ""]

@@ -1,11 +1,13 @@
-"""METHODS: one module per method, each exporting `prepare(cfg, setup) -> Prepared` with only
-what is its own (docs/design.md, "Adding a method"). A run's method follows from its config:
-on-policy runs by `teacher`, SFT runs by `targets`; presets name the published settings."""
+"""METHODS: one row per method, naming what the recipe needs of it: its trainer kind, `prepare`
+(setup -> Prepared, only what is its own), the teachers it prepares for (each TEACHERS row builds
+its teacher), the files it writes in a run directory and its sections of report.md. A preset
+names its `method:`; docs/design.md, "Adding a method"."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import RunConfig, problems
 from ..engine.backends import ROLLOUT_BACKENDS
@@ -14,12 +16,73 @@ from ..eval.evaluate import EvalSettings, capability_basket, generalization_styl
 from ..losses.divergence import DIVERGENCES
 from ..losses.masks import TOKEN_MASKS, VOCAB_MASKS
 from ..losses.objectives import OBJECTIVES, REF_KL_ESTIMATORS, REWARD_LEVELS
-from ..teachers import TEACHERS
+from ..teachers import TEACHERS, Teacher, calibrated, context_search, external, steering_search
 from . import copsd, dgr, external_kd, offpolicy_sd, opsa, safesteer, sft
 from .base import Prepared, Setup, add_vocab_mask
 
+
+@dataclass(frozen=True)
+class Method:
+    help: str
+    trainer: str  # onpolicy | sft
+    prepare: Callable[[RunConfig, Setup], Prepared]
+    teachers: tuple[str, ...]  # the `teacher` values it prepares for
+    targets: tuple[str, ...] = ()  # sft: the `targets` it trains on
+    files: tuple[str, ...] = ()  # what its preparation writes in the run directory
+    report: tuple[Callable[[Path], list[str]], ...] = ()  # its sections of report.md (each [] without its file)
+
+
+METHODS: dict[str, Method] = {
+    "opsa": Method(
+        "on-policy self-distillation from the base model given a privileged context",
+        "onpolicy",
+        opsa.prepare,
+        ("context",),
+        files=context_search.FILES,
+        report=(context_search.flip_rate_section,),
+    ),
+    "safesteer": Method(
+        "on-policy distillation from the steered base model, the loss on the safety tokens S",
+        "onpolicy",
+        safesteer.prepare,
+        ("steering",),
+        files=(*context_search.FILES, *steering_search.FILES),
+        report=(context_search.flip_rate_section, steering_search.steering_section),
+    ),
+    "copsd": Method(
+        "on-policy distillation from a constitution-reading teacher, optionally calibrated by Cross-SFT",
+        "onpolicy",
+        copsd.prepare,
+        ("constitution",),
+        files=(*context_search.FILES, *calibrated.FILES),
+        report=(calibrated.crossed_section, context_search.flip_rate_section),
+    ),
+    "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, ("none",), ("demonstrations",)),
+    "dgr": Method(
+        "SFT on demonstrations the base model rewrote in its own words",
+        "sft",
+        dgr.prepare,
+        ("none",),
+        ("refined",),
+        files=dgr.FILES,
+        report=(dgr.shift_section,),
+    ),
+    "offpolicy-sd": Method(
+        "SFT on the context teacher's own generations",
+        "sft",
+        offpolicy_sd.prepare,
+        ("context",),
+        ("teacher",),
+        files=(*context_search.FILES, *external.FILES),
+        report=(context_search.flip_rate_section,),
+    ),
+    "external-kd": Method(
+        "SFT on another model's generations", "sft", external_kd.prepare, ("none",), ("external",), external.FILES
+    ),
+}
 # The plug-point tables the config's PLUG_FIELDS name (each field's Literal holds the same keys).
 PLUG_TABLES: dict[str, dict] = {
+    "method": METHODS,
     "teacher": TEACHERS,
     "divergence": DIVERGENCES,
     "token_mask": TOKEN_MASKS,
@@ -31,33 +94,39 @@ PLUG_TABLES: dict[str, dict] = {
 }
 
 
-@dataclass(frozen=True)
-class Method:
-    prepare: Callable[[RunConfig, Setup], Prepared]
-    trainer: str  # onpolicy | sft
-    key: str  # the `teacher` (onpolicy) or the `targets` (sft) that selects it
-
-
-METHODS: dict[str, Method] = {
-    "opsa": Method(opsa.prepare, "onpolicy", "context"),
-    "safesteer": Method(safesteer.prepare, "onpolicy", "steering"),
-    "copsd": Method(copsd.prepare, "onpolicy", "constitution"),
-    "sft": Method(sft.prepare, "sft", "demonstrations"),
-    "dgr": Method(dgr.prepare, "sft", "refined"),
-    "offpolicy-sd": Method(offpolicy_sd.prepare, "sft", "teacher"),
-    "external-kd": Method(external_kd.prepare, "sft", "external"),
-}
+# A vocab_mask that needs ids (safety_tokens) gets S from the steering search whatever the method.
+VOCAB_IDS_FILES = steering_search.FILES
+VOCAB_IDS_REPORT = steering_search.steering_section
 
 
 def method_name(cfg: RunConfig) -> str:
-    key = cfg.teacher if cfg.trainer == "onpolicy" else cfg.targets
-    return next(n for n, m in METHODS.items() if (m.trainer, m.key) == (cfg.trainer, key))
+    return cfg.method
 
 
 def prepare(cfg: RunConfig, setup: Setup) -> Prepared:
     """The method's own preparation (before LoRA is added), then the vocabulary mask's ids."""
-    prepared = METHODS[method_name(cfg)].prepare(cfg, setup)
+    prepared = METHODS[cfg.method].prepare(cfg, setup)
     return add_vocab_mask(cfg, setup, prepared) if cfg.trainer == "onpolicy" else prepared
+
+
+def make_teacher(teacher: str, base, tok, prepared: Prepared) -> Teacher:
+    """The run's teacher: its TEACHERS row's factory over the frozen base and what the method prepared."""
+    return TEACHERS[teacher].factory(base, tok, **prepared.teacher)
+
+
+def prepared_files() -> tuple[str, ...]:
+    """Every file a method's preparation may write in a run directory (a run that never took a
+    step is replaced whatever method wrote it)."""
+    names = [f for m in METHODS.values() for f in m.files] + list(VOCAB_IDS_FILES)
+    return tuple(dict.fromkeys(names))
+
+
+def report_sections(method: str, vocab_mask: str, out: Path) -> list[str]:
+    """The method's own sections of report.md, then S's when the vocabulary mask found it."""
+    sections = list(METHODS[method].report)
+    if VOCAB_MASKS[vocab_mask].needs_ids and VOCAB_IDS_REPORT not in sections:
+        sections.append(VOCAB_IDS_REPORT)
+    return [line for section in sections for line in section(out)]
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -75,7 +144,7 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
-    teacher = TEACHERS[c.teacher]
+    method, teacher = METHODS[c.method], TEACHERS[c.teacher]
     serves = [k for k, v in TEACHERS.items() if v.scores_rollouts]
     writers = [k for k, v in TEACHERS.items() if v.targets]
     uses_divergence = OBJECTIVES[c.objective].uses_divergence
@@ -101,5 +170,16 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
             or DIVERGENCES[c.divergence].vocab_subset,
             "vocab_mask",
             f"{c.vocab_mask} needs divergence {' or '.join(subset_ok)}",
+        ),
+        (c.trainer == method.trainer, "trainer", f"must be {method.trainer} for method={c.method}"),
+        (
+            c.teacher in method.teachers,
+            "teacher",
+            f"is not one method={c.method} prepares (it takes: {', '.join(method.teachers)})",
+        ),
+        (
+            c.trainer != "sft" or c.targets in method.targets,
+            "targets",
+            f"is not what method={c.method} trains on (it takes: {', '.join(method.targets)})",
         ),
     ]

@@ -6,7 +6,6 @@ the trainer needs: prompts and a teacher factory for on-policy methods, targets 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ..data.sources import load_prompts
 from ..data.splits import split_records, take
 from ..errors import UserError
 from ..losses.masks import VOCAB_MASKS
-from ..teachers.base import FrozenBase, Item, Teacher
+from ..teachers.base import Item
 from ..teachers.steering_search import prepare_steering
 
 
@@ -36,7 +35,7 @@ class Setup:
 @dataclass
 class Prepared:
     items: list[Item] = field(default_factory=list)  # on-policy: training prompts
-    make_teacher: Callable[[FrozenBase, object], Teacher] | None = None  # on-policy: (frozen base, tok)
+    teacher: dict = field(default_factory=dict)  # on-policy: what the TEACHERS row's factory takes (e.g. contexts)
     vocab_ids: torch.Tensor | None = None  # vocab_mask ids (SafeSteer's S)
     targets: list[Demonstration] | None = None  # sft: what the SFT step trains on
 

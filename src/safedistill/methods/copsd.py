@@ -4,12 +4,9 @@ is usually objective=clipped_reward (losses/objectives.py)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from ..config import RunConfig
-from ..teachers.base import FrozenModel
 from ..teachers.calibrated import calibrated_model
-from ..teachers.constitution import ConstitutionTeacher, load_constitution
+from ..teachers.constitution import load_constitution
 from .base import Prepared, Setup, training_items
 
 
@@ -21,11 +18,4 @@ def prepare(cfg: RunConfig, s: Setup) -> Prepared:
         calibrated = calibrated_model(
             cfg, s.model, s.tok, s.judge, items, constitution, s.out, manifest=s.manifest, progress=s.progress
         )
-    return Prepared(items=items, make_teacher=partial(_teacher, constitution=constitution, calibrated=calibrated))
-
-
-def _teacher(base, tok, *, constitution: str, calibrated) -> ConstitutionTeacher:
-    """The Cross-SFT copy when there is one, else the frozen base; the KL-to-reference term
-    pulls toward the original model either way."""
-    frozen = FrozenModel(calibrated) if calibrated is not None else base
-    return ConstitutionTeacher(frozen, tok, constitution, reference=base)
+    return Prepared(items=items, teacher={"constitution": constitution, "calibrated": calibrated})

@@ -269,6 +269,14 @@ def _shift(meta: dict, samples, outcomes, before, after: dict, similarity: tuple
     }
 
 
+FILES = ("refined.jsonl", "shift.json")  # what refinement writes in a run directory
+
+
+def shift_section(out: Path) -> list[str]:
+    shift = Path(out) / "shift.json"
+    return shift_lines(json.loads(shift.read_text())) if shift.exists() else []
+
+
 def shift_lines(shift: dict) -> list[str]:
     """The Markdown section a run report (and `safedistill refine`) shows for shift.json."""
     c, nll, sim = shift["counts"], shift["nll"], shift["similarity"]

@@ -3,10 +3,7 @@ by teacher flip rate when context=auto; teachers/context_search.py). Nothing els
 
 from __future__ import annotations
 
-from functools import partial
-
 from ..config import RunConfig
-from ..teachers.context import ContextTeacher
 from ..teachers.context_search import choose_contexts
 from .base import Prepared, Setup, training_items
 
@@ -14,8 +11,4 @@ from .base import Prepared, Setup, training_items
 def prepare(cfg: RunConfig, s: Setup) -> Prepared:
     items = training_items(cfg, s.manifest)
     contexts = choose_contexts(cfg, s.model, s.tok, s.judge, items, s.manifest, s.out, progress=s.progress)
-    return Prepared(items=items, make_teacher=partial(_teacher, contexts=contexts))
-
-
-def _teacher(base, tok, *, contexts: dict) -> ContextTeacher:
-    return ContextTeacher(base, tok, contexts)
+    return Prepared(items=items, teacher={"contexts": contexts})

@@ -4,10 +4,7 @@ steering search (teachers/steering_search.py), or from `steer_from`."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from ..config import RunConfig
-from ..teachers.steering import SteeringTeacher
 from ..teachers.steering_search import prepare_steering
 from .base import Prepared, Setup, training_items
 
@@ -15,9 +12,4 @@ from .base import Prepared, Setup, training_items
 def prepare(cfg: RunConfig, s: Setup) -> Prepared:
     items = training_items(cfg, s.manifest)
     found = prepare_steering(cfg, s.model, s.tok, s.judge, s.manifest, s.out, progress=s.progress)
-    teacher = partial(_teacher, steering=found["steering"])
-    return Prepared(items=items, make_teacher=teacher, vocab_ids=found["vocab_ids"])
-
-
-def _teacher(base, tok, *, steering: dict) -> SteeringTeacher:
-    return SteeringTeacher(base, tok, **steering)
+    return Prepared(items=items, teacher=found["steering"], vocab_ids=found["vocab_ids"])

@@ -460,21 +460,16 @@ def plot_training_curve(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def run_report(out, cfg, base: dict | None, final: dict | None) -> str:
-    """report.md of one run: before/after, where the KL sits, training, the method's own sections,
-    settings and data, each section present when its files are."""
+def run_report(out, cfg, base: dict | None, final: dict | None, method_sections: Iterable[str] = ()) -> str:
+    """report.md of one run: before/after, where the KL sits, training, the method's own sections
+    (given: methods.report_sections), settings and data, each section present when its files are."""
     out = Path(out)
     lines = [f"# `{cfg.preset}` on `{cfg.model}` (seed {cfg.seed})", ""]
     if base and final:
         lines += before_after_section(out, base, final)
     lines += kl_section(out)
     lines += training_section(out)
-    lines += flip_rate_section(out)
-    if (out / "shift.json").exists():
-        from ..methods.dgr import shift_lines
-
-        lines += shift_lines(json.loads((out / "shift.json").read_text()))
-    lines += steering_section(out)
+    lines += method_sections
     lines += ["## Settings", "", "```yaml", (out / "config.yaml").read_text().rstrip(), "```", ""]
     if final:
         lines += ["## Data", "", manifest_table(final.get("manifest", [])), "", JUDGE_NOTE, ""]
@@ -531,38 +526,3 @@ def training_section(out: Path) -> list[str]:
     from ..eval.diagnostics import collapse_section
 
     return lines + collapse_section(out, rows)
-
-
-def flip_rate_section(out: Path) -> list[str]:
-    """The context search's confirmation stage and its ranking's five best, when the run ranked contexts."""
-    from ..teachers.context_search import flip_rate_lines
-
-    flip = out / "flip_rates.json"
-    return flip_rate_lines(json.loads(flip.read_text())) if flip.exists() else []
-
-
-def steering_section(out) -> list[str]:
-    """The chosen steering candidate and the safety token set S, when the run has them."""
-    from ..teachers.steering_search import describe_choice
-
-    lines: list[str] = []
-    steering, tokens = Path(out) / "steering.json", Path(out) / "safety_tokens.json"
-    if steering.exists():
-        s = json.loads(steering.read_text())
-        c = s["chosen"]
-        lines += [
-            "## Steering direction",
-            "",
-            f"`{s['direction']}` direction, post-instruction {describe_choice(c)}; "
-            f"{len(s['candidates'])} candidates in steering.json.",
-            "",
-        ]
-    if tokens.exists():
-        t = json.loads(tokens.read_text())["tokens"]
-        lines += [
-            f"## Safety tokens S ({len(t)})",
-            "",
-            " ".join(f"`{x['text']!r}`" for x in t),
-            "",
-        ]
-    return lines

@@ -6,16 +6,18 @@
   calibrated.py     COPSD's Cross-SFT cold start: the constitution teacher's calibrated copy
   external.py       targets written by another model or by the context teacher (SFT methods)
 
-TEACHERS maps the config's `teacher` to what that kind can do; config validation derives the
-allowed (teacher, trainer, targets) combinations from it.
+TEACHERS maps the config's `teacher` to what that kind can do and its factory, which the recipe
+calls with the frozen base, the tokenizer and what the method prepared for it (e.g. the contexts);
+methods.check_config derives the allowed (teacher, trainer, targets) combinations from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import FrozenBase, FrozenModel, Item, PromptedTeacher, Teacher
-from .constitution import ConstitutionTeacher
+from .constitution import ConstitutionTeacher, constitution_teacher
 from .context import ContextTeacher
 from .steering import SteeringTeacher
 
@@ -25,12 +27,19 @@ class TeacherKind:
     help: str
     scores_rollouts: bool  # usable with trainer=onpolicy
     targets: tuple[str, ...]  # sft `targets` it can serve
+    factory: Callable[..., Teacher] | None = None  # (frozen base, tok, **what the method prepared) -> Teacher
 
 
 TEACHERS: dict[str, TeacherKind] = {
-    "context": TeacherKind("the base model with a privileged system context (OPSA)", True, ("teacher",)),
-    "steering": TeacherKind("the base model with a refusal direction added at one layer (SafeSteer)", True, ()),
-    "constitution": TeacherKind("a frozen model reading a constitution; cold_start=cross_sft calibrates it", True, ()),
+    "context": TeacherKind(
+        "the base model with a privileged system context (OPSA)", True, ("teacher",), ContextTeacher
+    ),
+    "steering": TeacherKind(
+        "the base model with a refusal direction added at one layer (SafeSteer)", True, (), SteeringTeacher
+    ),
+    "constitution": TeacherKind(
+        "a frozen model reading a constitution; cold_start=cross_sft calibrates it", True, (), constitution_teacher
+    ),
     "none": TeacherKind("no teacher: SFT on fixed targets", False, ("demonstrations", "external", "refined")),
 }
 

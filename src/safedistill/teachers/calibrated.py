@@ -218,6 +218,17 @@ def calibrated_model(
     return cross_sft(cfg, model, tok, rows, out, progress=progress)
 
 
+FILES = ("crossed.jsonl", "crossed_summary.json", "cross_sft_metrics.jsonl", "cross_sft")  # in a run directory
+
+
+def crossed_section(out: Path) -> list[str]:
+    """report.md's line on the crossed set, when the run made one."""
+    crossed = Path(out) / "crossed_summary.json"
+    if not crossed.exists():
+        return []
+    return [f"Cross-SFT cold start: {summary_line(json.loads(crossed.read_text()))}; see `crossed.jsonl`.", ""]
+
+
 def summary_line(c: dict) -> str:
     """One sentence on the crossed set: where its harmful rows came from and their share (also the report's)."""
     copies = f" + {c['harmful_copies']} repeated" if c.get("harmful_copies") else ""

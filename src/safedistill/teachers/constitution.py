@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data.sources import builtin_bytes
 from ..errors import UserError
 from ..models import chat_text
-from .base import Item, PrefixTeacher
+from .base import FrozenModel, Item, PrefixTeacher
 
 REQUEST_HEADER = "## The request"
 REQUEST_FOOTER = "Assess the risk silently, choose path A, B or C, then reply to the request directly."
@@ -44,3 +44,10 @@ class ConstitutionTeacher(PrefixTeacher):
 
     def prompt_text(self, item: Item) -> str:
         return chat_text(self.tokenizer, wrap(self.constitution, item.prompt))
+
+
+def constitution_teacher(base, tokenizer, *, constitution: str, calibrated=None) -> ConstitutionTeacher:
+    """TEACHERS["constitution"]'s factory: the Cross-SFT copy when there is one, else the frozen
+    base; the KL-to-reference term pulls toward the original model either way."""
+    frozen = FrozenModel(calibrated) if calibrated is not None else base
+    return ConstitutionTeacher(frozen, tokenizer, constitution, reference=base)

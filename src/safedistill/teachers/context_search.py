@@ -33,6 +33,7 @@ from .base import Item
 from .context import context_text, load_contexts
 
 CONFIRM_TOP = 3  # candidates carried from the ranking into the confirmation stage
+FILES = ("flip_rates.json",)  # what the search writes in a run directory
 TRAITS = ("strength", "length", "framing", "specificity", "style")
 
 
@@ -206,6 +207,12 @@ def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progr
         "harmful": context_text(harmful_ctx, library),
         "benign": context_text(cfg.benign_context, library),
     }
+
+
+def flip_rate_section(out: Path) -> list[str]:
+    """The context search's confirmation stage and its ranking's five best, when the run ranked contexts."""
+    flip = Path(out) / "flip_rates.json"
+    return flip_rate_lines(json.loads(flip.read_text())) if flip.exists() else []
 
 
 def flip_rate_lines(search) -> list[str]:

@@ -15,6 +15,8 @@ from ..errors import UserError
 from ..files import write_jsonl
 from ..models import chat_text, load_model
 
+FILES = ("targets.jsonl",)  # in a run directory
+
 
 def generated_targets(cfg, model, tok, judge, items, contexts: dict, out: Path, *, progress: bool = True):
     """Generates once and writes targets.jsonl; a resumed run reads it back."""

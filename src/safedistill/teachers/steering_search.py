@@ -309,6 +309,31 @@ def intervention_refusals(
     }
 
 
+def steering_section(out: Path) -> list[str]:
+    """The chosen steering candidate and the safety token set S, when the run has them."""
+    lines: list[str] = []
+    steering, tokens = Path(out) / "steering.json", Path(out) / "safety_tokens.json"
+    if steering.exists():
+        s = json.loads(steering.read_text())
+        c = s["chosen"]
+        lines += [
+            "## Steering direction",
+            "",
+            f"`{s['direction']}` direction, post-instruction {describe_choice(c)}; "
+            f"{len(s['candidates'])} candidates in steering.json.",
+            "",
+        ]
+    if tokens.exists():
+        t = json.loads(tokens.read_text())["tokens"]
+        lines += [
+            f"## Safety tokens S ({len(t)})",
+            "",
+            " ".join(f"`{x['text']!r}`" for x in t),
+            "",
+        ]
+    return lines
+
+
 def describe_choice(chosen: dict) -> str:
     """One line on the chosen candidate: its selection figures and what it does to greedy answers."""
     c = chosen
