@@ -52,3 +52,85 @@ def test_every_teacher_kind_follows_the_protocol():
     assert isinstance(context, PromptedTeacher) and isinstance(constitution, PromptedTeacher)
     assert not isinstance(steering, PromptedTeacher)  # reads the student's prompt
     assert context.reference is base and steering.reference is base and constitution.reference == "original"
+
+
+def test_each_preset_names_its_method_and_old_run_dirs_agree_with_the_inferred_one():
+    """`method:` is declared; a run directory saved before the field existed ran the method its
+    (trainer, teacher | targets) named, so it still resumes (and a different method does not)."""
+    import yaml
+
+    from safedistill.config import preset_names, settings_differ, to_yaml
+
+    overrides = {"external-kd": ["external_model=x"]}
+    for preset in preset_names():
+        cfg = load_config(preset, overrides=overrides.get(preset, []))
+        saved = yaml.safe_load(to_yaml(cfg))
+        del saved["method"]
+        assert settings_differ(yaml.safe_dump(saved), cfg) == [], preset
+    saved = yaml.safe_load(to_yaml(load_config("sft")))
+    del saved["method"]
+    differ = settings_differ(yaml.safe_dump(saved), load_config("dgr"))
+    assert "method (added later; that run used method=sft)" in differ
+
+
+def test_the_teacher_field_selects_the_class_through_its_row():
+    import torch
+
+    from conftest import compact_model, compact_tokenizer
+    from safedistill.methods import make_teacher
+    from safedistill.methods.base import Prepared
+    from safedistill.teachers import ConstitutionTeacher, ContextTeacher, FrozenBase, SteeringTeacher
+
+    tok = compact_tokenizer()
+    base = FrozenBase(compact_model(tok), share_weights=False)
+    inputs = {
+        "context": ({"contexts": {"harmful": "Refuse.", "benign": None}}, ContextTeacher),
+        "steering": ({"layer": 0, "vector": torch.zeros(32), "scale": 1.0}, SteeringTeacher),
+        "constitution": ({"constitution": "Be safe.", "calibrated": None}, ConstitutionTeacher),
+    }
+    for name, (prepared, cls) in inputs.items():
+        assert type(make_teacher(name, base, tok, Prepared(teacher=prepared))) is cls
+
+
+def test_a_method_refuses_a_teacher_it_does_not_prepare_for():
+    import pytest
+
+    from safedistill.errors import UserError
+    from safedistill.methods import check_config
+
+    with pytest.raises(UserError, match="'teacher' needs layer, vector, scale, which method=opsa does not prepare"):
+        check_config(load_config("opsa", overrides=["teacher=steering"]))
+    with pytest.raises(UserError, match="'trainer' must be onpolicy for method=copsd"):
+        check_config(load_config("copsd", overrides=["trainer=sft", "teacher=none", "targets=demonstrations"]))
+
+
+def test_adding_a_teacher_is_a_class_and_a_table_row(tiny_dir, tmp_path, monkeypatch):
+    """A newcomer's teacher (here: the context teacher reading only the harmful context, also on
+    benign prompts) is one class and one TEACHERS row; OPSA prepares its contexts and the recipe
+    builds it by name. (The config's TeacherName Literal is the third line a real one adds.)"""
+    from dataclasses import replace
+
+    from safedistill import train as recipe
+    from safedistill.teachers import TEACHERS, ContextTeacher, TeacherKind
+
+    class HarmfulContextEverywhere(ContextTeacher):
+        def __init__(self, base, tok, *, contexts):
+            super().__init__(base, tok, {"harmful": contexts["harmful"], "benign": contexts["harmful"]})
+
+    monkeypatch.setitem(
+        TEACHERS, "everywhere", TeacherKind("c_h on every prompt", True, (), HarmfulContextEverywhere, ("contexts",))
+    )
+    built = []
+    real = recipe.OnPolicyStep.__init__
+
+    def spy(self, cfg, tok, teacher, judge, **kw):
+        built.append(teacher)
+        real(self, cfg, tok, teacher, judge, **kw)
+
+    monkeypatch.setattr(recipe.OnPolicyStep, "__init__", spy)
+    sources = write_sources(tmp_path / "data")
+    cfg = replace(load_config("opsa", overrides=run_settings(tiny_dir, sources, steps=1)), teacher="everywhere")
+    train(cfg, tmp_path / "run", progress=False)
+    (teacher,) = built
+    assert type(teacher) is HarmfulContextEverywhere
+    assert teacher.contexts["benign"] == teacher.contexts["harmful"] != ""

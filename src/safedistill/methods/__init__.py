@@ -1,6 +1,6 @@
 """METHODS: one row per method, naming what the recipe needs of it: its trainer kind, `prepare`
-(setup -> Prepared, only what is its own), the teachers it prepares for (each TEACHERS row builds
-its teacher), the files it writes in a run directory and its sections of report.md. A preset
+(setup -> Prepared, only what is its own), what it prepares for a teacher (any TEACHERS row whose
+factory takes no more fits: `teacher:` selects it), the files it writes in a run directory and its sections of report.md. A preset
 names its `method:`; docs/design.md, "Adding a method"."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Method:
     help: str
     trainer: str  # onpolicy | sft
     prepare: Callable[[RunConfig, Setup], Prepared]
-    teachers: tuple[str, ...]  # the `teacher` values it prepares for
+    gives: tuple[str, ...]  # what it prepares for a teacher (a teacher fits when its row's `inputs` are among these)
     targets: tuple[str, ...] = ()  # sft: the `targets` it trains on
     files: tuple[str, ...] = ()  # what its preparation writes in the run directory
     report: tuple[Callable[[Path], list[str]], ...] = ()  # its sections of report.md (each [] without its file)
@@ -37,7 +37,7 @@ METHODS: dict[str, Method] = {
         "on-policy self-distillation from the base model given a privileged context",
         "onpolicy",
         opsa.prepare,
-        ("context",),
+        ("contexts",),
         files=context_search.FILES,
         report=(context_search.flip_rate_section,),
     ),
@@ -45,7 +45,7 @@ METHODS: dict[str, Method] = {
         "on-policy distillation from the steered base model, the loss on the safety tokens S",
         "onpolicy",
         safesteer.prepare,
-        ("steering",),
+        ("layer", "vector", "scale"),
         files=(*context_search.FILES, *steering_search.FILES),
         report=(context_search.flip_rate_section, steering_search.steering_section),
     ),
@@ -53,16 +53,16 @@ METHODS: dict[str, Method] = {
         "on-policy distillation from a constitution-reading teacher, optionally calibrated by Cross-SFT",
         "onpolicy",
         copsd.prepare,
-        ("constitution",),
+        ("constitution", "calibrated"),
         files=(*context_search.FILES, *calibrated.FILES),
         report=(calibrated.crossed_section, context_search.flip_rate_section),
     ),
-    "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, ("none",), ("demonstrations",)),
+    "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, (), ("demonstrations",)),
     "dgr": Method(
         "SFT on demonstrations the base model rewrote in its own words",
         "sft",
         dgr.prepare,
-        ("none",),
+        (),
         ("refined",),
         files=dgr.FILES,
         report=(dgr.shift_section,),
@@ -71,13 +71,13 @@ METHODS: dict[str, Method] = {
         "SFT on the context teacher's own generations",
         "sft",
         offpolicy_sd.prepare,
-        ("context",),
+        ("contexts",),
         ("teacher",),
         files=(*context_search.FILES, *external.FILES),
         report=(context_search.flip_rate_section,),
     ),
     "external-kd": Method(
-        "SFT on another model's generations", "sft", external_kd.prepare, ("none",), ("external",), external.FILES
+        "SFT on another model's generations", "sft", external_kd.prepare, (), ("external",), external.FILES
     ),
 }
 # The plug-point tables the config's PLUG_FIELDS name (each field's Literal holds the same keys).
@@ -173,9 +173,9 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
         ),
         (c.trainer == method.trainer, "trainer", f"must be {method.trainer} for method={c.method}"),
         (
-            c.teacher in method.teachers,
+            set(teacher.inputs) <= set(method.gives),
             "teacher",
-            f"is not one method={c.method} prepares (it takes: {', '.join(method.teachers)})",
+            f"needs {', '.join(teacher.inputs)}, which method={c.method} does not prepare",
         ),
         (
             c.trainer != "sft" or c.targets in method.targets,

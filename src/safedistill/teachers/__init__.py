@@ -27,18 +27,27 @@ class TeacherKind:
     help: str
     scores_rollouts: bool  # usable with trainer=onpolicy
     targets: tuple[str, ...]  # sft `targets` it can serve
-    factory: Callable[..., Teacher] | None = None  # (frozen base, tok, **what the method prepared) -> Teacher
+    factory: Callable[..., Teacher] | None = None  # (frozen base, tok, **inputs) -> Teacher
+    inputs: tuple[str, ...] = ()  # what the factory takes that a method prepares (METHODS rows' `gives`)
 
 
 TEACHERS: dict[str, TeacherKind] = {
     "context": TeacherKind(
-        "the base model with a privileged system context (OPSA)", True, ("teacher",), ContextTeacher
+        "the base model with a privileged system context (OPSA)", True, ("teacher",), ContextTeacher, ("contexts",)
     ),
     "steering": TeacherKind(
-        "the base model with a refusal direction added at one layer (SafeSteer)", True, (), SteeringTeacher
+        "the base model with a refusal direction added at one layer (SafeSteer)",
+        True,
+        (),
+        SteeringTeacher,
+        ("layer", "vector", "scale"),
     ),
     "constitution": TeacherKind(
-        "a frozen model reading a constitution; cold_start=cross_sft calibrates it", True, (), constitution_teacher
+        "a frozen model reading a constitution; cold_start=cross_sft calibrates it",
+        True,
+        (),
+        constitution_teacher,
+        ("constitution", "calibrated"),
     ),
     "none": TeacherKind("no teacher: SFT on fixed targets", False, ("demonstrations", "external", "refined")),
 }
