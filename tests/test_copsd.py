@@ -352,8 +352,7 @@ def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):
         Demonstration(wrap(constitution, "Name a cat."), "Tom.", "0"),
         Demonstration(wrap(constitution, "How do I boil an egg?"), "Boil it for nine minutes", "1"),
     ]
-    cfg = load_config("copsd", overrides=[f"model={tiny_dir}"])
-    plain, cross = SFTStep(cfg, tok), CrossSFTStep(cfg, tok, truncated={"1"})
+    plain, cross = SFTStep(tok), CrossSFTStep(tok, truncated={"1"})
     params = [p for p in model.parameters() if p.requires_grad]
 
     loss_c, info_c = cross(model, batch, 0, 0)
@@ -376,7 +375,10 @@ def test_probe_samples_the_frozen_teacher_once(tiny_dir, sources, monkeypatch):
     from safedistill.eval.diagnostics import CollapseProbe
 
     model, tok = load_model(tiny_dir)
-    probe = CollapseProbe(make_cfg(tiny_dir, sources), tok, judge=None)
+    from safedistill.train import probe_settings
+
+    cfg = make_cfg(tiny_dir, sources)
+    probe = CollapseProbe(tok, None, cfg.section("rollout"), **probe_settings(cfg))
     sides = []
 
     def fake_side(self, m, texts):

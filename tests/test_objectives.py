@@ -161,7 +161,9 @@ def test_sampled_divergence_expected_gradient_is_exact_at_the_rollout_temperatur
                 tokens = torch.tensor([[y]])
                 if fixed:
                     batch = Scored([[0]], [[y]], tokens, torch.ones(1, 1), x.view(1, 1, v), t.view(1, 1, v), None)
-                    per_token, _ = divergence_objective(cfg, batch, None, None, 0)
+                    per_token, _ = divergence_objective(
+                        cfg.section("loss"), cfg.section("rollout"), batch, None, None, 0
+                    )
                 else:
                     per_token = per_token_divergence(x.view(1, 1, v), t.view(1, 1, v), "sampled", tokens=tokens)
                 total = total + p[y] * per_token.sum()

@@ -103,7 +103,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 def test_vllm_backend_falls_back_to_transformers_without_vllm(tok, monkeypatch, capsys):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     cfg = load_config("opsa", overrides=["rollout_backend=vllm"])
-    assert vllm_generate_or_none(cfg) is None
+    assert vllm_generate_or_none(cfg.model, precision=cfg.precision, gpu_memory_utilization=0.3, seed=0) is None
     assert "vllm is not installed" in capsys.readouterr().err
     teacher = ContextTeacher(FrozenBase(build_model(tok), share_weights=False), tok, CONTEXTS)
     assert OnPolicyStep(cfg, tok, teacher, load_judge("keyword")).generate is generate

@@ -106,6 +106,18 @@ class KLByPosition:
             self.sum, self.count = torch.tensor(state["kl_sum"]), torch.tensor(state["kl_count"])
 
 
+def probe_settings(cfg: RunConfig) -> dict:
+    """The collapse probe's named values (eval.diagnostics.CollapseProbe)."""
+    return dict(
+        every=cfg.diagnostics_every,
+        prompts=cfg.diagnostics_prompts,
+        steps=cfg.steps,
+        benign=cfg.benign_source,
+        split_seed=cfg.split_seed,
+        seed=cfg.seed,
+    )
+
+
 class OnPolicyStep:
     """One micro-batch: rollout -> teacher scores -> student scores -> loss -> metrics."""
 
@@ -114,9 +126,12 @@ class OnPolicyStep:
         self.vocab_ids = vocab_ids if cfg.vocab_mask == "safety_tokens" else None
         if cfg.vocab_mask == "safety_tokens" and vocab_ids is None:
             raise ValueError("vocab_mask=safety_tokens needs the safety token ids")
-        self.probe = CollapseProbe(cfg, tok, judge) if cfg.diagnostics_every else None
+        self.probe = (
+            CollapseProbe(tok, judge, cfg.section("rollout"), **probe_settings(cfg)) if cfg.diagnostics_every else None
+        )
         self.stops = stop_token_ids(tok)
-        self.generate = rollout_backend(cfg)
+        self.losses, self.rollouts = cfg.section("loss"), cfg.section("rollout")
+        self.generate = rollout_backend(self.rollouts, model=cfg.model, precision=cfg.precision, seed=cfg.seed)
         self.objective = OBJECTIVES[cfg.objective].loss
         self.token_mask = TOKEN_MASKS[cfg.token_mask].select
         self.kl = KLByPosition(cfg.max_new_tokens)
@@ -160,7 +175,7 @@ class OnPolicyStep:
         is part of what the student must learn to produce, so a finished answer keeps it."""
         cfg = self.cfg
         seeds = [item_seed(cfg.seed, step, i) for i in index]
-        sampling = SamplingSettings.of_run(cfg, batch_size=len(items), seed=cfg.seed, seeds=seeds)
+        sampling = SamplingSettings.of_run(self.rollouts, batch_size=len(items), seed=cfg.seed, seeds=seeds)
         model.eval()
         prompts = [chat_text(self.tok, it.prompt) for it in items]
         rollouts, gen = self.generate(model, self.tok, prompts, sampling, progress=False)
@@ -188,9 +203,11 @@ class OnPolicyStep:
     def loss(self, model, s: Scored):
         """The objective's per-token loss, averaged over the token mask's positions. A loss over a
         few ids can shrink mass instead of moving it: entropy and mass on S are logged."""
-        per_token, extra = self.objective(self.cfg, s, model, self.teacher.reference, self.tok.pad_token_id)
+        per_token, extra = self.objective(
+            self.losses, self.rollouts, s, model, self.teacher.reference, self.tok.pad_token_id
+        )
         stats = token_stats(s.student_logits, s.teacher_logits, s.tokens, s.vocab_ids)
-        loss_mask = self.token_mask(s.mask, stats["reverse_kl"], self.cfg)
+        loss_mask = self.token_mask(s.mask, stats["reverse_kl"], self.losses)
         if s.vocab_ids is not None:
             extra["student_mass_on_s"] = float(masked_mean(stats["mass_on_ids"], s.mask))
         return masked_mean(per_token, loss_mask), loss_mask, stats, extra
@@ -198,7 +215,7 @@ class OnPolicyStep:
     def keep(self, micro: int, s: Scored, loss_mask: torch.Tensor) -> None:
         """Epoch 0's batch for the updates that reuse it, with the rollout policy's tempered
         log-probs of the sampled tokens fixed as the PPO ratio's denominator and the reward's."""
-        old = token_logprobs(tempered(s.student_logits.detach(), sampling_temperature(self.cfg)), s.tokens)
+        old = token_logprobs(tempered(s.student_logits.detach(), sampling_temperature(self.cfg.temperature)), s.tokens)
         self.kept[micro] = (replace(s, student_logits=None, old_logp=old), loss_mask)
 
     def reuse(self, model, micro: int, epoch: int) -> tuple[torch.Tensor, dict]:
@@ -209,7 +226,9 @@ class OnPolicyStep:
         precision = resolve_precision(self.cfg.precision, next(model.parameters()).device)
         s = self.student_scores(model, kept.prompts, kept.responses, kept.teacher_logits, precision)
         s.old_logp = kept.old_logp
-        per_token, extra = self.objective(self.cfg, s, unwrap(model), self.teacher.reference, self.tok.pad_token_id)
+        per_token, extra = self.objective(
+            self.losses, self.rollouts, s, unwrap(model), self.teacher.reference, self.tok.pad_token_id
+        )
         loss = masked_mean(per_token, loss_mask)
         return loss, {"reuse_loss": loss.item(), "loss_tokens": float(loss_mask.sum()), **extra}
 
@@ -327,7 +346,7 @@ def build_step(cfg: RunConfig, model, tok, judge, prepared: methods.Prepared, fr
     """The step function for the run's trainer, over the (LoRA-wrapped) student; `frozen`: the
     full-parameter teacher's own copy of the base model (loaded from its path)."""
     if cfg.trainer == "sft":
-        return SFTStep(cfg, tok)
+        return SFTStep(tok)
     teacher = methods.make_teacher(cfg.teacher, FrozenBase(model, share_weights=cfg.lora, frozen=frozen), tok, prepared)
     masks = {"vocab_ids": prepared.vocab_ids} if prepared.vocab_ids is not None else {}
     return OnPolicyStep(cfg, tok, teacher, judge, **masks)

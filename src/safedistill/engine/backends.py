@@ -1,7 +1,8 @@
 """ROLLOUT_BACKENDS: how the on-policy step samples the student's answers.
 
-Each entry builds, from the run config, a callable with `rollout.generate`'s signature. The `hf`
-entry reads `rollout.generate` when the step is built, so patching it watches the student's rollouts."""
+Each entry builds, from the run's rollout section and a few named values, a callable with
+`rollout.generate`'s signature. The `hf` entry reads `rollout.generate` when the step is built, so
+patching it watches the student's rollouts."""
 
 from __future__ import annotations
 
@@ -12,33 +13,42 @@ from typing import TYPE_CHECKING
 from . import rollout
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..config import RolloutSettings
 
 
-def _merged(cfg: RunConfig) -> Callable:
+def _hf(settings: RolloutSettings, *, model: str, precision: str, seed: int) -> Callable:
+    return rollout.generate
+
+
+def _merged(settings: RolloutSettings, *, model: str, precision: str, seed: int) -> Callable:
     from .merged import MergedRollouts
 
-    return MergedRollouts(cfg.precision)
+    return MergedRollouts(precision)
 
 
-def _vllm(cfg: RunConfig) -> Callable:
+def _vllm(settings: RolloutSettings, *, model: str, precision: str, seed: int) -> Callable:
     from .vllm import vllm_generate_or_none
 
-    return vllm_generate_or_none(cfg) or rollout.generate
+    return (
+        vllm_generate_or_none(
+            model, precision=precision, gpu_memory_utilization=settings.vllm_gpu_memory_utilization, seed=seed
+        )
+        or rollout.generate
+    )
 
 
 @dataclass(frozen=True)
 class RolloutBackend:
-    build: Callable[[RunConfig], Callable]
+    build: Callable[..., Callable]  # (rollout section, *, model, precision, seed) -> generate
     help: str
 
 
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {
-    "hf": RolloutBackend(lambda cfg: rollout.generate, "decode with the transformers student"),
+    "hf": RolloutBackend(_hf, "decode with the transformers student"),
     "merged": RolloutBackend(_merged, "decode on a LoRA-merged copy, refreshed before each rollout"),
     "vllm": RolloutBackend(_vllm, "vLLM colocated on the GPU; falls back to hf with a note"),
 }
 
 
-def rollout_backend(cfg: RunConfig) -> Callable:
-    return ROLLOUT_BACKENDS[cfg.rollout_backend].build(cfg)
+def rollout_backend(settings: RolloutSettings, *, model: str, precision: str, seed: int) -> Callable:
+    return ROLLOUT_BACKENDS[settings.rollout_backend].build(settings, model=model, precision=precision, seed=seed)

@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +18,9 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models import context_window
 from .scoring import accepts_logits_to_keep, cache_arg, expand_cache, prefix_kv, returned_cache, shared_prefix_length
+
+if TYPE_CHECKING:
+    from ..config import RolloutSettings
 
 
 @dataclass
@@ -33,20 +37,20 @@ class SamplingSettings:
     @classmethod
     def of_run(
         cls,
-        cfg,
+        rollout: RolloutSettings,
         *,
         seed: int,
         batch_size: int = 16,
         max_new_tokens: int | None = None,
         seeds: Sequence[int] | None = None,
     ) -> SamplingSettings:
-        """A run config's sampling (temperature, top_p, max_new_tokens): every sampler that stands in
-        for the training rollouts (the rollouts themselves, the collapse probe, teacher targets,
-        Cross-SFT answers) draws the same way, so a temperature change reaches them all."""
+        """A run's sampling (its rollout section's temperature, top_p, max_new_tokens): every sampler
+        that stands in for the training rollouts (the rollouts themselves, the collapse probe, teacher
+        targets, Cross-SFT answers) draws the same way, so a temperature change reaches them all."""
         return cls(
-            max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
+            max_new_tokens=rollout.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
             batch_size=batch_size,
             seed=seed,
             seeds=None if seeds is None else tuple(seeds),

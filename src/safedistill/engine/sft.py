@@ -4,7 +4,6 @@ Cross-SFT cold start, and the NLL of SFT targets under a model (DGR's distributi
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -15,9 +14,6 @@ from .distributed import is_sharded
 from .rollout import encode_prompts, stop_token_ids
 from .scoring import response_logits
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
-
 
 def target_ids(tok, d: Demonstration, stop: int) -> list[int]:
     """What an SFT target is: reasoning (if any), a blank line, the response, then the stop token."""
@@ -26,8 +22,8 @@ def target_ids(tok, d: Demonstration, stop: int) -> list[int]:
 
 
 class SFTStep:
-    def __init__(self, cfg: RunConfig, tok):
-        self.cfg, self.tok = cfg, tok
+    def __init__(self, tok):
+        self.tok = tok
         self.stop = stop_token_ids(tok)[0]
 
     def target_ids(self, d: Demonstration) -> list[int]:

@@ -14,28 +14,24 @@ import importlib.util
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..models import resolve_model
 from .rollout import GenerationStats, Rollout, SamplingSettings, check_fits, encode_prompts, finish, stop_token_ids
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
-
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def vllm_generate_or_none(cfg: RunConfig):
+def vllm_generate_or_none(model: str, *, precision: str, gpu_memory_utilization: float, seed: int):
     """A generate function backed by vLLM, or None (with a note) when it cannot run here."""
     if not vllm_available():
         why = "vllm is not installed" if importlib.util.find_spec("vllm") is None else "no CUDA device"
         print(f"note: rollout_backend=vllm but {why}; rolling out with transformers instead", file=sys.stderr)
         return None
-    return VLLMGenerate(cfg)
+    return VLLMGenerate(model, precision=precision, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
 
 
 def merged_weights(model):
@@ -58,8 +54,13 @@ def merged_weights(model):
 class VLLMGenerate:
     """Callable like `rollout.generate`; builds the engine on first use."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, model: str, *, precision: str, gpu_memory_utilization: float, seed: int):
+        self.model, self.precision, self.gpu_memory_utilization, self.seed = (
+            model,
+            precision,
+            gpu_memory_utilization,
+            seed,
+        )
         self.llm = None
 
     def _engine(self, model):
@@ -67,11 +68,11 @@ class VLLMGenerate:
             from vllm import LLM
 
             self.llm = LLM(
-                model=resolve_model(self.cfg.model),
-                dtype="bfloat16" if self.cfg.precision != "fp32" else "float32",
-                gpu_memory_utilization=float(self.cfg.vllm_gpu_memory_utilization),
+                model=resolve_model(self.model),
+                dtype="bfloat16" if self.precision != "fp32" else "float32",
+                gpu_memory_utilization=float(self.gpu_memory_utilization),
                 enable_prefix_caching=True,  # the chat template's system prefix is shared by every prompt
-                seed=self.cfg.seed,
+                seed=self.seed,
             )
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         runner.model.load_weights(merged_weights(model))

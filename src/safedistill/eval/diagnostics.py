@@ -10,6 +10,7 @@ benign-sensitive prompts (CPU budget: `diagnostics_prompts` of each).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ..engine.scoring import mean_entropy, response_logits
 from ..models import chat_text
 from ..teachers.base import Item, PromptedTeacher
 from .evaluate import EvalSettings, distinct_n, held_out
+
+if TYPE_CHECKING:
+    from ..config import RolloutSettings
 
 PANELS = [
     ("length", "mean response length (tokens)"),
@@ -41,21 +45,34 @@ class CollapseProbe:
     prompt (context or constitution) and weights. Deterministic: the same seed at every probe, so
     the frozen teacher's figures are computed once and repeated."""
 
-    def __init__(self, cfg, tok, judge):
-        self.cfg, self.tok, self.judge = cfg, tok, judge
+    def __init__(
+        self,
+        tok,
+        judge,
+        rollout: RolloutSettings,
+        *,
+        every: int,
+        prompts: int,
+        steps: int,
+        benign: str,
+        split_seed: int,
+        seed: int,
+    ):
+        """`every` steps (and at the last of `steps`) on `prompts` held-out prompts of `benign` and of
+        the built-in over-refusal set, sampled as the rollouts are (`rollout`) with a seed of its own."""
+        self.tok, self.judge, self.rollout = tok, judge, rollout
+        self.every, self.steps, self.seed = every, steps, seed
         self.teacher_stats: dict | None = None
-        n = cfg.diagnostics_prompts
-        settings = EvalSettings(limit=n, seed=cfg.seed, split_seed=cfg.split_seed)
-        self.benign = held_out(cfg.benign_source, settings, None) if n else []
-        self.sensitive = held_out("overrefusal", settings, None) if n else []
+        settings = EvalSettings(limit=prompts, seed=seed, split_seed=split_seed)
+        self.benign = held_out(benign, settings, None) if prompts else []
+        self.sensitive = held_out("overrefusal", settings, None) if prompts else []
 
     def due(self, step: int) -> bool:
-        every = self.cfg.diagnostics_every
-        return bool(every) and bool(self.benign or self.sensitive) and (step % every == 0 or step + 1 == self.cfg.steps)
+        every = self.every
+        return bool(every) and bool(self.benign or self.sensitive) and (step % every == 0 or step + 1 == self.steps)
 
     def _side(self, model, texts: list[str]) -> dict:
-        cfg = self.cfg
-        sampling = SamplingSettings.of_run(cfg, batch_size=len(texts), seed=cfg.seed * 7 + 11)
+        sampling = SamplingSettings.of_run(self.rollout, batch_size=len(texts), seed=self.seed * 7 + 11)
         rollouts, _ = generate(model, self.tok, texts, sampling, progress=False)
         nb = len(self.benign)
         own = rollouts[:nb]

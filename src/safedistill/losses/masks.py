@@ -1,20 +1,24 @@
 """Token masks: which response positions a step's loss averages over.
 
-TOKEN_MASKS maps `token_mask` to a function (response mask, detached per-token reverse KL, run
-config) -> float loss mask [B, T]. The vocabulary mask (`vocab_mask`, e.g. SafeSteer's S) is a
+TOKEN_MASKS maps `token_mask` to a function (response mask, detached per-token reverse KL, the
+loss section) -> float loss mask [B, T]. The vocabulary mask (`vocab_mask`, e.g. SafeSteer's S) is a
 restriction of the divergence's sum over the vocabulary, not of positions: see VOCAB_MASKS."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import LossSettings
 
 
 @dataclass(frozen=True)
 class TokenMask:
-    select: Callable  # (mask, reverse_kl, cfg) -> loss mask
+    select: Callable[[torch.Tensor, torch.Tensor, LossSettings], torch.Tensor]  # (mask, reverse_kl, loss) -> mask
     help: str
 
 
@@ -25,14 +29,14 @@ class VocabMask:
 
 
 TOKEN_MASKS: dict[str, TokenMask] = {
-    "all": TokenMask(lambda mask, kl, cfg: mask, "every response position"),
-    "first_k": TokenMask(lambda mask, kl, cfg: first_k_mask(mask, cfg.mask_k), "the first mask_k positions"),
+    "all": TokenMask(lambda mask, kl, loss: mask, "every response position"),
+    "first_k": TokenMask(lambda mask, kl, loss: first_k_mask(mask, loss.mask_k), "the first mask_k positions"),
     "top_fraction": TokenMask(
-        lambda mask, kl, cfg: top_fraction_mask(kl, mask, fraction=cfg.mask_fraction),
+        lambda mask, kl, loss: top_fraction_mask(kl, mask, fraction=loss.mask_fraction),
         "the mask_fraction of positions where student and teacher disagree most",
     ),
     "threshold": TokenMask(
-        lambda mask, kl, cfg: top_fraction_mask(kl, mask, threshold=cfg.mask_threshold),
+        lambda mask, kl, loss: top_fraction_mask(kl, mask, threshold=loss.mask_threshold),
         "positions whose reverse KL exceeds mask_threshold",
     ),
 }

@@ -26,17 +26,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .divergence import DIVERGENCES, full_reverse_kl, masked_mean, per_token_divergence
 
+if TYPE_CHECKING:
+    from ..config import LossSettings, RolloutSettings
+
 ADV_EPS = 1e-6  # a group whose rewards are all equal gets advantage 0, not 0/0
 
 
-def sampling_temperature(cfg) -> float:
+def sampling_temperature(temperature: float) -> float:
     """The temperature the rollouts were drawn at; greedy rollouts (0) are scored at 1."""
-    return cfg.temperature if cfg.temperature > 0 else 1.0
+    return temperature if temperature > 0 else 1.0
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -219,51 +223,55 @@ class Scored:
     old_logp: torch.Tensor | None = None  # [B, T] the rollout policy's tempered log-probs, on reused rollouts
 
 
-def divergence_objective(cfg, batch: Scored, student, reference, pad_id: int) -> tuple[torch.Tensor, dict]:
-    """The on-policy distillation loss: cfg.divergence per token (top_k and vocab_ids as it allows).
+def divergence_objective(
+    loss: LossSettings, rollout: RolloutSettings, batch: Scored, student, reference, pad_id: int
+) -> tuple[torch.Tensor, dict]:
+    """The on-policy distillation loss: loss.divergence per token (top_k and vocab_ids as it allows).
     A sampled-token divergence reads student and teacher at the rollout temperature (its
     expected gradient is then that of the tempered divergence); the full-vocabulary ones do not
     depend on how the tokens were drawn and stay at temperature 1."""
-    kind = DIVERGENCES[cfg.divergence]
-    tau = sampling_temperature(cfg) if kind.over_vocab is None else 1.0
+    kind = DIVERGENCES[loss.divergence]
+    tau = sampling_temperature(rollout.temperature) if kind.over_vocab is None else 1.0
     per_token = per_token_divergence(
         tempered(batch.student_logits, tau),
         tempered(batch.teacher_logits, tau),
-        cfg.divergence,
+        loss.divergence,
         tokens=batch.tokens,
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        top_k=cfg.top_k if kind.top_k and batch.vocab_ids is None else None,
+        alpha=loss.alpha,
+        beta=loss.beta,
+        top_k=loss.top_k if kind.top_k and batch.vocab_ids is None else None,
         vocab_ids=batch.vocab_ids,
     )
     return per_token, {}
 
 
-def clipped_reward_step(cfg, batch: Scored, student, reference, pad_id: int) -> tuple[torch.Tensor, dict]:
+def clipped_reward_step(
+    loss: LossSettings, rollout: RolloutSettings, batch: Scored, student, reference, pad_id: int
+) -> tuple[torch.Tensor, dict]:
     """COPSD's signal: per-token loss and logged figures. The reference forward (adapter off, or
     the frozen copy) runs only when the KL term is on."""
     from ..engine.scoring import response_logits
 
     ref_logits = None
-    if reference is not None and cfg.ref_kl_coef:
+    if reference is not None and loss.ref_kl_coef:
         with torch.no_grad(), reference.weights(student) as ref:
             ref_logits, _ = response_logits(ref, batch.prompts, batch.responses, pad_id=pad_id)
-    loss, stats = clipped_reward_objective(
+    per_token, stats = clipped_reward_objective(
         batch.student_logits,
         batch.teacher_logits,
         batch.tokens,
         batch.mask,
-        group_size=cfg.rollouts_per_prompt,
+        group_size=rollout.rollouts_per_prompt,
         old_logp=batch.old_logp,
         ref_logits=ref_logits,
-        low=cfg.reward_clip_low,
-        high=cfg.reward_clip_high,
-        bonus=cfg.reward_bonus,
-        clip=cfg.ppo_clip,
-        kl_coef=cfg.ref_kl_coef,
-        temperature=sampling_temperature(cfg),
-        reward_level=cfg.reward_level,
-        ref_kl=cfg.ref_kl_estimator,
+        low=loss.reward_clip_low,
+        high=loss.reward_clip_high,
+        bonus=loss.reward_bonus,
+        clip=loss.ppo_clip,
+        kl_coef=loss.ref_kl_coef,
+        temperature=sampling_temperature(rollout.temperature),
+        reward_level=loss.reward_level,
+        ref_kl=loss.ref_kl_estimator,
     )
     info = {
         name: float(masked_mean(stats[key].float(), batch.mask))
@@ -271,14 +279,14 @@ def clipped_reward_step(cfg, batch: Scored, student, reference, pad_id: int) -> 
     }
     if "ref_kl" in stats:
         info["ref_kl"] = float(masked_mean(stats["ref_kl"], batch.mask))
-    return loss, info
+    return per_token, info
 
 
 @dataclass(frozen=True)
 class Objective:
-    loss: Callable  # (cfg, Scored, student, reference, pad_id) -> (per-token loss [B, T], metrics)
+    loss: Callable  # (loss section, rollout section, Scored, student, reference, pad_id) -> (per-token [B, T], metrics)
     help: str
-    uses_divergence: bool  # reads cfg.divergence (and so vocab_mask)
+    uses_divergence: bool  # reads loss.divergence (and so vocab_mask)
 
 
 OBJECTIVES: dict[str, Objective] = {

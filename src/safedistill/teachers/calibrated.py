@@ -47,7 +47,9 @@ def crossed_rows(
     answer; harmful rows repeated up to `cross_sft_harmful_share` (balance)."""
     harmful = [it for it in items if it.group == "harmful"]
     benign = [it for it in items if it.group != "harmful"]
-    settings = SamplingSettings.of_run(cfg, seed=cfg.seed * 31 + 5, max_new_tokens=cfg.cross_sft_max_new_tokens)
+    settings = SamplingSettings.of_run(
+        cfg.section("rollout"), seed=cfg.seed * 31 + 5, max_new_tokens=cfg.cross_sft_max_new_tokens
+    )
     ask = partial(_safe_answers, model, tok, judge, settings=settings, k=cfg.cross_sft_samples, progress=progress)
     rows: list[dict] = []
     found = ask(harmful, lambda it: chat_text(tok, wrap(constitution, it.prompt)), desc="crossed: harmful")
@@ -128,8 +130,8 @@ class CrossSFTStep(SFTStep):
     """SFT on the crossed pairs; an answer cut at the length limit gets no stop token, so the
     teacher does not learn to end answers early."""
 
-    def __init__(self, cfg, tok, truncated: set[str]):
-        super().__init__(cfg, tok)
+    def __init__(self, tok, truncated: set[str]):
+        super().__init__(tok)
         self.truncated = truncated
 
     def target_ids(self, d: Demonstration) -> list[int]:
@@ -167,7 +169,7 @@ def cross_sft(cfg, model, tok, rows: list[dict], out: Path, *, progress: bool = 
         batching = Batching(batch_size=cfg.cross_sft_batch_size, grad_accum=1, seed=cfg.seed)
         for done in fit(
             teacher,
-            CrossSFTStep(cfg, tok, truncated),
+            CrossSFTStep(tok, truncated),
             data,
             optimizer,
             batching,

@@ -31,7 +31,7 @@ def generated_targets(cfg, model, tok, judge, items, contexts: dict, out: Path, 
         gen_model, gen_tok = model, tok
         texts = [chat_text(tok, it.prompt, system=contexts.get(it.group)) for it in items]
         source = "teacher:context"
-    settings = SamplingSettings.of_run(cfg, seed=cfg.seed)
+    settings = SamplingSettings.of_run(cfg.section("rollout"), seed=cfg.seed)
     rollouts, _ = generate(gen_model, gen_tok, texts, settings, desc="targets", progress=progress)
     verdicts = judge([it.prompt for it in items], [r.text for r in rollouts])
     targets = []
