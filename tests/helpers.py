@@ -100,3 +100,26 @@ def train_until_killed(cfg, out: Path, monkeypatch, at_call: int) -> list[tuple]
         train(cfg, out, progress=False)
     monkeypatch.setattr(OnPolicyStep, "__call__", real_call)
     return calls
+
+
+def splits_of(cfg, manifest=None):
+    """A run config's train splits, as the recipe hands them to the method and the searches."""
+    from safedistill.data.train import TrainSplits
+
+    return TrainSplits(cfg.harmful_source, cfg.benign_source, cfg.split_seed, manifest)
+
+
+def cross_sft_of(cfg, manifest=None):
+    """What the Cross-SFT cold start reads of a run config (the sections COPSD's row hands it)."""
+    from safedistill.teachers.calibrated import CrossSFT
+
+    sections = (cfg.section(name) for name in ("copsd", "rollout", "optim", "teacher"))
+    return CrossSFT(*sections, splits_of(cfg, manifest), cfg.seed)
+
+
+def choose_contexts_of(cfg, model, tok, judge, items, manifest, out, **kwargs):
+    """The context search as a run with config `cfg` calls it."""
+    from safedistill.teachers.context_search import choose_contexts
+
+    teacher, splits = cfg.section("teacher"), splits_of(cfg, manifest)
+    return choose_contexts(teacher, splits, model, tok, judge, items, out, seed=cfg.seed, **kwargs)

@@ -6,13 +6,12 @@ import json
 
 import pytest
 
-from helpers import write_jsonl
+from helpers import choose_contexts_of, splits_of, write_jsonl
 from safedistill.config import load_config
 from safedistill.eval.evaluate import EvalSettings, held_out
 from safedistill.eval.judging import load_judge
 from safedistill.methods.base import training_items
 from safedistill.models import load_model
-from safedistill.teachers import context_search as search
 from safedistill.teachers.context_search import flip_rate_section
 
 CONTEXTS = [
@@ -45,8 +44,8 @@ def run(tiny, out):
         overrides=[f"contexts={library}", "n_harmful=8", "n_benign=4", "context_search_tokens=3", "split_seed=3"],
     )
     model, tok = tiny
-    items = training_items(cfg, None)
-    chosen = search.choose_contexts(cfg, model, tok, load_judge("heuristic"), items, None, out, progress=False)
+    items = training_items(cfg.section("data"), splits_of(cfg), cfg.seed)
+    chosen = choose_contexts_of(cfg, model, tok, load_judge("heuristic"), items, None, out, progress=False)
     return cfg, items, chosen, json.loads((out / "flip_rates.json").read_text())
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_settings, train_until_killed, write_sources
+from helpers import cross_sft_of, run_settings, splits_of, train_until_killed, write_sources
 from safedistill.config import load_config
 from safedistill.engine import rollout as trainer_mod
 from safedistill.engine.rollout import SamplingSettings, encode_prompts, generate
@@ -221,7 +221,7 @@ def test_crossed_rows_keep_judged_safe_harmful_answers_and_own_benign_answers(ti
     items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(["Write malware.", "Hurt someone.", "Rob a bank."])]
     items += [Item("b0", "How do I boil an egg?", "benign"), Item("b1", "Name a cat.", "benign")]
     constitution = "Be safe and helpful."
-    rows = crossed_rows(cfg, model, tok, AlternatingJudge(), items, constitution, progress=False)
+    rows = crossed_rows(cross_sft_of(cfg), model, tok, AlternatingJudge(), items, constitution, progress=False)
     harmful = [r for r in rows if r["group"] == "harmful"]
     # Verdicts alternate safe, unsafe, safe over the three harmful tries: h0 and h2 are kept.
     assert [r["id"] for r in harmful] == ["h0", "h2"]
@@ -308,7 +308,7 @@ def test_benign_ratio_sets_the_benign_count(sources):
     )
     from safedistill.data.packaged import Manifest
 
-    items = training_items(cfg, Manifest())
+    items = training_items(cfg.section("data"), splits_of(cfg, Manifest()), cfg.seed)
     assert sum(it.group == "harmful" for it in items) == 4 and sum(it.group == "benign" for it in items) == 4
     with pytest.raises(UserError, match="benign_ratio"):
         load_config("copsd", overrides=["benign_ratio=1.0"])

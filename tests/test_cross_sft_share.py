@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import run_settings, write_sources
+from helpers import cross_sft_of, run_settings, write_sources
 from safedistill.config import load_config, settings_differ, to_yaml
 from safedistill.engine.rollout import encode_prompts
 from safedistill.eval.judging import load_judge
@@ -71,9 +71,11 @@ def test_seed_context_adds_the_harmful_rows_the_constitution_misses(taught, tmp_
     model, tok = taught
     judge = load_judge("keyword")
     cfg = config(tmp_path, cross_sft_harmful_share="null")
-    alone = crossed_rows(cfg, model, tok, judge, HARMFUL + BENIGN, CONSTITUTION, progress=False)
+    alone = crossed_rows(cross_sft_of(cfg), model, tok, judge, HARMFUL + BENIGN, CONSTITUTION, progress=False)
     assert [(r["id"], r["source"]) for r in alone if r["group"] == "harmful"] == [("h0", "constitution")]
-    rows = crossed_rows(cfg, model, tok, judge, HARMFUL + BENIGN, CONSTITUTION, seed_context=CONTEXT, progress=False)
+    rows = crossed_rows(
+        cross_sft_of(cfg), model, tok, judge, HARMFUL + BENIGN, CONSTITUTION, seed_context=CONTEXT, progress=False
+    )
     harmful = [r for r in rows if r["group"] == "harmful"]
     assert [(r["id"], r["source"]) for r in harmful] == [("h0", "constitution")] + [
         (f"h{i}", "context") for i in (1, 2, 3)
@@ -97,7 +99,9 @@ def test_balance_repeats_harmful_rows_up_to_the_share():
 def test_the_run_records_the_share_and_respects_the_knob(taught, tmp_path, share, harmful_rows):
     model, tok = taught
     cfg = config(tmp_path, cross_sft_harmful_share="null" if share is None else share)
-    calibrated_model(cfg, model, tok, load_judge("keyword"), HARMFUL + BENIGN, CONSTITUTION, tmp_path, progress=False)
+    calibrated_model(
+        cross_sft_of(cfg), model, tok, load_judge("keyword"), HARMFUL + BENIGN, CONSTITUTION, tmp_path, progress=False
+    )
     summary = json.loads((tmp_path / "crossed_summary.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "crossed.jsonl").read_text().splitlines()]
     assert summary["harmful_rows"] == sum(r["group"] == "harmful" for r in rows) == harmful_rows

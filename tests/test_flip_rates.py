@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers import choose_contexts_of
 from safedistill.config import load_config
 from safedistill.data.schema import PromptRecord
 from safedistill.engine.rollout import GenerationStats, Rollout
@@ -141,7 +142,7 @@ def test_choose_contexts_confirms_the_top_three_and_writes_both_stages(generatio
     monkeypatch.setitem(SAFE, "CONTEXT-C", {"h1", "h2", "h3", "h4"})  # the ranking's clear winner
     cfg = search_config(tmp_path)
     items = [Item(r.id, r.prompt, "harmful") for r in HARMFUL]
-    chosen = search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
+    chosen = choose_contexts_of(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
     # The ranking's best (ctx-c, 3/5) flips none of the held-out prompts; ctx-a (2/5) flips them all.
     assert chosen == {"harmful": "CONTEXT-A", "benign": "CONTEXT-BENIGN"}
     result = json.loads((tmp_path / "flip_rates.json").read_text())
@@ -160,7 +161,7 @@ def test_choose_contexts_confirms_the_top_three_and_writes_both_stages(generatio
     assert all(r["benign_refusal_rate"] is None for r in result["ranking"]["rows"])
     # A second call (a resumed run) reads the search back instead of decoding again.
     n_calls = len(generations)
-    again = search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
+    again = choose_contexts_of(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
     assert again == chosen and len(generations) == n_calls
 
 
@@ -168,7 +169,7 @@ def test_a_confirmation_tie_goes_to_the_better_ranking_place(generations, tmp_pa
     monkeypatch.setitem(SAFE, "CONTEXT-C", {"h1", "h2", "h3", "h4", *(r.id for r in CONFIRM)})
     monkeypatch.setitem(SAFE, "CONTEXT-A", {"h1", "h2", "h3", *(r.id for r in CONFIRM)})  # no benign refusal
     items = [Item(r.id, r.prompt, "harmful") for r in HARMFUL]
-    search.choose_contexts(search_config(tmp_path), None, StubTokenizer(), StubJudge(), items, None, tmp_path)
+    choose_contexts_of(search_config(tmp_path), None, StubTokenizer(), StubJudge(), items, None, tmp_path)
     result = json.loads((tmp_path / "flip_rates.json").read_text())
     assert result["chosen"] == "ctx-c"
     assert "tied with ctx-a" in result["reason"] and "better ranking place" in result["reason"]
@@ -186,13 +187,13 @@ def test_a_library_without_harmful_contexts_is_an_error(generations, tmp_path):
     (tmp_path / "contexts.jsonl").write_text(json.dumps(CONTEXTS[3]) + "\n")  # the benign-side one only
     items = [Item(r.id, r.prompt, "harmful") for r in HARMFUL]
     with pytest.raises(UserError, match="config field 'contexts'.*no harmful-side context"):
-        search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
+        choose_contexts_of(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
 
 
 def test_a_flip_rates_file_of_the_old_format_resumes(generations, tmp_path):
     cfg = search_config(tmp_path)
     (tmp_path / "flip_rates.json").write_text(json.dumps([{"id": "ctx-b"}, {"id": "ctx-a"}]))
-    chosen = search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), [], None, tmp_path, progress=False)
+    chosen = choose_contexts_of(cfg, None, StubTokenizer(), StubJudge(), [], None, tmp_path, progress=False)
     assert chosen["harmful"] == "CONTEXT-B" and generations == []
 
 
@@ -207,7 +208,7 @@ def test_too_few_train_prompts_name_the_field(generations, tmp_path, field, extr
     cfg = search_config(tmp_path, *extra)
     items = [Item(r.id, r.prompt, "harmful") for r in HARMFUL]
     with pytest.raises(UserError, match=f"config field '{field}'"):
-        search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
+        choose_contexts_of(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path, progress=False)
     assert generations == []
 
 
@@ -224,7 +225,7 @@ def test_context_auto_needs_harmful_prompts(tmp_path, generations):
     cfg = load_config("opsa", overrides=["context=auto", "benign_source=benign"])
     items = [Item("b1", "benign question 1", "benign")]
     with pytest.raises(UserError, match="n_harmful"):
-        search.choose_contexts(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path)
+        choose_contexts_of(cfg, None, StubTokenizer(), StubJudge(), items, None, tmp_path)
 
 
 def test_bad_context_library(tmp_path):

@@ -314,8 +314,10 @@ def test_short_safesteer_run_logs_entropy_and_mass_on_s_and_does_not_collapse(fi
 
 
 def test_vocab_mask_needs_a_kl_divergence(sources):
+    from safedistill.methods import check_config
+
     with pytest.raises(UserError, match="vocab_mask"):
-        run_cfg("x", sources, divergence="mixture")
+        check_config(run_cfg("x", sources, divergence="mixture"))
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,7 @@ def _flip_rate(args: argparse.Namespace) -> None:
     """The same two-stage search a run with context=auto makes (rank, then confirm the top three
     on other train prompts), on its own."""
     from .config import load_config
+    from .data.train import TrainSplits
     from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
@@ -165,9 +166,13 @@ def _flip_rate(args: argparse.Namespace) -> None:
         ],
     )
     library = load_contexts(cfg.contexts)
-    prompts = search_prompts(cfg, [], None)
+    teacher = cfg.section("teacher")
+    prompts = search_prompts(teacher, TrainSplits(cfg.harmful_source, cfg.benign_source, cfg.split_seed), [], cfg.seed)
     model, tok = load_model(args.model, device=resolve_device("auto"))
-    search = search_contexts(cfg, model, tok, load_judge(args.judge), prompts, library, progress=not args.quiet)
+    judge = load_judge(args.judge)
+    search = search_contexts(
+        model, tok, judge, prompts, library, tokens=teacher.context_search_tokens, progress=not args.quiet
+    )
     write_json(Path(args.out) / "flip_rates.json", search)
     print("\n".join(flip_rate_lines(search)))
     print(f"wrote {args.out}/flip_rates.json")
@@ -176,10 +181,11 @@ def _flip_rate(args: argparse.Namespace) -> None:
 def _steer(args: argparse.Namespace) -> None:
     from .config import load_config
     from .data.packaged import Manifest
+    from .data.train import TrainSplits
     from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
-    from .teachers.steering_search import describe_choice, search_steering
+    from .teachers.steering_search import SteeringSearch, describe_choice, search_steering
 
     check_out(args.out)
     sets = [f"steer_direction={args.direction}", f"seed={args.seed}"]
@@ -195,7 +201,9 @@ def _steer(args: argparse.Namespace) -> None:
     manifest = Manifest()
     model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
     out = Path(args.out)
-    prepared = search_steering(cfg, model, tok, load_judge(cfg.judge), manifest, out, progress=not args.quiet)
+    splits = TrainSplits(cfg.harmful_source, cfg.benign_source, cfg.split_seed, manifest)
+    search = SteeringSearch(cfg.section("steering"), cfg.section("teacher"), splits, cfg.seed, cfg.model)
+    prepared = search_steering(search, model, tok, load_judge(cfg.judge), out, progress=not args.quiet)
     write_json(out / "manifest.json", manifest.to_list())
     import json
 
@@ -232,11 +240,9 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _refine(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
-    from .config import RunConfig
+    from .config import RolloutSettings
     from .data.external import EXTERNAL_SETS
     from .data.sources import load_demonstrations
     from .eval.judging import load_judge
@@ -253,16 +259,14 @@ def _refine(args: argparse.Namespace) -> None:
     data = f"builtin:{EXTERNAL_SETS[0]}" if args.data == "builtin" else args.data
     # The same mapping from run-config fields to refinement settings as the dgr preset uses.
     settings = settings_from(
-        dataclasses.replace(
-            RunConfig(),
+        DgrSettings(
             refine_retries=args.retries,
             refine_on_fail=args.on_fail,
             refine_template=args.template,
             refine_reasoning_template=args.reasoning_template,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
+        ),
+        RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        seed=args.seed,
     )
     samples = load_demonstrations(data, harmful_source=args.harmful, split_seed=args.split_seed)
     samples = subset(samples, args.n_samples, args.seed)

@@ -21,6 +21,7 @@ import torch
 from . import console, faults, methods
 from .config import RunConfig, same_settings, settings_differ, to_yaml
 from .data.packaged import Manifest
+from .data.train import TrainSplits
 from .engine.backends import rollout_backend
 from .engine.checkpoint import latest_checkpoint, load_training_state, load_weights, remove_partial, save_checkpoint
 from .engine.distributed import Processes, gathered, is_sharded, positions, unwrap
@@ -491,7 +492,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     started = time.perf_counter()
     base_eval = run_eval(model, tok, cfg, out, "base", None, progress=progress) if cfg.eval and procs.is_main else None
     with procs.main_first():  # process 0 writes the caches (flip rates, targets) the others read
-        prepared = methods.prepare(cfg, methods.Setup(model, tok, judge, manifest, out, progress))
+        splits = TrainSplits(cfg.harmful_source, cfg.benign_source, cfg.split_seed, manifest)
+        setup = methods.Setup(model, tok, judge, manifest, out, splits, cfg.seed, cfg.model, cfg.judge, progress)
+        prepared = methods.prepare(cfg, setup)
     if procs.is_main:
         write_json(out / "manifest.json", manifest.to_list())
     if cfg.lora:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig, problems
+from ..config import RunConfig, RunSettings, problems
 from ..engine.backends import ROLLOUT_BACKENDS
 from ..errors import UserError
 from ..eval.evaluate import EvalSettings, capability_basket, generalization_styles
@@ -25,7 +25,8 @@ from .base import Prepared, Setup, add_vocab_mask
 class Method:
     help: str
     trainer: str  # onpolicy | sft
-    prepare: Callable[[RunConfig, Setup], Prepared]
+    prepare: Callable[..., Prepared]  # (setup, **{section: its settings for each of `sections`})
+    sections: tuple[str, ...]  # the config sections its prepare takes, by name
     gives: tuple[str, ...]  # what it prepares for a teacher (a teacher fits when its row's `inputs` are among these)
     targets: tuple[str, ...] = ()  # sft: the `targets` it trains on
     files: tuple[str, ...] = ()  # what its preparation writes in the run directory
@@ -37,6 +38,7 @@ METHODS: dict[str, Method] = {
         "on-policy self-distillation from the base model given a privileged context",
         "onpolicy",
         opsa.prepare,
+        ("data", "teacher"),
         ("contexts",),
         files=context_search.FILES,
         report=(context_search.flip_rate_section,),
@@ -45,6 +47,7 @@ METHODS: dict[str, Method] = {
         "on-policy distillation from the steered base model, the loss on the safety tokens S",
         "onpolicy",
         safesteer.prepare,
+        ("data", "teacher", "steering"),
         ("layer", "vector", "scale"),
         files=(*context_search.FILES, *steering_search.FILES),
         report=(context_search.flip_rate_section, steering_search.steering_section),
@@ -53,15 +56,17 @@ METHODS: dict[str, Method] = {
         "on-policy distillation from a constitution-reading teacher, optionally calibrated by Cross-SFT",
         "onpolicy",
         copsd.prepare,
+        ("data", "teacher", "copsd", "rollout", "optim"),
         ("constitution", "calibrated"),
         files=(*context_search.FILES, *calibrated.FILES),
         report=(calibrated.crossed_section, context_search.flip_rate_section),
     ),
-    "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, (), ("demonstrations",)),
+    "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, ("data",), (), ("demonstrations",)),
     "dgr": Method(
         "SFT on demonstrations the base model rewrote in its own words",
         "sft",
         dgr.prepare,
+        ("data", "dgr", "rollout"),
         (),
         ("refined",),
         files=dgr.FILES,
@@ -71,13 +76,20 @@ METHODS: dict[str, Method] = {
         "SFT on the context teacher's own generations",
         "sft",
         offpolicy_sd.prepare,
+        ("data", "teacher", "rollout"),
         ("contexts",),
         ("teacher",),
         files=(*context_search.FILES, *external.FILES),
         report=(context_search.flip_rate_section,),
     ),
     "external-kd": Method(
-        "SFT on another model's generations", "sft", external_kd.prepare, (), ("external",), external.FILES
+        "SFT on another model's generations",
+        "sft",
+        external_kd.prepare,
+        ("data", "rollout"),
+        (),
+        ("external",),
+        external.FILES,
     ),
 }
 # The plug-point tables the config's PLUG_FIELDS name (each field's Literal holds the same keys).
@@ -99,14 +111,18 @@ VOCAB_IDS_FILES = steering_search.FILES
 VOCAB_IDS_REPORT = steering_search.steering_section
 
 
-def method_name(cfg: RunConfig) -> str:
-    return cfg.method
+def method_name(run: RunSettings) -> str:
+    return run.method
 
 
 def prepare(cfg: RunConfig, setup: Setup) -> Prepared:
-    """The method's own preparation (before LoRA is added), then the vocabulary mask's ids."""
-    prepared = METHODS[cfg.method].prepare(cfg, setup)
-    return add_vocab_mask(cfg, setup, prepared) if cfg.trainer == "onpolicy" else prepared
+    """The method's own preparation (before LoRA is added) with the sections its row names, then
+    the vocabulary mask's ids."""
+    row = METHODS[cfg.method]
+    prepared = row.prepare(setup, **{name: cfg.section(name) for name in row.sections})
+    if cfg.trainer != "onpolicy":
+        return prepared
+    return add_vocab_mask(cfg.vocab_mask, setup, cfg.section("steering"), cfg.section("teacher"), prepared)
 
 
 def make_teacher(teacher: str, base, tok, prepared: Prepared) -> Teacher:

@@ -1,7 +1,9 @@
-"""What every method's `prepare(cfg, setup)` gets and returns.
+"""What every method's `prepare(setup, **sections)` gets and returns.
 
-`Setup` is the loaded base model (before LoRA) and the run's shared services; `Prepared` is what
-the trainer needs: prompts and a teacher factory for on-policy methods, targets for SFT methods."""
+`Setup` is the loaded base model (before LoRA), the run's shared services (judge, manifest, run
+directory, the train splits loaded once) and identity (seed, model and judge names); each method
+also takes the config sections its METHODS row names. `Prepared` is what the trainer needs:
+prompts and its teacher's inputs for on-policy methods, targets for SFT methods."""
 
 from __future__ import annotations
 
@@ -11,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import DataSettings, SteeringSettings, TeacherSettings
 from ..data.packaged import Manifest
 from ..data.schema import Demonstration
-from ..data.sources import load_prompts
-from ..data.splits import split_records, take
+from ..data.splits import take
+from ..data.train import TrainSplits
 from ..errors import UserError
 from ..losses.masks import VOCAB_MASKS
 from ..teachers.base import Item
-from ..teachers.steering_search import prepare_steering
+from ..teachers.steering_search import SteeringSearch, prepare_steering
 
 
 @dataclass
@@ -29,6 +31,10 @@ class Setup:
     judge: object
     manifest: Manifest
     out: Path
+    splits: TrainSplits
+    seed: int
+    model_name: str
+    judge_name: str
     progress: bool = True
 
 
@@ -44,17 +50,21 @@ class Prepared:
         return self.targets if self.targets is not None else self.items
 
 
-def training_items(cfg: RunConfig, manifest: Manifest) -> list[Item]:
+def training_items(data: DataSettings, splits: TrainSplits, seed: int) -> list[Item]:
     """Harmful and benign prompts from the TRAIN side of the split the evaluation holds out."""
     items = []
     n_benign = (
-        cfg.n_benign if cfg.benign_ratio is None else round(cfg.n_harmful * cfg.benign_ratio / (1 - cfg.benign_ratio))
+        data.n_benign
+        if data.benign_ratio is None
+        else round(data.n_harmful * data.benign_ratio / (1 - data.benign_ratio))
     )
-    for source, n, group in ((cfg.harmful_source, cfg.n_harmful, "harmful"), (cfg.benign_source, n_benign, "benign")):
+    for source, n, group in (
+        (data.harmful_source, data.n_harmful, "harmful"),
+        (data.benign_source, n_benign, "benign"),
+    ):
         if n <= 0:
             continue
-        train, _ = split_records(load_prompts(source, manifest), seed=cfg.split_seed)
-        picked = take(train, n, seed=cfg.seed)
+        picked = take(splits.of(source), n, seed=seed)
         if len(picked) < n:
             print(f"note: {source} has only {len(picked)} training prompts (asked for {n})", file=sys.stderr)
         items += [Item(r.id, r.prompt, group) for r in picked]
@@ -63,12 +73,18 @@ def training_items(cfg: RunConfig, manifest: Manifest) -> list[Item]:
     return items
 
 
-def add_vocab_mask(cfg: RunConfig, setup: Setup, prepared: Prepared) -> Prepared:
+def steering_search(s: Setup, steering: SteeringSettings, teacher: TeacherSettings) -> SteeringSearch:
+    return SteeringSearch(steering, teacher, s.splits, s.seed, s.model_name)
+
+
+def add_vocab_mask(
+    vocab_mask: str, s: Setup, steering: SteeringSettings, teacher: TeacherSettings, prepared: Prepared
+) -> Prepared:
     """A vocab_mask that needs ids (safety_tokens) gets S from the steering search, unless the
     method already found it."""
-    if VOCAB_MASKS[cfg.vocab_mask].needs_ids and prepared.vocab_ids is None:
-        s = setup
-        prepared.vocab_ids = prepare_steering(cfg, s.model, s.tok, s.judge, s.manifest, s.out, progress=s.progress)[
-            "vocab_ids"
-        ]
+    if VOCAB_MASKS[vocab_mask].needs_ids and prepared.vocab_ids is None:
+        found = prepare_steering(
+            steering_search(s, steering, teacher), s.model, s.tok, s.judge, s.out, progress=s.progress
+        )
+        prepared.vocab_ids = found["vocab_ids"]
     return prepared

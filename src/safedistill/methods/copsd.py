@@ -4,18 +4,24 @@ is usually objective=clipped_reward (losses/objectives.py)."""
 
 from __future__ import annotations
 
-from ..config import RunConfig
-from ..teachers.calibrated import calibrated_model
+from ..config import CopsdSettings, DataSettings, OptimSettings, RolloutSettings, TeacherSettings
+from ..teachers.calibrated import CrossSFT, calibrated_model
 from ..teachers.constitution import load_constitution
 from .base import Prepared, Setup, training_items
 
 
-def prepare(cfg: RunConfig, s: Setup) -> Prepared:
-    items = training_items(cfg, s.manifest)
-    constitution = load_constitution(cfg.constitution)
+def prepare(
+    s: Setup,
+    data: DataSettings,
+    teacher: TeacherSettings,
+    copsd: CopsdSettings,
+    rollout: RolloutSettings,
+    optim: OptimSettings,
+) -> Prepared:
+    items = training_items(data, s.splits, s.seed)
+    constitution = load_constitution(copsd.constitution)
     calibrated = None
-    if cfg.cold_start == "cross_sft":
-        calibrated = calibrated_model(
-            cfg, s.model, s.tok, s.judge, items, constitution, s.out, manifest=s.manifest, progress=s.progress
-        )
+    if copsd.cold_start == "cross_sft":
+        cross = CrossSFT(copsd, rollout, optim, teacher, s.splits, s.seed)
+        calibrated = calibrated_model(cross, s.model, s.tok, s.judge, items, constitution, s.out, progress=s.progress)
     return Prepared(items=items, teacher={"constitution": constitution, "calibrated": calibrated})

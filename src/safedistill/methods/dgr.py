@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DgrSettings, RunConfig, choices
+from ..config import DataSettings, DgrSettings, RolloutSettings, choices
 from ..data.schema import Demonstration
 from ..engine.rollout import SamplingSettings, generate
 from ..engine.sft import sequence_nll
@@ -300,35 +300,31 @@ def read_refined(path: Path) -> list[Demonstration]:
     return [Demonstration(r["prompt"], r["response"], r["id"], r.get("reasoning"), r.get("source", "")) for r in rows]
 
 
-def settings_from(cfg: RunConfig, seed: int | None = None) -> RefineSettings:
-    """The run config's `dgr` section, its rollout sampling fields and its seed, as RefineSettings."""
-    dgr: DgrSettings = cfg.section("dgr")
+def settings_from(dgr: DgrSettings, rollout: RolloutSettings, seed: int) -> RefineSettings:
+    """The `dgr` section, the rollout section's sampling fields and a seed, as RefineSettings."""
     return RefineSettings(
         retries=dgr.refine_retries,
         on_fail=dgr.refine_on_fail,
         template=load_template(dgr.refine_template, RESPONSE_TEMPLATE),
         reasoning_template=load_template(dgr.refine_reasoning_template, REASONING_TEMPLATE),
-        max_new_tokens=cfg.max_new_tokens,
-        reasoning_max_new_tokens=2 * cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=cfg.seed if seed is None else seed,
+        max_new_tokens=rollout.max_new_tokens,
+        reasoning_max_new_tokens=2 * rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=seed,
     )
 
 
-def refined_targets(cfg, model, tok, judge, manifest, out: Path, *, progress=True) -> list[Demonstration]:
-    """The dgr preset's SFT targets: cfg.demonstrations (limited to n_samples) refined by the base
+def prepare(s: Setup, data: DataSettings, dgr: DgrSettings, rollout: RolloutSettings) -> Prepared:
+    """The dgr preset's SFT targets: data.demonstrations (limited to n_samples) refined by the base
     model before LoRA is added. A resumed run reads refined.jsonl back."""
-    path = Path(out) / "refined.jsonl"
+    path = Path(s.out) / "refined.jsonl"
     if path.exists():
-        return read_refined(path)
-    samples = demonstration_targets(cfg, manifest)
-    meta = {"model": cfg.model, "data": cfg.demonstrations, "judge": cfg.judge, "n_samples": cfg.n_samples}
-    data = refine_dataset(model, tok, judge, samples, settings_from(cfg), Path(out), meta, progress=progress)
-    if not data:
+        return Prepared(targets=read_refined(path))
+    samples = demonstration_targets(data, s.manifest, s.seed)
+    meta = {"model": s.model_name, "data": data.demonstrations, "judge": s.judge_name, "n_samples": data.n_samples}
+    settings = settings_from(dgr, rollout, s.seed)
+    refined = refine_dataset(s.model, s.tok, s.judge, samples, settings, Path(s.out), meta, progress=s.progress)
+    if not refined:
         raise UserError("every sample was dropped by refinement; use refine_on_fail=fallback or more retries")
-    return data
-
-
-def prepare(cfg, s: Setup) -> Prepared:
-    return Prepared(targets=refined_targets(cfg, s.model, s.tok, s.judge, s.manifest, s.out, progress=s.progress))
+    return Prepared(targets=refined)

@@ -3,12 +3,12 @@ OPSA's prompts (teachers/external.py)."""
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import DataSettings, RolloutSettings
 from ..teachers.external import generated_targets
 from .base import Prepared, Setup, training_items
 
 
-def prepare(cfg: RunConfig, s: Setup) -> Prepared:
-    items = training_items(cfg, s.manifest)
-    targets = generated_targets(cfg, s.model, s.tok, s.judge, items, {}, s.out, progress=s.progress)
+def prepare(s: Setup, data: DataSettings, rollout: RolloutSettings) -> Prepared:
+    items = training_items(data, s.splits, s.seed)
+    targets = generated_targets(data, rollout, s.seed, s.model, s.tok, s.judge, items, {}, s.out, progress=s.progress)
     return Prepared(targets=targets)

@@ -3,14 +3,18 @@ OPSA's prompts, with OPSA's context choice (teachers/context_search.py, teachers
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import DataSettings, RolloutSettings, TeacherSettings
 from ..teachers.context_search import choose_contexts
 from ..teachers.external import generated_targets
 from .base import Prepared, Setup, training_items
 
 
-def prepare(cfg: RunConfig, s: Setup) -> Prepared:
-    items = training_items(cfg, s.manifest)
-    contexts = choose_contexts(cfg, s.model, s.tok, s.judge, items, s.manifest, s.out, progress=s.progress)
-    targets = generated_targets(cfg, s.model, s.tok, s.judge, items, contexts, s.out, progress=s.progress)
+def prepare(s: Setup, data: DataSettings, teacher: TeacherSettings, rollout: RolloutSettings) -> Prepared:
+    items = training_items(data, s.splits, s.seed)
+    contexts = choose_contexts(
+        teacher, s.splits, s.model, s.tok, s.judge, items, s.out, seed=s.seed, progress=s.progress
+    )
+    targets = generated_targets(
+        data, rollout, s.seed, s.model, s.tok, s.judge, items, contexts, s.out, progress=s.progress
+    )
     return Prepared(targets=targets)

@@ -3,12 +3,14 @@ by teacher flip rate when context=auto; teachers/context_search.py). Nothing els
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import DataSettings, TeacherSettings
 from ..teachers.context_search import choose_contexts
 from .base import Prepared, Setup, training_items
 
 
-def prepare(cfg: RunConfig, s: Setup) -> Prepared:
-    items = training_items(cfg, s.manifest)
-    contexts = choose_contexts(cfg, s.model, s.tok, s.judge, items, s.manifest, s.out, progress=s.progress)
+def prepare(s: Setup, data: DataSettings, teacher: TeacherSettings) -> Prepared:
+    items = training_items(data, s.splits, s.seed)
+    contexts = choose_contexts(
+        teacher, s.splits, s.model, s.tok, s.judge, items, s.out, seed=s.seed, progress=s.progress
+    )
     return Prepared(items=items, teacher={"contexts": contexts})

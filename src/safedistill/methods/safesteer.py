@@ -4,12 +4,12 @@ steering search (teachers/steering_search.py), or from `steer_from`."""
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import DataSettings, SteeringSettings, TeacherSettings
 from ..teachers.steering_search import prepare_steering
-from .base import Prepared, Setup, training_items
+from .base import Prepared, Setup, steering_search, training_items
 
 
-def prepare(cfg: RunConfig, s: Setup) -> Prepared:
-    items = training_items(cfg, s.manifest)
-    found = prepare_steering(cfg, s.model, s.tok, s.judge, s.manifest, s.out, progress=s.progress)
+def prepare(s: Setup, data: DataSettings, teacher: TeacherSettings, steering: SteeringSettings) -> Prepared:
+    items = training_items(data, s.splits, s.seed)
+    found = prepare_steering(steering_search(s, steering, teacher), s.model, s.tok, s.judge, s.out, progress=s.progress)
     return Prepared(items=items, teacher=found["steering"], vocab_ids=found["vocab_ids"])

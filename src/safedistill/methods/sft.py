@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import random
 
-from ..config import RunConfig
+from ..config import DataSettings
 from ..data.schema import Demonstration
 from ..data.sources import load_demonstrations
 from .base import Prepared, Setup
 
 
-def prepare(cfg: RunConfig, s: Setup) -> Prepared:
-    return Prepared(targets=demonstration_targets(cfg, s.manifest))
+def prepare(s: Setup, data: DataSettings) -> Prepared:
+    return Prepared(targets=demonstration_targets(data, s.manifest, s.seed))
 
 
-def demonstration_targets(cfg, manifest) -> list[Demonstration]:
-    """cfg.demonstrations, limited to n_samples by a seeded shuffle (so 10 samples are a subset of 30)."""
+def demonstration_targets(data: DataSettings, manifest, seed: int) -> list[Demonstration]:
+    """data.demonstrations, limited to n_samples by a seeded shuffle (so 10 samples are a subset of 30)."""
     demos = load_demonstrations(
-        cfg.demonstrations, manifest, harmful_source=cfg.harmful_source, split_seed=cfg.split_seed
+        data.demonstrations, manifest, harmful_source=data.harmful_source, split_seed=data.split_seed
     )
-    return subset(demos, cfg.n_samples, cfg.seed)
+    return subset(demos, data.n_samples, seed)
 
 
 def subset(demos: list[Demonstration], n: int | None, seed: int) -> list[Demonstration]:

@@ -23,8 +23,10 @@ import dataclasses
 import json
 import math
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,19 +40,35 @@ from ..files import append_jsonl, write_json, write_jsonl
 from ..models import LoraSettings, add_lora, chat_text, save_model
 from .constitution import wrap
 
+if TYPE_CHECKING:
+    from ..config import CopsdSettings, OptimSettings, RolloutSettings, TeacherSettings
+    from ..data.train import TrainSplits
+
+
+@dataclass(frozen=True)
+class CrossSFT:
+    """What the cold start reads: its own section (copsd), the rollout section (answers are drawn as
+    the rollouts are), the optim section (LoRA rank, clipping), the teacher section and the train
+    splits (a seed context found by the context search) and the run's seed."""
+
+    copsd: CopsdSettings
+    rollout: RolloutSettings
+    optim: OptimSettings
+    teacher: TeacherSettings
+    splits: TrainSplits | None
+    seed: int
+
 
 def crossed_rows(
-    cfg, model, tok, judge, items, constitution: str, *, seed_context: str | None = None, progress: bool = True
+    c: CrossSFT, model, tok, judge, items, constitution: str, *, seed_context: str | None = None, progress=True
 ) -> list[dict]:
     """The crossed data set (see the module docstring): `cross_sft_samples` tries per harmful
     prompt under the constitution, then under `seed_context` for the prompts still without a safe
     answer; harmful rows repeated up to `cross_sft_harmful_share` (balance)."""
     harmful = [it for it in items if it.group == "harmful"]
     benign = [it for it in items if it.group != "harmful"]
-    settings = SamplingSettings.of_run(
-        cfg.section("rollout"), seed=cfg.seed * 31 + 5, max_new_tokens=cfg.cross_sft_max_new_tokens
-    )
-    ask = partial(_safe_answers, model, tok, judge, settings=settings, k=cfg.cross_sft_samples, progress=progress)
+    settings = SamplingSettings.of_run(c.rollout, seed=c.seed * 31 + 5, max_new_tokens=c.copsd.cross_sft_max_new_tokens)
+    ask = partial(_safe_answers, model, tok, judge, settings=settings, k=c.copsd.cross_sft_samples, progress=progress)
     rows: list[dict] = []
     found = ask(harmful, lambda it: chat_text(tok, wrap(constitution, it.prompt)), desc="crossed: harmful")
     rows += [_row(it, constitution, *found[it.id], "constitution") for it in harmful if it.id in found]
@@ -64,7 +82,7 @@ def crossed_rows(
         rows += [
             _row(it, constitution, r, None, "own-answer") for it, r in zip(benign, out, strict=True) if r.text.strip()
         ]
-    return balance(rows, cfg.cross_sft_harmful_share)
+    return balance(rows, c.copsd.cross_sft_harmful_share)
 
 
 def _safe_answers(model, tok, judge, items, prompt_text, *, settings, k: int, desc: str, progress: bool) -> dict:
@@ -150,7 +168,7 @@ class CrossSFTStep(SFTStep):
         return response_logits(model, suffixes, targets, pad_id=self.tok.pad_token_id, prefix_cache=cache)
 
 
-def cross_sft(cfg, model, tok, rows: list[dict], out: Path, *, progress: bool = True):
+def cross_sft(c: CrossSFT, model, tok, rows: list[dict], out: Path, *, progress: bool = True):
     """A fine-tuned, merged, frozen copy of `model`; the adapter is saved to out/cross_sft."""
     from peft import PeftModel
 
@@ -161,20 +179,20 @@ def cross_sft(cfg, model, tok, rows: list[dict], out: Path, *, progress: bool = 
     data = [Demonstration(r["input"], r["response"], f"{i}", None, r["source"]) for i, r in enumerate(rows)]
     truncated = {f"{i}" for i, r in enumerate(rows) if not r["finished"]}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed * 13 + 3)
-        teacher = add_lora(teacher, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+        torch.manual_seed(c.seed * 13 + 3)
+        teacher = add_lora(teacher, LoraSettings(r=c.optim.lora_r, alpha=c.optim.lora_alpha))
         params = [p for p in teacher.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.cross_sft_lr)
+        optimizer = torch.optim.AdamW(params, lr=c.copsd.cross_sft_lr)
         (out / "cross_sft_metrics.jsonl").unlink(missing_ok=True)
-        batching = Batching(batch_size=cfg.cross_sft_batch_size, grad_accum=1, seed=cfg.seed)
+        batching = Batching(batch_size=c.copsd.cross_sft_batch_size, grad_accum=1, seed=c.seed)
         for done in fit(
             teacher,
             CrossSFTStep(tok, truncated),
             data,
             optimizer,
             batching,
-            steps=cfg.cross_sft_steps,
-            max_grad_norm=cfg.max_grad_norm,
+            steps=c.copsd.cross_sft_steps,
+            max_grad_norm=c.optim.max_grad_norm,
             desc="cross-sft",
             progress=progress,
         ):
@@ -184,40 +202,39 @@ def cross_sft(cfg, model, tok, rows: list[dict], out: Path, *, progress: bool = 
     return teacher.merge_and_unload().eval()
 
 
-def seed_context(cfg, model, tok, judge, items, manifest, out: Path, *, progress: bool = True) -> str | None:
+def seed_context(c: CrossSFT, model, tok, judge, items, out: Path, *, progress: bool = True) -> str | None:
     """The text of `cross_sft_seed_context`: a library id, literal text, auto (OPSA's flip-rate
     search, flip_rates.json) or None."""
     from .context import check_context, context_text, load_contexts
     from .context_search import choose_contexts
 
-    spec = cfg.cross_sft_seed_context
+    spec = c.copsd.cross_sft_seed_context
     if spec == "auto":
-        searched = dataclasses.replace(cfg, context="auto")
-        return choose_contexts(searched, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
-    library = load_contexts(cfg.contexts)
+        searched = dataclasses.replace(c.teacher, context="auto")
+        chosen = choose_contexts(searched, c.splits, model, tok, judge, items, out, seed=c.seed, progress=progress)
+        return chosen["harmful"]
+    library = load_contexts(c.teacher.contexts)
     check_context("cross_sft_seed_context", spec, library)
     return context_text(spec, library)
 
 
-def calibrated_model(
-    cfg, model, tok, judge, items, constitution: str, out: Path, *, manifest=None, progress: bool = True
-):
+def calibrated_model(c: CrossSFT, model, tok, judge, items, constitution: str, out: Path, *, progress: bool = True):
     """The crossed set (crossed.jsonl, reused on resume; its make-up in crossed_summary.json) and
     the Cross-SFT copy trained on it."""
     path = out / "crossed.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
-        context = seed_context(cfg, model, tok, judge, items, manifest, out, progress=progress)
-        rows = crossed_rows(cfg, model, tok, judge, items, constitution, seed_context=context, progress=progress)
+        context = seed_context(c, model, tok, judge, items, out, progress=progress)
+        rows = crossed_rows(c, model, tok, judge, items, constitution, seed_context=context, progress=progress)
         write_jsonl(path, rows)
     n_harm = sum(it.group == "harmful" for it in items)
-    summary = crossed_summary(rows, n_harm, cfg.cross_sft_harmful_share, cfg.cross_sft_seed_context)
+    summary = crossed_summary(rows, n_harm, c.copsd.cross_sft_harmful_share, c.copsd.cross_sft_seed_context)
     write_json(out / "crossed_summary.json", summary)
     print(f"cross-sft: {summary_line(summary)}", file=sys.stderr)
     if not rows:
         raise UserError("cross-sft: the crossed data set is empty (no safe harmful answer and no benign prompt)")
-    return cross_sft(cfg, model, tok, rows, out, progress=progress)
+    return cross_sft(c, model, tok, rows, out, progress=progress)
 
 
 FILES = ("crossed.jsonl", "crossed_summary.json", "cross_sft_metrics.jsonl", "cross_sft")  # in a run directory

@@ -18,19 +18,23 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from .. import console, faults
 from ..data.schema import PromptRecord
-from ..data.sources import load_prompts
-from ..data.splits import split_records, take
+from ..data.splits import take
+from ..data.train import TrainSplits
 from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
 from ..files import write_json
 from ..models import chat_text
 from .base import Item
 from .context import context_text, load_contexts
+
+if TYPE_CHECKING:
+    from ..config import TeacherSettings
 
 CONFIRM_TOP = 3  # candidates carried from the ranking into the confirmation stage
 FILES = ("flip_rates.json",)  # what the search writes in a run directory
@@ -102,33 +106,32 @@ class SearchPrompts:
     benign: list[PromptRecord]
 
 
-def search_prompts(cfg, items: Sequence[Item], manifest) -> SearchPrompts:
+def search_prompts(teacher: TeacherSettings, splits: TrainSplits, items: Sequence[Item], seed: int) -> SearchPrompts:
     """The run's harmful training prompts first, then the rest of the harmful source's train split
     (seeded): the first `context_search_prompts` rank, the next `context_confirm_prompts` confirm."""
-    train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
+    train = splits.harmful
     pool = [PromptRecord(it.id, it.prompt) for it in items if it.group == "harmful"]
     taken = {r.id for r in pool} | {r.prompt for r in pool}
-    pool += take([r for r in train if r.id not in taken and r.prompt not in taken], None, seed=cfg.seed + 2)
-    n_rank, n_confirm = cfg.context_search_prompts, cfg.context_confirm_prompts
+    pool += take([r for r in train if r.id not in taken and r.prompt not in taken], None, seed=seed + 2)
+    n_rank, n_confirm = teacher.context_search_prompts, teacher.context_confirm_prompts
     if len(pool) < n_rank:
         raise UserError(
             f"config field 'context_search_prompts': {n_rank} harmful train prompts asked, "
-            f"{cfg.harmful_source} has {len(pool)} in its train split"
+            f"{splits.harmful_source} has {len(pool)} in its train split"
         )
     if len(pool) < n_rank + n_confirm:
         raise UserError(
             f"config field 'context_confirm_prompts': {n_confirm} held-out train prompts asked, "
-            f"{len(pool) - n_rank} of {cfg.harmful_source}'s are left after the {n_rank} ranking prompts"
+            f"{len(pool) - n_rank} of {splits.harmful_source}'s are left after the {n_rank} ranking prompts"
         )
-    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
-    benign = take(benign_train, max(4, n_confirm // 2), seed=cfg.seed + 1)
+    benign = take(splits.benign, max(4, n_confirm // 2), seed=seed + 1)
     return SearchPrompts(pool[:n_rank], pool[n_rank : n_rank + n_confirm], benign)
 
 
-def search_contexts(cfg, model, tok, judge, prompts: SearchPrompts, library, *, progress: bool = True) -> dict:
-    """Both stages; the chosen context is the best of the top three by confirmation flip rate
-    (ties: less benign refusal, then the better ranking place)."""
-    kw = {"max_new_tokens": cfg.context_search_tokens, "progress": progress}
+def search_contexts(model, tok, judge, prompts: SearchPrompts, library, *, tokens: int, progress: bool = True) -> dict:
+    """Both stages (greedy answers of up to `tokens` tokens); the chosen context is the best of the
+    top three by confirmation flip rate (ties: less benign refusal, then the better ranking place)."""
+    kw = {"max_new_tokens": tokens, "progress": progress}
     harmful_side = [c for c in library if c.get("side", "harmful") == "harmful"]
     ranking = flip_rates(model, tok, judge, prompts.ranking, [], harmful_side, desc="ranking contexts", **kw)
     place = {r["id"]: i for i, r in enumerate(ranking)}
@@ -173,11 +176,13 @@ def chosen_id(search) -> str:
     return search["chosen"] if isinstance(search, dict) else search[0]["id"]
 
 
-def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progress: bool = True) -> dict:
+def choose_contexts(
+    teacher: TeacherSettings, splits: TrainSplits, model, tok, judge, items, out: Path, *, seed: int, progress=True
+) -> dict:
     """{"harmful": c_h, "benign": c_b}. With context=auto, c_h comes from the two-stage search on
     harmful TRAIN prompts, written to flip_rates.json (and read back on resume)."""
-    library = load_contexts(cfg.contexts)
-    harmful_ctx = cfg.context
+    library = load_contexts(teacher.contexts)
+    harmful_ctx = teacher.context
     if harmful_ctx == "auto":
         path = out / "flip_rates.json"
         if path.exists():
@@ -187,17 +192,19 @@ def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progr
                 raise UserError("context=auto needs harmful training prompts (n_harmful > 0)")
             ranked = sum(c.get("side", "harmful") == "harmful" for c in library)
             if not ranked:
-                raise UserError(f"config field 'contexts': {cfg.contexts} has no harmful-side context to rank")
-            prompts = search_prompts(cfg, items, manifest)
+                raise UserError(f"config field 'contexts': {teacher.contexts} has no harmful-side context to rank")
+            prompts = search_prompts(teacher, splits, items, seed)
             n_top = min(CONFIRM_TOP, ranked)
             answers = ranked * len(prompts.ranking) + n_top * (len(prompts.confirmation) + len(prompts.benign))
             console.say(
                 f"ranking {ranked} contexts (context=auto) on {len(prompts.ranking)} harmful train prompts, then "
                 f"confirming the top {n_top} on {len(prompts.confirmation)} other train prompts (+ "
-                f"{len(prompts.benign)} benign): {answers} answers of up to {cfg.context_search_tokens} tokens "
+                f"{len(prompts.benign)} benign): {answers} answers of up to {teacher.context_search_tokens} tokens "
                 "before step 1 (the bars show the ETA; --set context=ID skips it)"
             )
-            search = search_contexts(cfg, model, tok, judge, prompts, library, progress=progress)
+            search = search_contexts(
+                model, tok, judge, prompts, library, tokens=teacher.context_search_tokens, progress=progress
+            )
             faults.point("context-search")
             write_json(path, search)
         harmful_ctx = chosen_id(search)
@@ -205,7 +212,7 @@ def choose_contexts(cfg, model, tok, judge, items, manifest, out: Path, *, progr
             console.say(f"context: {harmful_ctx} ({search['reason']})")
     return {
         "harmful": context_text(harmful_ctx, library),
-        "benign": context_text(cfg.benign_context, library),
+        "benign": context_text(teacher.benign_context, library),
     }
 
 

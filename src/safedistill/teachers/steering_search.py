@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import RunConfig
-from ..data.packaged import Manifest
-from ..data.sources import load_prompts
-from ..data.splits import split_records, take
+from ..data.splits import take
+from ..data.train import TrainSplits
 from ..engine.rollout import SamplingSettings, encode_prompts, generate
 from ..engine.scoring import response_logits
 from ..errors import UserError
@@ -39,10 +39,25 @@ from .steering import (
     steer,
 )
 
+if TYPE_CHECKING:
+    from ..config import SteeringSettings, TeacherSettings
+
 FILES = ("steering.json", "steering_direction.safetensors", "safety_tokens.json")
 SAMPLES = 8  # steered samples per harmless prompt (published)
 HORIZON = 7  # H: S is read off the first H-1 new tokens (published)
 VOTE_TOP = 200  # each position's top entries by log-ratio get a vote (published)
+
+
+@dataclass(frozen=True)
+class SteeringSearch:
+    """What the search reads: its own section, the teacher section (context-delta's context, the
+    greedy answer length), the run's train splits, seed and model name (recorded in steering.json)."""
+
+    steering: SteeringSettings
+    teacher: TeacherSettings
+    splits: TrainSplits
+    seed: int
+    model_name: str
 
 
 def parse_list(text: str, cast, field: str) -> list | None:
@@ -129,28 +144,28 @@ def _votes(model, prompt_ids, responses, pad: int, steering: tuple) -> tuple:
     return votes, prob_sum, ratio_sum, n_pos
 
 
-def steering_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[str], list[str], list[str]]:
+def steering_prompts(s: SteeringSearch) -> tuple[list[str], list[str], list[str]]:
     """(harmful, harmless for the direction, harmless for S): train-side prompts only; the two
     harmless sets are disjoint."""
-    harmful_train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
-    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
-    harmful = [r.prompt for r in take(harmful_train, cfg.steer_prompts, seed=cfg.seed)]
-    benign = [r.prompt for r in take(benign_train, cfg.steer_prompts + cfg.safety_token_prompts, seed=cfg.seed + 2)]
+    st = s.steering
+    harmful = [r.prompt for r in take(s.splits.harmful, st.steer_prompts, seed=s.seed)]
+    benign = [r.prompt for r in take(s.splits.benign, st.steer_prompts + st.safety_token_prompts, seed=s.seed + 2)]
     if not harmful or len(benign) < 2:
         raise UserError("steering needs harmful and harmless train prompts (steer_prompts, benign_source)")
-    cut = min(cfg.steer_prompts, len(benign) - 1)
+    cut = min(st.steer_prompts, len(benign) - 1)
     return harmful, benign[:cut], benign[cut:]
 
 
-def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None, out: Path, *, progress=True) -> dict:
+def search_steering(s: SteeringSearch, model, tok, judge, out: Path, *, progress=True) -> dict:
     """Direction, candidate search and S, written to `out`; returns what load_steering returns."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    harmful, harmless, s_prompts = steering_prompts(cfg, manifest)
+    st = s.steering
+    harmful, harmless, s_prompts = steering_prompts(s)
     n_pos = post_instruction_length(tok, harmful + harmless)
-    found = steering_directions(cfg, model, tok, judge, manifest, out, harmful, harmless, n_pos, progress)
+    found = steering_directions(s, model, tok, judge, out, harmful, harmless, n_pos, progress)
     context, directions, filters = found
-    rows, chosen = choose_candidate(cfg, model, tok, directions, harmful, harmless, filters, progress)
+    rows, chosen = choose_candidate(st, model, tok, directions, harmful, harmless, filters, progress)
     vector = directions[chosen["position"] + n_pos, chosen["layer"]]
     tokens = safety_tokens(
         model,
@@ -159,18 +174,19 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         layer=chosen["layer"],
         vector=vector,
         scale=chosen["scale"],
-        k=cfg.safety_tokens_k,
-        seed=cfg.seed,
-        min_prob=cfg.safety_token_min_prob,
+        k=st.safety_tokens_k,
+        seed=s.seed,
+        min_prob=st.safety_token_min_prob,
     )
-    chosen.update(steered_refusals(model, tok, judge, harmful, chosen, vector, cfg))
-    chosen.update(intervention_refusals(model, tok, judge, harmful, harmless, chosen, vector, cfg))
+    tokens_per_answer = s.teacher.context_search_tokens
+    chosen.update(steered_refusals(model, tok, judge, harmful, chosen, vector, tokens_per_answer))
+    chosen.update(intervention_refusals(model, tok, judge, harmful, harmless, chosen, vector, tokens_per_answer))
     suffix = encode_prompts(tok, [chat_text(tok, harmful[0])])[0][-n_pos:]
     write_json(
         out / "steering.json",
         {
-            "model": cfg.model,
-            "direction": cfg.steer_direction,
+            "model": s.model_name,
+            "direction": st.steer_direction,
             "context": context,
             "n_harmful": len(harmful),
             "n_harmless": len(harmless),
@@ -180,18 +196,18 @@ def search_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest | None
         },
     )
     save_file({"vector": vector.clone(), "directions": directions.contiguous()}, out / FILES[1])
-    meta = {"k": cfg.safety_tokens_k, "n_prompts": len(s_prompts), "samples": SAMPLES, "horizon": HORIZON}
+    meta = {"k": st.safety_tokens_k, "n_prompts": len(s_prompts), "samples": SAMPLES, "horizon": HORIZON}
     write_json(out / "safety_tokens.json", {**meta, "tokens": tokens})
     return load_steering(out)
 
 
 def choose_candidate(
-    cfg: RunConfig, model, tok, directions, harmful, harmless, filters: dict, progress
+    st: SteeringSettings, model, tok, directions, harmful, harmless, filters: dict, progress
 ) -> tuple[list[dict], dict]:
     """Every (position, layer, scale) candidate with its figures, and the one the selection rule
     (steer_selection) picks; the published rule first filters the prompts by the model's own
     refusal score. A warning when no candidate passes the rule's filters."""
-    published = cfg.steer_selection == "published"
+    published = st.steer_selection == "published"
     select_h, select_b = harmful, harmless
     if published:
         select_h, select_b, select_filter = refusal_filter(model, tok, harmful, harmless)
@@ -203,64 +219,65 @@ def choose_candidate(
         directions,
         select_h,
         select_b,
-        layers=parse_list(cfg.steer_layers, int, "steer_layers"),
-        scales=parse_list(cfg.steer_scales, float, "steer_scales") or [1.0],
-        kl_cap=cfg.steer_kl_cap,
+        layers=parse_list(st.steer_layers, int, "steer_layers"),
+        scales=parse_list(st.steer_scales, float, "steer_scales") or [1.0],
+        kl_cap=st.steer_kl_cap,
         progress=progress,
     )
-    chosen.setdefault("selection", cfg.steer_selection)
+    chosen.setdefault("selection", st.steer_selection)
     if published:
         chosen["prompt_filters"] = filters
     if published and not chosen["filters_met"]:
         print(
             "warning: no steering candidate passed the published filters (ablation KL <= "
-            f"{cfg.steer_kl_cap}, induce score >= 0); took the most refusal-inducing one under the KL cap",
+            f"{st.steer_kl_cap}, induce score >= 0); took the most refusal-inducing one under the KL cap",
             file=sys.stderr,
         )
     elif not published and not chosen["kl_cap_met"]:
         print(
-            f"warning: no steering candidate met the KL cap {cfg.steer_kl_cap}; took the lowest-KL one", file=sys.stderr
+            f"warning: no steering candidate met the KL cap {st.steer_kl_cap}; took the lowest-KL one", file=sys.stderr
         )
     return rows, chosen
 
 
-def steering_directions(cfg: RunConfig, model, tok, judge, manifest, out: Path, harmful, harmless, n_pos, progress):
+def steering_directions(s: SteeringSearch, model, tok, judge, out: Path, harmful, harmless, n_pos, progress):
     """(context, directions [P, L, d], prompt filters): context-delta contrasts harmful prompts with
     and without the safety context (the best by flip rate when context=auto); harmful-harmless the
     two sets, which the published rule takes from disjoint train prompts filtered by the model's
     own refusal score."""
-    if cfg.steer_direction == "context-delta":
-        if cfg.context == "auto":
+    st, teacher = s.steering, s.teacher
+    if st.steer_direction == "context-delta":
+        if teacher.context == "auto":
             items = [Item(f"h{i}", p, "harmful") for i, p in enumerate(harmful)]
-            context = choose_contexts(cfg, model, tok, judge, items, manifest, out, progress=progress)["harmful"]
+            chosen = choose_contexts(teacher, s.splits, model, tok, judge, items, out, seed=s.seed, progress=progress)
+            context = chosen["harmful"]
         else:
-            context = context_text(cfg.context, load_contexts(cfg.contexts))
+            context = context_text(teacher.context, load_contexts(teacher.contexts))
         return context, mean_difference(model, tok, harmful, harmful, n_pos, system_a=context), {}
-    if cfg.steer_selection != "published":
+    if st.steer_selection != "published":
         return None, mean_difference(model, tok, harmful, harmless, n_pos), {}
-    train_h, train_b = direction_prompts(cfg, manifest)
+    train_h, train_b = direction_prompts(s)
     split = "disjoint train prompts" if train_h else "the selection prompts (no more train prompts)"
     train_h, train_b, train_filter = refusal_filter(model, tok, train_h or harmful, train_b or harmless)
     filters = {"direction_prompts": split, "direction_filter": train_filter}
     return None, mean_difference(model, tok, train_h, train_b, n_pos), filters
 
 
-def direction_prompts(cfg: RunConfig, manifest: Manifest | None) -> tuple[list[str], list[str]]:
+def direction_prompts(s: SteeringSearch) -> tuple[list[str], list[str]]:
     """Train prompts for the direction itself, disjoint from steering_prompts' (the published
     pipeline takes directions from a train split and selects on a validation split): the next
     steer_prompts of each shuffled train list. Empty when the sources have no more."""
-    harmful_train, _ = split_records(load_prompts(cfg.harmful_source, manifest), seed=cfg.split_seed)
-    benign_train, _ = split_records(load_prompts(cfg.benign_source, manifest), seed=cfg.split_seed)
-    n, skip = cfg.steer_prompts, cfg.steer_prompts + cfg.safety_token_prompts
-    harmful = [r.prompt for r in take(harmful_train, None, seed=cfg.seed)[n : 2 * n]]
-    benign = [r.prompt for r in take(benign_train, None, seed=cfg.seed + 2)[skip : skip + n]]
+    n, skip = s.steering.steer_prompts, s.steering.steer_prompts + s.steering.safety_token_prompts
+    harmful = [r.prompt for r in take(s.splits.harmful, None, seed=s.seed)[n : 2 * n]]
+    benign = [r.prompt for r in take(s.splits.benign, None, seed=s.seed + 2)[skip : skip + n]]
     return (harmful, benign) if harmful and benign else ([], [])
 
 
-def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, vector, cfg) -> dict:
-    """What the chosen candidate does to greedy answers on harmful prompts (the teacher flip rate
-    OPSA ranks contexts by): refusal rate without and with steering, and the share flipped."""
-    settings = SamplingSettings(max_new_tokens=cfg.context_search_tokens, temperature=0.0, batch_size=32)
+def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, vector, tokens: int) -> dict:
+    """What the chosen candidate does to greedy answers (of up to `tokens` tokens) on harmful prompts
+    (the teacher flip rate OPSA ranks contexts by): refusal rate without and with steering, and the
+    share flipped."""
+    settings = SamplingSettings(max_new_tokens=tokens, temperature=0.0, batch_size=32)
     texts = [chat_text(tok, p) for p in harmful]
     base, _ = generate(model, tok, texts, settings, progress=False)
     with steer(model, chosen["layer"], vector, chosen["scale"]):
@@ -278,12 +295,12 @@ def steered_refusals(model, tok, judge, harmful: Sequence[str], chosen: dict, ve
 
 
 def intervention_refusals(
-    model, tok, judge, harmful: Sequence[str], harmless: Sequence[str], chosen: dict, vector, cfg: RunConfig
+    model, tok, judge, harmful: Sequence[str], harmless: Sequence[str], chosen: dict, vector, tokens: int
 ) -> dict:
     """Greedy answers under the two interventions the published rule scores: the chosen vector
     added on harmless prompts (induced refusals) and the direction ablated everywhere on harmful
     prompts (bypass: base refusals that ablation turns into non-refusals)."""
-    settings = SamplingSettings(max_new_tokens=cfg.context_search_tokens, temperature=0.0, batch_size=32)
+    settings = SamplingSettings(max_new_tokens=tokens, temperature=0.0, batch_size=32)
     harmless_texts = [chat_text(tok, p) for p in harmless]
     harmful_texts = [chat_text(tok, p) for p in harmful]
     base_b, _ = generate(model, tok, harmless_texts, settings, progress=False)
@@ -385,13 +402,14 @@ def load_steering(directory: Path) -> dict:
     }
 
 
-def prepare_steering(cfg: RunConfig, model, tok, judge, manifest: Manifest, out: Path, *, progress=True) -> dict:
+def prepare_steering(s: SteeringSearch, model, tok, judge, out: Path, *, progress=True) -> dict:
     """Reuse `steer_from` (or this run's own files on resume); otherwise search now."""
-    if cfg.steer_from:
-        prepared = load_steering(Path(cfg.steer_from))
+    steer_from = s.steering.steer_from
+    if steer_from:
+        prepared = load_steering(Path(steer_from))
         for name in FILES:  # the run directory documents what it trained with
-            (Path(out) / name).write_bytes((Path(cfg.steer_from) / name).read_bytes())
+            (Path(out) / name).write_bytes((Path(steer_from) / name).read_bytes())
         return prepared
     if all((Path(out) / f).is_file() for f in FILES):
         return load_steering(out)
-    return search_steering(cfg, model, tok, judge, manifest, out, progress=progress)
+    return search_steering(s, model, tok, judge, out, progress=progress)
