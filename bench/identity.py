@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model factory and prompt sets the tests use
 
-TIMING = ("t_", "step_seconds", "wall_time", "tokens_per_s", "rollout_tokens_per_s")
+TIMING = ("t_", "step_seconds", "wall_time", "tokens_per_s", "rollout_tokens_per_s", "seconds", "elapsed")
 # Per-preset settings on top of COMMON, each the smallest that still runs the method's own parts.
 SEARCH = {"context_search_prompts": 2, "context_confirm_prompts": 2, "context_search_tokens": 3}
 STEER = {"steer_prompts": 2, "safety_token_prompts": 2, "safety_tokens_k": 8, "steer_scales": "1,4"}
@@ -49,8 +49,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def untimed(value):
+    """A JSON value without its timing fields (they differ from run to run)."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if not k.startswith(TIMING)}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value
+
+
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """Hash of a file; a JSON (lines) file without its timing fields."""
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        data = json.dumps(untimed(json.loads(data)), sort_keys=True).encode()
+    elif path.suffix == ".jsonl":
+        rows = [untimed(json.loads(line)) for line in data.splitlines() if line.strip()]
+        data = json.dumps(rows, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def weights_digest(final: Path) -> str:
@@ -84,7 +100,7 @@ def fingerprint(preset: str, model: str, sources: tuple[str, str], out: Path) ->
         for p in sorted(out.rglob("*"))
         if p.is_file()
         and p.suffix in {".json", ".jsonl", ".safetensors"}
-        and p.name != "metrics.jsonl"
+        and p.name not in {"metrics.jsonl", "adapter_config.json"}  # adapter_config lists a set in any order
         and not {"checkpoints", "final"} & set(p.parts)
     }
     return {
