@@ -83,6 +83,31 @@ def run_eval(
     return results
 
 
+def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, step: int) -> None:
+    """eval_step-N.json and generations_step-N.jsonl from checkpoints/step-N, unless already there
+    (report/compare.py's frontier)."""
+    name = f"step-{step}"
+    if (run_dir / f"eval_{name}.json").exists():
+        return
+    ckpt = run_dir / "checkpoints" / name
+    if not (ckpt / "trainable.safetensors").is_file():
+        raise UserError(f"{ckpt}: no checkpoint to evaluate (the run saves every {cfg.save_every} steps)")
+    from safetensors.torch import load_file
+
+    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    if cfg.lora:
+        model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+    params = dict(model.named_parameters())
+    for key, value in load_file(ckpt / "trainable.safetensors").items():
+        if key not in params:
+            raise UserError(f"{ckpt}: parameter {key} does not belong to {cfg.model}")
+        params[key].data.copy_(value)
+    if cfg.lora:
+        model = model.merge_and_unload()
+    model.eval()
+    run_eval(model, tok, cfg, run_dir, name, str(ckpt))
+
+
 class KLByPosition:
     """Running mean of the reverse KL per response position over the run (kl_by_position.json,
     plotted in the report); its sums travel in checkpoints so a resumed run continues them."""
@@ -629,7 +654,8 @@ def finish(
         model = model.merge_and_unload()
     adapter_note = str(out / "final") if cfg.lora else None
     final_eval = run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress) if cfg.eval else None
-    report = run_report(out, cfg, base_eval, final_eval, methods.report_sections(cfg.method, cfg.vocab_mask, out))
+    sections = methods.report_sections(cfg.method, cfg.vocab_mask, out)
+    report = run_report(out, cfg.section("run"), base_eval, final_eval, sections)
     degenerate = degeneration(read_log(out / "metrics.jsonl"), vocab_size, cfg.diverge_entropy)
     if degenerate:
         console.warn(f"the trained model looks degenerate: {degenerate}; its results are not meaningful")

@@ -16,7 +16,7 @@ from ..eval.evaluate import EvalSettings, capability_basket, generalization_styl
 from ..losses.divergence import DIVERGENCES
 from ..losses.masks import TOKEN_MASKS, VOCAB_MASKS
 from ..losses.objectives import OBJECTIVES, REF_KL_ESTIMATORS, REWARD_LEVELS
-from ..teachers import TEACHERS, Teacher, calibrated, context_search, external, steering_search
+from ..teachers import TEACHERS, Teacher, TeacherKind, calibrated, context_search, external, steering_search
 from . import copsd, dgr, external_kd, offpolicy_sd, opsa, safesteer, sft
 from .base import Prepared, Setup, add_vocab_mask
 
@@ -148,7 +148,7 @@ def report_sections(method: str, vocab_mask: str, out: Path) -> list[str]:
 def check_config(cfg: RunConfig) -> None:
     """What the plug-point tables rule out, and the eval's fields, checked once before anything
     is written or loaded (train.preflight; the CLI right after reading a config)."""
-    problems(cfg, _combinations(cfg))
+    problems(cfg, _combinations(cfg, METHODS[cfg.method], TEACHERS[cfg.teacher]))
     for name, check in (
         ("capability", lambda: capability_basket(EvalSettings(capability=cfg.capability))),
         ("eval_generalization", lambda: generalization_styles(cfg.eval_generalization)),
@@ -159,8 +159,7 @@ def check_config(cfg: RunConfig) -> None:
             raise UserError(f"config field '{name}': {e}") from None
 
 
-def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
-    method, teacher = METHODS[c.method], TEACHERS[c.teacher]
+def _combinations(c: RunConfig, method: Method, teacher: TeacherKind) -> list[tuple[bool, str, str]]:
     serves = [k for k, v in TEACHERS.items() if v.scores_rollouts]
     writers = [k for k, v in TEACHERS.items() if v.targets]
     uses_divergence = OBJECTIVES[c.objective].uses_divergence

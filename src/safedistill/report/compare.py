@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..eval.stats import clustered_difference, clustered_mean, reading
 from ..files import atomic_write_text, write_json
 from ..methods import check_config
-from ..train import eval_settings, finished_run, run_eval, train
+from ..train import eval_settings, evaluate_checkpoint, finished_run, train
 from .report import (
     axis_values,
     capability_index_values,
@@ -78,11 +78,11 @@ def check_frontier_steps(configs: dict[tuple[str, int], RunConfig], steps: list[
                 )
 
 
-def reuse_base_eval(cfg: RunConfig, run_dir: Path, done: list[tuple[str, object, Path]]) -> None:
+def reuse_base_eval(model: str, settings, run_dir: Path, done: list[tuple[str, object, Path]]) -> None:
     """The base model's evaluation depends only on the model and the eval settings (a fixed eval
     seed, not the training seed): copy it from any earlier run with the same ones."""
-    for model, settings, source in done:
-        if model == cfg.model and settings == eval_settings(cfg):
+    for done_model, done_settings, source in done:
+        if done_model == model and done_settings == settings:
             run_dir.mkdir(parents=True, exist_ok=True)
             for name in ("eval_base.json", "generations_base.jsonl"):
                 if (source / name).exists() and not (run_dir / name).exists():
@@ -90,34 +90,9 @@ def reuse_base_eval(cfg: RunConfig, run_dir: Path, done: list[tuple[str, object,
             return
 
 
-def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, step: int) -> None:
-    """eval_step-N.json and generations_step-N.jsonl from checkpoints/step-N, unless already there."""
-    name = f"step-{step}"
-    if (run_dir / f"eval_{name}.json").exists():
-        return
-    ckpt = run_dir / "checkpoints" / name
-    if not (ckpt / "trainable.safetensors").is_file():
-        raise UserError(f"{ckpt}: no checkpoint to evaluate (the run saves every {cfg.save_every} steps)")
-    from safetensors.torch import load_file
-
-    from ..models import LoraSettings, add_lora, load_model, resolve_device
-
-    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
-    if cfg.lora:
-        model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
-    params = dict(model.named_parameters())
-    for key, value in load_file(ckpt / "trainable.safetensors").items():
-        if key not in params:
-            raise UserError(f"{ckpt}: parameter {key} does not belong to {cfg.model}")
-        params[key].data.copy_(value)
-    if cfg.lora:
-        model = model.merge_and_unload()
-    model.eval()
-    run_eval(model, tok, cfg, run_dir, name, str(ckpt))
-
-
-def eval_files(run_dir: Path, step: int, cfg: RunConfig) -> tuple[dict | None, list[dict] | None]:
-    name = "base" if step == 0 else "final" if step == cfg.steps else f"step-{step}"
+def eval_files(run_dir: Path, step: int, last: int) -> tuple[dict | None, list[dict] | None]:
+    """A run's eval at `step` (0: the base, `last`: the final model) and its per-item generations."""
+    name = "base" if step == 0 else "final" if step == last else f"step-{step}"
     path = run_dir / f"eval_{name}.json"
     results = json.loads(path.read_text()) if path.is_file() else None
     return results, read_items(run_dir / f"generations_{name}.jsonl")
@@ -176,7 +151,7 @@ def run_all(configs: dict, out: Path, *, resume: bool, frontier_steps: list[int]
     for (preset, seed), cfg in configs.items():
         run_dir = out / preset / f"seed-{seed}"
         if cfg.eval:
-            reuse_base_eval(cfg, run_dir, done)
+            reuse_base_eval(cfg.model, eval_settings(cfg), run_dir, done)
         results[(preset, seed)] = finished_run(cfg, run_dir) or train(
             cfg, run_dir, resume=resume or (run_dir / "config.yaml").exists()
         )
@@ -253,7 +228,7 @@ def frontier(presets, seeds, configs, out: Path, steps: list[int]) -> list[dict]
         for step in sorted({0, *steps, last}):
             safety, capability, label = [], [], None
             for s in seeds:
-                results, items = eval_files(out / p / f"seed-{s}", step, configs[(p, s)])
+                results, items = eval_files(out / p / f"seed-{s}", step, configs[(p, s)].steps)
                 if not items:
                     continue
                 groups = axis_values(items)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..config import RunSettings
 from ..eval.stats import figure, paired_difference, rate_interval, reading
 
 # Per-item axes in report order: axis -> what the mean of its per-item "value" is.
@@ -460,11 +461,13 @@ def plot_training_curve(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def run_report(out, cfg, base: dict | None, final: dict | None, method_sections: Iterable[str] = ()) -> str:
+def run_report(
+    out, run: RunSettings, base: dict | None, final: dict | None, method_sections: Iterable[str] = ()
+) -> str:
     """report.md of one run: before/after, where the KL sits, training, the method's own sections
     (given: methods.report_sections), settings and data, each section present when its files are."""
     out = Path(out)
-    lines = [f"# `{cfg.preset}` on `{cfg.model}` (seed {cfg.seed})", ""]
+    lines = [f"# `{run.preset}` on `{run.model}` (seed {run.seed})", ""]
     if base and final:
         lines += before_after_section(out, base, final)
     lines += kl_section(out)
