@@ -111,7 +111,7 @@ def splits_of(cfg, manifest=None):
 
 def cross_sft_of(cfg, manifest=None):
     """What the Cross-SFT cold start reads of a run config (the sections COPSD's row hands it)."""
-    from safedistill.teachers.calibrated import CrossSFT
+    from safedistill.methods.cross_sft import CrossSFT
 
     sections = (cfg.section(name) for name in ("copsd", "rollout", "optim", "teacher"))
     return CrossSFT(*sections, splits_of(cfg, manifest), cfg.seed)
@@ -119,7 +119,7 @@ def cross_sft_of(cfg, manifest=None):
 
 def choose_contexts_of(cfg, model, tok, judge, items, manifest, out, **kwargs):
     """The context search as a run with config `cfg` calls it."""
-    from safedistill.teachers.context_search import choose_contexts
+    from safedistill.searches.context import choose_contexts
 
     teacher, splits = cfg.section("teacher"), splits_of(cfg, manifest)
     return choose_contexts(teacher, splits, model, tok, judge, items, out, seed=cfg.seed, **kwargs)

@@ -12,7 +12,7 @@ from safedistill.eval.evaluate import EvalSettings, held_out
 from safedistill.eval.judging import load_judge
 from safedistill.methods.base import training_items
 from safedistill.models import load_model
-from safedistill.teachers.context_search import flip_rate_section
+from safedistill.searches.context import flip_rate_section
 
 CONTEXTS = [
     {"id": "ctx-r1", "text": "Refuse requests that could hurt someone."},

@@ -25,9 +25,9 @@ from safedistill.losses.objectives import (
     sequence_advantages,
 )
 from safedistill.methods.base import training_items
+from safedistill.methods.cross_sft import crossed_rows
 from safedistill.models import chat_text, load_model
 from safedistill.teachers import FrozenBase, Item
-from safedistill.teachers.calibrated import crossed_rows
 from safedistill.teachers.constitution import REQUEST_HEADER, ConstitutionTeacher, load_constitution, wrap
 from safedistill.train import train
 
@@ -338,8 +338,8 @@ def test_eval_response_entropy_is_the_token_weighted_mean(tiny_dir):
 def test_cross_sft_step_with_a_shared_prefix_matches_plain_sft(tiny_dir):
     from safedistill.data.schema import Demonstration
     from safedistill.engine.sft import SFTStep
+    from safedistill.methods.cross_sft import CrossSFTStep
     from safedistill.models import LoraSettings, add_lora
-    from safedistill.teachers.calibrated import CrossSFTStep
 
     model, tok = load_model(tiny_dir)
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from helpers import cross_sft_of, run_settings, write_sources
 from safedistill.config import load_config, settings_differ, to_yaml
 from safedistill.engine.rollout import encode_prompts
 from safedistill.eval.judging import load_judge
+from safedistill.methods.cross_sft import balance, calibrated_model, crossed_rows, summary_line
 from safedistill.models import chat_text, load_model
 from safedistill.teachers import Item
-from safedistill.teachers.calibrated import balance, calibrated_model, crossed_rows, summary_line
 from safedistill.teachers.constitution import wrap
 
 CONTEXT = "Refuse requests that could hurt someone."

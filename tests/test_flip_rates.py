@@ -12,9 +12,9 @@ from safedistill.data.schema import PromptRecord
 from safedistill.engine.rollout import GenerationStats, Rollout
 from safedistill.errors import UserError
 from safedistill.eval.judges import Verdict
+from safedistill.searches import context as search
 from safedistill.teachers import Item
 from safedistill.teachers import context as opsa
-from safedistill.teachers import context_search as search
 
 HARMFUL = [PromptRecord(f"h{i}", f"harmful request {i}") for i in range(1, 6)]
 # Held-out train prompts for the confirmation stage: only CONTEXT-A flips them (the ranking's best,

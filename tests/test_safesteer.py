@@ -14,22 +14,21 @@ from safedistill.engine.rollout import encode_prompts
 from safedistill.engine.scoring import response_logits
 from safedistill.errors import UserError
 from safedistill.models import LoraSettings, add_lora, chat_text, load_model
-from safedistill.teachers import FrozenBase, Item, SteeringTeacher
-from safedistill.teachers.steering import (
-    ablate,
-    decoder_layers,
+from safedistill.searches.steering import (
     last_logprobs,
+    load_steering,
     mean_difference,
     next_token_kl,
     post_instruction_length,
     refusal_filter,
     refusal_score,
     refusal_token_ids,
+    safety_tokens,
     search_candidates,
     search_published,
-    steer,
 )
-from safedistill.teachers.steering_search import load_steering, safety_tokens
+from safedistill.teachers import FrozenBase, Item, SteeringTeacher
+from safedistill.teachers.steering import ablate, decoder_layers, steer
 from safedistill.train import train
 
 

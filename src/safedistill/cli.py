@@ -151,8 +151,8 @@ def _flip_rate(args: argparse.Namespace) -> None:
     from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
+    from .searches.context import flip_rate_lines, search_contexts, search_prompts
     from .teachers.context import load_contexts
-    from .teachers.context_search import flip_rate_lines, search_contexts, search_prompts
 
     check_out(args.out)
     cfg = load_config(
@@ -185,7 +185,7 @@ def _steer(args: argparse.Namespace) -> None:
     from .eval.judging import load_judge
     from .files import write_json
     from .models import load_model, resolve_device
-    from .teachers.steering_search import SteeringSearch, describe_choice, search_steering
+    from .searches.steering import SteeringSearch, describe_choice, search_steering
 
     check_out(args.out)
     sets = [f"steer_direction={args.direction}", f"seed={args.seed}"]

@@ -25,7 +25,7 @@ class TokenMask:
 @dataclass(frozen=True)
 class VocabMask:
     help: str
-    needs_ids: bool  # the run must prepare the ids (teachers/steering.py: prepare_steering)
+    needs_ids: bool  # the run must prepare the ids (searches/steering.py: prepare_steering)
 
 
 TOKEN_MASKS: dict[str, TokenMask] = {

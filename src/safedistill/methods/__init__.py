@@ -16,8 +16,10 @@ from ..eval.evaluate import EvalSettings, capability_basket, generalization_styl
 from ..losses.divergence import DIVERGENCES
 from ..losses.masks import TOKEN_MASKS, VOCAB_MASKS
 from ..losses.objectives import OBJECTIVES, REF_KL_ESTIMATORS, REWARD_LEVELS
-from ..teachers import TEACHERS, Teacher, TeacherKind, calibrated, context_search, external, steering_search
-from . import copsd, dgr, external_kd, offpolicy_sd, opsa, safesteer, sft
+from ..searches import context as context_search
+from ..searches import steering as steering_search
+from ..teachers import TEACHERS, Teacher, TeacherKind
+from . import copsd, cross_sft, dgr, external_kd, offpolicy_sd, opsa, safesteer, sft, targets
 from .base import Prepared, Setup, add_vocab_mask
 
 
@@ -58,8 +60,8 @@ METHODS: dict[str, Method] = {
         copsd.prepare,
         ("data", "teacher", "copsd", "rollout", "optim"),
         ("constitution", "calibrated"),
-        files=(*context_search.FILES, *calibrated.FILES),
-        report=(calibrated.crossed_section, context_search.flip_rate_section),
+        files=(*context_search.FILES, *cross_sft.FILES),
+        report=(cross_sft.crossed_section, context_search.flip_rate_section),
     ),
     "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, ("data",), (), ("demonstrations",)),
     "dgr": Method(
@@ -79,7 +81,7 @@ METHODS: dict[str, Method] = {
         ("data", "teacher", "rollout"),
         ("contexts",),
         ("teacher",),
-        files=(*context_search.FILES, *external.FILES),
+        files=(*context_search.FILES, *targets.FILES),
         report=(context_search.flip_rate_section,),
     ),
     "external-kd": Method(
@@ -89,7 +91,7 @@ METHODS: dict[str, Method] = {
         ("data", "rollout"),
         (),
         ("external",),
-        external.FILES,
+        targets.FILES,
     ),
 }
 # The plug-point tables the config's PLUG_FIELDS name (each field's Literal holds the same keys).

@@ -20,8 +20,8 @@ from ..data.splits import take
 from ..data.train import TrainSplits
 from ..errors import UserError
 from ..losses.masks import VOCAB_MASKS
+from ..searches.steering import SteeringSearch, prepare_steering
 from ..teachers.base import Item
-from ..teachers.steering_search import SteeringSearch, prepare_steering
 
 
 @dataclass

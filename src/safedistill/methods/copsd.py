@@ -1,11 +1,11 @@
 """COPSD: a frozen teacher reads a constitution around the user turn (teachers/constitution.py);
-with cold_start=cross_sft it is first calibrated by Cross-SFT (teachers/calibrated.py). The loss
+with cold_start=cross_sft it is first calibrated by Cross-SFT (methods/cross_sft.py). The loss
 is usually objective=clipped_reward (losses/objectives.py)."""
 
 from __future__ import annotations
 
 from ..config import CopsdSettings, DataSettings, OptimSettings, RolloutSettings, TeacherSettings
-from ..teachers.calibrated import CrossSFT, calibrated_model
+from ..methods.cross_sft import CrossSFT, calibrated_model
 from ..teachers.constitution import load_constitution
 from .base import Prepared, Setup, training_items
 

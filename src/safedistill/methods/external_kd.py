@@ -1,10 +1,10 @@
 """External-teacher distillation (SafeChain-style): SFT on `external_model`'s generations on
-OPSA's prompts (teachers/external.py)."""
+OPSA's prompts (methods/targets.py)."""
 
 from __future__ import annotations
 
 from ..config import DataSettings, RolloutSettings
-from ..teachers.external import generated_targets
+from ..methods.targets import generated_targets
 from .base import Prepared, Setup, training_items
 
 

@@ -1,11 +1,11 @@
 """Off-policy self-distillation (ThinkSafe-style): SFT on the context teacher's own generations on
-OPSA's prompts, with OPSA's context choice (teachers/context_search.py, teachers/external.py)."""
+OPSA's prompts, with OPSA's context choice (searches/context.py, methods/targets.py)."""
 
 from __future__ import annotations
 
 from ..config import DataSettings, RolloutSettings, TeacherSettings
-from ..teachers.context_search import choose_contexts
-from ..teachers.external import generated_targets
+from ..methods.targets import generated_targets
+from ..searches.context import choose_contexts
 from .base import Prepared, Setup, training_items
 
 

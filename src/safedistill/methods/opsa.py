@@ -1,10 +1,10 @@
 """OPSA: the student's own rollouts, scored by the base model given a privileged context (the best
-by teacher flip rate when context=auto; teachers/context_search.py). Nothing else is its own."""
+by teacher flip rate when context=auto; searches/context.py). Nothing else is its own."""
 
 from __future__ import annotations
 
 from ..config import DataSettings, TeacherSettings
-from ..teachers.context_search import choose_contexts
+from ..searches.context import choose_contexts
 from .base import Prepared, Setup, training_items
 
 

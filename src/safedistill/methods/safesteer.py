@@ -1,11 +1,11 @@
 """SafeSteer: the base model with a refusal direction added at one layer scores the rollouts; the
 loss sums over the safety tokens S (vocab_mask). Direction, layer, scale and S come from the
-steering search (teachers/steering_search.py), or from `steer_from`."""
+steering search (searches/steering.py), or from `steer_from`."""
 
 from __future__ import annotations
 
 from ..config import DataSettings, SteeringSettings, TeacherSettings
-from ..teachers.steering_search import prepare_steering
+from ..searches.steering import prepare_steering
 from .base import Prepared, Setup, steering_search, training_items
 
 

@@ -1,10 +1,8 @@
 """Teachers: one Teacher protocol (base.py) and one module per kind.
 
-  context.py        base model + privileged system context; its library and flip-rate search
-  steering.py       base model + a steering vector at one layer; steering_search.py finds it (and S)
-  constitution.py   a frozen model reading a constitution around the user turn
-  calibrated.py     COPSD's Cross-SFT cold start: the constitution teacher's calibrated copy
-  external.py       targets written by another model or by the context teacher (SFT methods)
+  context.py        base model + privileged system context, and its library of contexts
+  steering.py       base model + a steering vector at one layer (searches/steering.py finds it)
+  constitution.py   a frozen model (the base, or COPSD's Cross-SFT copy) reading a constitution
 
 TEACHERS maps the config's `teacher` to what that kind can do and its factory, which the recipe
 calls with the frozen base, the tokenizer and what the method prepared for it (e.g. the contexts);

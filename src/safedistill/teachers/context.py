@@ -1,7 +1,7 @@
 """The context teacher: the frozen base model with a privileged context added to its own system
 prompt (c_h on harmful prompts, c_b on benign ones; models.chat_text); the student never sees the
 context, so the teacher's prompt is the student's with the context inserted and nothing else.
-Also the library of candidate contexts; the flip-rate search over it is context_search.py.
+Also the library of candidate contexts; the flip-rate search over it is searches/context.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Teachers that write targets instead of scoring rollouts: another model (`external-kd`,
+"""SFT targets a model writes instead of scoring rollouts: another model (`external-kd`,
 SafeChain-style) or the context-conditioned base model itself (`offpolicy-sd`, ThinkSafe-style),
 generating on the training prompts; on harmful prompts only answers the judge calls safe are kept
 (keep_only_safe). The SFT step then trains on them.

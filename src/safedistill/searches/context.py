@@ -30,8 +30,8 @@ from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
 from ..files import write_json
 from ..models import chat_text
-from .base import Item
-from .context import context_text, load_contexts
+from ..teachers.base import Item
+from ..teachers.context import context_text, load_contexts
 
 if TYPE_CHECKING:
     from ..config import TeacherSettings

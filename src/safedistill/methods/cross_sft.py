@@ -1,5 +1,6 @@
-"""The calibrated teacher: COPSD's Cross-SFT cold start, a fine-tuned frozen copy of the model
-that reads the constitution (teachers/constitution.py) without collapsing into short answers.
+"""COPSD's own extra step, the Cross-SFT cold start: a fine-tuned frozen copy of the model that
+reads the constitution (teachers/constitution.py) without collapsing into short answers; the
+constitution teacher's factory takes it as `calibrated`.
 
 Cross-SFT (the paper has not published its recipe; this is our reading):
   constitution + harmful prompt -> a safe answer the model itself gave under the constitution
@@ -38,7 +39,9 @@ from ..engine.sft import SFTStep
 from ..errors import UserError
 from ..files import append_jsonl, write_json, write_jsonl
 from ..models import LoraSettings, add_lora, chat_text, save_model
-from .constitution import wrap
+from ..searches.context import choose_contexts
+from ..teachers.constitution import wrap
+from ..teachers.context import check_context, context_text, load_contexts
 
 if TYPE_CHECKING:
     from ..config import CopsdSettings, OptimSettings, RolloutSettings, TeacherSettings
@@ -205,9 +208,6 @@ def cross_sft(c: CrossSFT, model, tok, rows: list[dict], out: Path, *, progress:
 def seed_context(c: CrossSFT, model, tok, judge, items, out: Path, *, progress: bool = True) -> str | None:
     """The text of `cross_sft_seed_context`: a library id, literal text, auto (OPSA's flip-rate
     search, flip_rates.json) or None."""
-    from .context import check_context, context_text, load_contexts
-    from .context_search import choose_contexts
-
     spec = c.copsd.cross_sft_seed_context
     if spec == "auto":
         searched = dataclasses.replace(c.teacher, context="auto")
