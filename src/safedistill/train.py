@@ -316,15 +316,15 @@ def preflight(cfg: RunConfig) -> None:
     context ids), then the data sources, which may fetch a benchmark wheel. A failure leaves no
     directory behind."""
     from .data.sources import check_trainable, load_prompts
-    from .eval.judging import GUARD_KINDS
+    from .eval.judging import GUARD_KINDS, OFFLINE_JUDGES
     from .models import check_hub_name, check_model
     from .teachers.context import check_context, load_contexts
 
     methods.check_config(cfg)
     check_model(cfg.model)
-    if cfg.judge not in ("heuristic", "keyword"):
+    if cfg.judge not in OFFLINE_JUDGES:
         kind, sep, target = cfg.judge.partition(":")
-        known = ["heuristic", "keyword", *(f"{k}:MODEL" for k in GUARD_KINDS)]
+        known = [*OFFLINE_JUDGES, *(f"{k}:MODEL" for k in GUARD_KINDS)]
         check_hub_name(target if sep and kind in GUARD_KINDS else cfg.judge, known=known, what="judge")
     fields = ("harmful_source", "benign_source", *(("eval_overrefusal",) if cfg.eval else ()))
     for field in fields[:2]:
