@@ -134,3 +134,24 @@ def test_adding_a_teacher_is_a_class_and_a_table_row(tiny_dir, tmp_path, monkeyp
     (teacher,) = built
     assert type(teacher) is HarmfulContextEverywhere
     assert teacher.contexts["benign"] == teacher.contexts["harmful"] != ""
+
+
+def test_a_run_dir_saved_before_method_existed_resumes(tiny_dir, tmp_path, monkeypatch):
+    """An interrupted safesteer-context run whose config.yaml has no `method:` (written before the
+    field existed: OPSA's preparation, inferred from teacher=context) resumes to the end."""
+    import yaml
+
+    from helpers import train_until_killed
+
+    sources = write_sources(tmp_path / "data")
+    settings = {"steps": 2, "rollouts_per_prompt": 2, "n_benign": 0, "steer_prompts": 3}
+    settings |= {"safety_token_prompts": 2, "safety_tokens_k": 8, "diagnostics_every": 0}
+    cfg = load_config("safesteer-context", overrides=run_settings(tiny_dir, sources, **settings))
+    out = tmp_path / "run"
+    train_until_killed(cfg, out, monkeypatch, at_call=2)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["method"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    train(cfg, out, resume=True, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]

@@ -39,6 +39,7 @@ from .losses.divergence import masked_mean, token_stats
 from .losses.masks import TOKEN_MASKS
 from .losses.objectives import OBJECTIVES, Scored, sampling_temperature, tempered, token_logprobs
 from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
+from .teachers import TEACHERS
 from .teachers.base import FrozenBase, Item, Teacher
 
 
@@ -318,7 +319,6 @@ def preflight(cfg: RunConfig) -> None:
     from .data.sources import check_trainable, load_prompts
     from .eval.judging import GUARD_KINDS, OFFLINE_JUDGES
     from .models import check_hub_name, check_model
-    from .teachers.context import check_context, load_contexts
 
     methods.check_config(cfg)
     check_model(cfg.model)
@@ -332,18 +332,31 @@ def preflight(cfg: RunConfig) -> None:
             check_trainable(getattr(cfg, field))
         except UserError as e:
             raise UserError(f"config field '{field}': {e}") from None
-    contexts = ("context", "benign_context") if cfg.teacher == "context" else ()
-    if cfg.cold_start == "cross_sft":
-        contexts += ("cross_sft_seed_context",)
-    if contexts:
-        library = load_contexts(cfg.contexts)
-        for field in contexts:
-            check_context(field, getattr(cfg, field), library)
+    teacher, method = TEACHERS[cfg.teacher], methods.METHODS[cfg.method]
+    if teacher.preflight:  # e.g. the context teacher's context ids
+        teacher.preflight(cfg.section("teacher"))
+    if method.preflight:  # e.g. COPSD's seed context id
+        method.preflight(**sections_of(cfg, method))
     for field in fields:
         try:
             load_prompts(getattr(cfg, field))
         except UserError as e:
             raise UserError(f"config field '{field}': {e}") from None
+
+
+def sections_of(cfg: RunConfig, method: methods.Method) -> dict:
+    """The config sections a METHODS row names, by name, as its prepare and preflight take them."""
+    return {name: cfg.section(name) for name in method.sections}
+
+
+def prepare_method(cfg: RunConfig, setup: methods.Setup) -> methods.Prepared:
+    """The method's own preparation (before LoRA is added) with the sections its row names, then
+    the vocabulary mask's ids for an on-policy run."""
+    method = methods.METHODS[cfg.method]
+    prepared = method.prepare(setup, **sections_of(cfg, method))
+    if cfg.trainer != "onpolicy":
+        return prepared
+    return methods.add_vocab_mask(cfg.vocab_mask, setup, cfg.section("steering"), cfg.section("teacher"), prepared)
 
 
 def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
@@ -519,7 +532,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     with procs.main_first():  # process 0 writes the caches (flip rates, targets) the others read
         splits = TrainSplits(cfg.harmful_source, cfg.benign_source, cfg.split_seed, manifest)
         setup = methods.Setup(model, tok, judge, manifest, out, splits, cfg.seed, cfg.model, cfg.judge, progress)
-        prepared = methods.prepare(cfg, setup)
+        prepared = prepare_method(cfg, setup)
     if procs.is_main:
         write_json(out / "manifest.json", manifest.to_list())
     if cfg.lora:

@@ -33,6 +33,7 @@ class Method:
     targets: tuple[str, ...] = ()  # sft: the `targets` it trains on
     files: tuple[str, ...] = ()  # what its preparation writes in the run directory
     report: tuple[Callable[[Path], list[str]], ...] = ()  # its sections of report.md (each [] without its file)
+    preflight: Callable[..., None] | None = None  # (**sections) -> None; raises before anything is written
 
 
 METHODS: dict[str, Method] = {
@@ -62,6 +63,7 @@ METHODS: dict[str, Method] = {
         ("constitution", "calibrated"),
         files=(*context_search.FILES, *cross_sft.FILES),
         report=(cross_sft.crossed_section, context_search.flip_rate_section),
+        preflight=copsd.preflight,
     ),
     "sft": Method("SFT on fixed demonstrations", "sft", sft.prepare, ("data",), (), ("demonstrations",)),
     "dgr": Method(
@@ -115,16 +117,6 @@ VOCAB_IDS_REPORT = steering_search.steering_section
 
 def method_name(run: RunSettings) -> str:
     return run.method
-
-
-def prepare(cfg: RunConfig, setup: Setup) -> Prepared:
-    """The method's own preparation (before LoRA is added) with the sections its row names, then
-    the vocabulary mask's ids."""
-    row = METHODS[cfg.method]
-    prepared = row.prepare(setup, **{name: cfg.section(name) for name in row.sections})
-    if cfg.trainer != "onpolicy":
-        return prepared
-    return add_vocab_mask(cfg.vocab_mask, setup, cfg.section("steering"), cfg.section("teacher"), prepared)
 
 
 def make_teacher(teacher: str, base, tok, prepared: Prepared) -> Teacher:
@@ -200,3 +192,18 @@ def _combinations(c: RunConfig, method: Method, teacher: TeacherKind) -> list[tu
             f"is not what method={c.method} trains on (it takes: {', '.join(method.targets)})",
         ),
     ]
+
+
+__all__ = [
+    "METHODS",
+    "PLUG_TABLES",
+    "Method",
+    "Prepared",
+    "Setup",
+    "add_vocab_mask",
+    "check_config",
+    "make_teacher",
+    "method_name",
+    "prepared_files",
+    "report_sections",
+]

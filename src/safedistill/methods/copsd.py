@@ -7,7 +7,14 @@ from __future__ import annotations
 from ..config import CopsdSettings, DataSettings, OptimSettings, RolloutSettings, TeacherSettings
 from ..methods.cross_sft import CrossSFT, calibrated_model
 from ..teachers.constitution import load_constitution
+from ..teachers.context import check_context, load_contexts
 from .base import Prepared, Setup, training_items
+
+
+def preflight(teacher: TeacherSettings, copsd: CopsdSettings, **_sections) -> None:
+    """The Cross-SFT seed context is an id of the library, auto or literal text."""
+    if copsd.cold_start == "cross_sft":
+        check_context("cross_sft_seed_context", copsd.cross_sft_seed_context, load_contexts(teacher.contexts))
 
 
 def prepare(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .base import FrozenBase, FrozenModel, Item, PromptedTeacher, Teacher
 from .constitution import ConstitutionTeacher, constitution_teacher
-from .context import ContextTeacher
+from .context import ContextTeacher, check_contexts
 from .steering import SteeringTeacher
 
 
@@ -27,11 +27,17 @@ class TeacherKind:
     targets: tuple[str, ...]  # sft `targets` it can serve
     factory: Callable[..., Teacher] | None = None  # (frozen base, tok, **inputs) -> Teacher
     inputs: tuple[str, ...] = ()  # what the factory takes that a method prepares (METHODS rows' `gives`)
+    preflight: Callable[..., None] | None = None  # (teacher section) -> None; raises before anything is written
 
 
 TEACHERS: dict[str, TeacherKind] = {
     "context": TeacherKind(
-        "the base model with a privileged system context (OPSA)", True, ("teacher",), ContextTeacher, ("contexts",)
+        "the base model with a privileged system context (OPSA)",
+        True,
+        ("teacher",),
+        ContextTeacher,
+        ("contexts",),
+        check_contexts,
     ),
     "steering": TeacherKind(
         "the base model with a refusal direction added at one layer (SafeSteer)",

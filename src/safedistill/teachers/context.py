@@ -10,11 +10,15 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.sources import builtin_bytes, read_jsonl
 from ..errors import UserError
 from ..models import chat_text
 from .base import Item, PrefixTeacher
+
+if TYPE_CHECKING:
+    from ..config import TeacherSettings
 
 
 class ContextTeacher(PrefixTeacher):
@@ -61,6 +65,14 @@ def check_context(field: str, spec: str | None, library: Sequence[dict]) -> None
         f"config field '{field}': {spec!r} is not a context id ({ids[0]} ... {ids[-1]}); {hint}"
         "literal context text needs more than one word"
     )
+
+
+def check_contexts(teacher: TeacherSettings) -> None:
+    """TEACHERS["context"]'s preflight: `context` and `benign_context` are ids of the library, auto
+    or literal text, checked before anything is written."""
+    library = load_contexts(teacher.contexts)
+    for field in ("context", "benign_context"):
+        check_context(field, getattr(teacher, field), library)
 
 
 def context_text(spec: str | None, library: Sequence[dict]) -> str | None:
