@@ -184,7 +184,8 @@ def _combinations(c: RunConfig, method: Method, teacher: TeacherKind) -> list[tu
         (
             set(teacher.inputs) <= set(method.gives),
             "teacher",
-            f"needs {', '.join(teacher.inputs)}, which method={c.method} does not prepare",
+            f"needs {', '.join(teacher.inputs)}, which method={c.method} does not prepare "
+            f"(method: {' | '.join(n for n, m in METHODS.items() if set(teacher.inputs) <= set(m.gives))} does)",
         ),
         (
             c.trainer != "sft" or c.targets in method.targets,
