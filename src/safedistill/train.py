@@ -122,11 +122,16 @@ class KLByPosition:
         self.sum[:width] += (reverse_kl * mask)[:, :width].sum(0).cpu()
         self.count[:width] += mask[:, :width].sum(0).cpu()
 
-    def mean(self) -> list[float]:
-        return (self.sum / self.count.clamp(min=1)).tolist()
-
     def state(self) -> dict:
         return {"kl_sum": self.sum.tolist(), "kl_count": self.count.tolist()}
+
+    @staticmethod
+    def mean_of(state: dict) -> list[float] | None:
+        """The per-position means a step's state() holds, or None when it tracks none."""
+        if "kl_sum" not in state:
+            return None
+        total, count = torch.tensor(state["kl_sum"]), torch.tensor(state["kl_count"])
+        return (total / count.clamp(min=1)).tolist()
 
     def load(self, state: dict) -> None:
         if "kl_sum" in state:
@@ -278,9 +283,6 @@ class OnPolicyStep:
             "teacher_entropy": float(masked_mean(stats["teacher_entropy"], mask)),
             "rollout_distinct_2": text_stats([r.text for r in rollouts], [len(r) for r in s.responses])["distinct_2"],
         }
-
-    def kl_by_position(self) -> list[float]:
-        return self.kl.mean()
 
 
 def make_scheduler(optimizer, cfg: RunConfig):
@@ -656,8 +658,9 @@ def finish(
     reported; a run that ended degenerate says so on stderr and in the report."""
     from .report.report import run_report
 
-    if isinstance(step_fn, OnPolicyStep):
-        write_json(out / "kl_by_position.json", step_fn.kl_by_position())
+    kl = KLByPosition.mean_of(step_fn.state())  # the step kinds that track it carry it in their state
+    if kl is not None:
+        write_json(out / "kl_by_position.json", kl)
     model.eval()
     if not (out / "final").exists():
         console.say(f"saving the trained model to {out / 'final'}")
