@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import run_settings, write_sources
-from safedistill.report.report import before_after, before_after_section, eval_report, read_items, safety_tax
+from safedistill.report.report import before_after, before_after_section, capability_tax, eval_report, read_items
 
 
 def fake_eval(refusal: float, capability: float) -> dict:
@@ -114,6 +114,22 @@ def test_report_of_a_model_against_itself_finds_no_difference_anywhere(tmp_path)
     assert "not distinguishable" in text.split("**Safety tax**")[1].split("\n")[0]
     assert "not checked" in text  # EVAL carries no judge_agreement
     assert "n per axis: safety 60 · overrefusal 50 · capability/hellaswag 100" in text
+
+
+def safety_tax(base: dict, final: dict, base_items=None, final_items=None) -> dict | None:
+    """{tax, lo, hi, n, significant, mde} for base - trained capability; None without per-item values."""
+    tax = capability_tax(base, final, base_items, final_items)
+    if tax is None or not tax["stats"]["n"]:
+        return None
+    r = tax["stats"]
+    return {
+        "tax": -r["diff"],
+        "lo": -r["hi"],
+        "hi": -r["lo"],
+        "n": r["n"],
+        "mde": r["mde"],
+        "significant": r["significant"],
+    }
 
 
 def test_report_names_a_clear_change_and_the_safety_tax_it_cost(tmp_path):

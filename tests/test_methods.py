@@ -5,7 +5,7 @@ import math
 
 from helpers import run_settings, write_sources
 from safedistill.config import FIELDS, load_config
-from safedistill.methods import METHODS, method_name
+from safedistill.methods import METHODS
 from safedistill.train import train
 
 
@@ -13,13 +13,13 @@ def test_every_preset_resolves_to_a_method():
     from safedistill.config import preset_names
 
     overrides = {"external-kd": ["external_model=x"]}
-    names = {method_name(load_config(p, overrides=overrides.get(p, []))) for p in preset_names()}
+    names = {load_config(p, overrides=overrides.get(p, [])).method for p in preset_names()}
     assert names == set(METHODS)
 
 
 def test_sampled_opsa_is_opsa_with_the_sampled_divergence_and_trains(tiny_dir, tmp_path):
     sampled, opsa = load_config("sampled-opsa"), load_config("opsa")
-    assert method_name(sampled) == "opsa" and sampled.base == "opsa"
+    assert sampled.method == "opsa" and sampled.base == "opsa"
     assert {k for k in FIELDS if getattr(sampled, k) != getattr(opsa, k)} == {"preset", "base", "divergence"}
     sources = write_sources(tmp_path / "data")
     cfg = load_config("sampled-opsa", overrides=run_settings(tiny_dir, sources, steps=2, diagnostics_every=0))

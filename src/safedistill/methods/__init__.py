@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig, RunSettings, problems
+from ..config import RunConfig, problems
 from ..engine.backends import ROLLOUT_BACKENDS
 from ..errors import UserError
 from ..eval.evaluate import EvalSettings, capability_basket, generalization_styles
@@ -115,10 +115,6 @@ VOCAB_IDS_FILES = steering_search.FILES
 VOCAB_IDS_REPORT = steering_search.steering_section
 
 
-def method_name(run: RunSettings) -> str:
-    return run.method
-
-
 def make_teacher(teacher: str, base, tok, prepared: Prepared) -> Teacher:
     """The run's teacher: its TEACHERS row's factory over the frozen base and what the method prepared."""
     return TEACHERS[teacher].factory(base, tok, **prepared.teacher)
@@ -142,6 +138,9 @@ def report_sections(method: str, vocab_mask: str, out: Path) -> list[str]:
 def check_config(cfg: RunConfig) -> None:
     """What the plug-point tables rule out, and the eval's fields, checked once before anything
     is written or loaded (train.preflight; the CLI right after reading a config)."""
+    for name, table in PLUG_TABLES.items():  # a config built in code, not read from YAML, is checked too
+        if getattr(cfg, name) not in table:
+            raise UserError(f"config field '{name}' must be one of {sorted(table)}, got {getattr(cfg, name)!r}")
     problems(cfg, _combinations(cfg, METHODS[cfg.method], TEACHERS[cfg.teacher]))
     for name, check in (
         ("capability", lambda: capability_basket(EvalSettings(capability=cfg.capability))),
@@ -204,7 +203,6 @@ __all__ = [
     "add_vocab_mask",
     "check_config",
     "make_teacher",
-    "method_name",
     "prepared_files",
     "report_sections",
 ]

@@ -356,22 +356,6 @@ def safety_tax_line(
     )
 
 
-def safety_tax(base: dict, final: dict, base_items=None, final_items=None) -> dict | None:
-    """{tax, lo, hi, n, significant, mde} for base - trained capability; None without per-item values."""
-    tax = capability_tax(base, final, base_items, final_items)
-    if tax is None or not tax["stats"]["n"]:
-        return None
-    r = tax["stats"]
-    return {
-        "tax": -r["diff"],
-        "lo": -r["hi"],
-        "hi": -r["lo"],
-        "n": r["n"],
-        "mde": r["mde"],
-        "significant": r["significant"],
-    }
-
-
 def n_per_axis(items: list[dict] | None, results: dict | None) -> str:
     if items:
         counts: dict[str, int] = {}
