@@ -155,3 +155,36 @@ def test_a_run_dir_saved_before_method_existed_resumes(tiny_dir, tmp_path, monke
     train(cfg, out, resume=True, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_adding_a_method_with_its_own_step_is_a_module_and_a_row(tiny_dir, tmp_path, monkeypatch):
+    """A newcomer's method (here: SFT on one fixed refusal per harmful training prompt, its own
+    step writing refusals.json) is a prepare function and a METHODS row naming its sections, its
+    files and its report section; train.py and report.py are not touched. (A real one adds its
+    name to config.MethodName and a preset.)"""
+    from dataclasses import replace
+
+    from safedistill.data.schema import Demonstration
+    from safedistill.files import write_json
+    from safedistill.methods import Method, Prepared, prepared_files
+    from safedistill.methods.base import training_items
+
+    def prepare(s, data):
+        items = [it for it in training_items(data, s.splits, s.seed) if it.group == "harmful"]
+        targets = [Demonstration(it.prompt, "I can't help with that.", it.id) for it in items]
+        write_json(s.out / "refusals.json", [t.id for t in targets])
+        return Prepared(targets=targets)
+
+    def section(out):
+        return [f"## Fixed refusals: {len(json.loads((out / 'refusals.json').read_text()))}", ""]
+
+    row = Method(
+        "SFT on a fixed refusal", "sft", prepare, ("data",), (), ("demonstrations",), ("refusals.json",), (section,)
+    )
+    monkeypatch.setitem(METHODS, "refuse", row)
+    assert "refusals.json" in prepared_files()
+    sources = write_sources(tmp_path / "data")
+    cfg = replace(load_config("sft", overrides=run_settings(tiny_dir, sources, steps=1)), method="refuse")
+    train(cfg, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "refusals.json").read_text())  # its own step ran
+    assert "## Fixed refusals: 4" in (tmp_path / "run" / "report.md").read_text()
