@@ -139,6 +139,12 @@ def assert_same_numbers(out: Path, reference: Path) -> None:
     assert w.keys() == ref.keys() and w
     for k in w:
         torch.testing.assert_close(w[k], ref[k], atol=ATOL, rtol=RTOL, msg=f"{out.name}: {k}")
+    rel = {
+        key: max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(ours, theirs, strict=True))
+        for key in ("loss", "grad_norm")
+    }
+    dw = max(float((w[k] - ref[k]).abs().max()) for k in w)
+    print(f"{out.name}: loss rel {rel['loss']:.1e}, grad norm rel {rel['grad_norm']:.1e}, weights max abs {dw:.1e}")
     for name in ("eval_base.json", "eval_final.json"):
         # Judgements, counts and texts exactly; figures computed from the weights (the
         # expressiveness axis's token entropy) to the same tolerance as the weights.
@@ -251,6 +257,7 @@ def test_a_nan_on_one_process_stops_both_with_exit_3(setting, tmp_path):
     errs = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [3, 3], errs[0][-2000:] + errs[1][-2000:]
     nan_at = float((tmp_path / "nan-at.txt").read_text())
+    print(f"both processes exited {max(ended.values()) - nan_at:.1f} s after the NaN")
     assert max(ended.values()) - nan_at < 30
     assert "training diverged at step 2" in errs[0] and "non-finite on another process" in errs[0]
     assert "training diverged at step 2: the loss is nan" in errs[1]
@@ -274,3 +281,14 @@ def test_merged_rollouts_are_refused_under_fsdp2():
 
     with pytest.raises(UserError, match="rollout_backend.*fsdp2"):
         load_config("opsa", overrides=["parallel=fsdp2", "rollout_backend=merged"])
+
+
+def test_resume_before_the_first_checkpoint_redoes_the_logged_steps(tiny_dir, tmp_path, monkeypatch):
+    """Steps logged but never checkpointed are dropped from metrics.jsonl and redone from step 1."""
+    cfg = load_config("opsa", overrides=run_settings(tiny_dir, write_sources(tmp_path / "data"), steps=3, save_every=3))
+    train_until_killed(cfg, tmp_path / "run", monkeypatch, at_call=3)
+    assert [r["step"] for r in steps(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    torch.set_num_threads(1)
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert [r["step"] for r in steps(tmp_path / "run")] == [1, 2, 3]

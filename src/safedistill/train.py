@@ -402,17 +402,19 @@ def checkpoint_to_resume(out: Path, procs: Processes) -> Path | None:
     return latest_checkpoint(out)
 
 
-def resume_from_checkpoint(out: Path, ckpt: Path, model, optimizer, scheduler, step_fn, procs) -> int:
-    """The step to start at: the checkpoint's (its weights are already in the model: they load
-    before DDP/FSDP2 wrap it; optimizer, scheduler, RNG and the step's state restored here, the
-    same on any number of processes). Metrics past the checkpoint belong to the step that was
-    lost; it is redone."""
-    state, meta = load_training_state(ckpt, scheduler=scheduler)
-    procs.load_optimizer_state(model, optimizer, state)
-    start = meta["step"]
-    # The saved step state is summed over processes: process 0 continues it, the others add to zero.
-    step_fn.load(meta["extra"] if procs.is_main else _zeroed(meta["extra"]))
-    console.say(f"resuming from {ckpt.name}")
+def resume_from_checkpoint(out: Path, ckpt: Path | None, model, optimizer, scheduler, step_fn, procs) -> int:
+    """The step to start at: 0, or the checkpoint's (its weights are already in the model: they
+    load before DDP/FSDP2 wrap it; optimizer, scheduler, RNG and the step's state restored here,
+    the same on any number of processes). Metrics past it belong to steps that were lost; they
+    are redone."""
+    start = 0
+    if ckpt is not None:
+        state, meta = load_training_state(ckpt, scheduler=scheduler)
+        procs.load_optimizer_state(model, optimizer, state)
+        start = meta["step"]
+        # The saved step state is summed over processes: process 0 continues it, the others add to zero.
+        step_fn.load(meta["extra"] if procs.is_main else _zeroed(meta["extra"]))
+        console.say(f"resuming from {ckpt.name}")
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists() and procs.is_main:
         kept = [row for row in read_log(metrics_path) if row["step"] <= start]
@@ -547,7 +549,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
-    start = resume_from_checkpoint(out, ckpt, student, optimizer, scheduler, step_fn, procs) if ckpt else 0
+    start = resume_from_checkpoint(out, ckpt, student, optimizer, scheduler, step_fn, procs) if resume else 0
     run_steps(cfg, out, student, step_fn, prepared.data, optimizer, scheduler, procs, start, started, progress)
     procs.barrier()
     model = final_model(cfg, student, procs)
