@@ -71,7 +71,15 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from .data.sources import load_prompts
-    from .eval.evaluate import EvalSettings, capability_basket, evaluate, generalization_styles, safety_token_ids
+    from .eval.drift import Reference, adapter_disabled
+    from .eval.evaluate import (
+        EvalSettings,
+        capability_basket,
+        evaluate,
+        generalization_styles,
+        parse_axes,
+        safety_token_ids,
+    )
     from .eval.judging import load_judge
     from .files import write_json, write_jsonl
     from .models import load_model, resolve_device
@@ -89,11 +97,13 @@ def _eval(args: argparse.Namespace) -> None:
         judge=args.judge,
         batch_size=args.batch_size,
         safety_tokens=args.safety_tokens,
+        axes=args.axes,
     )
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    generalization_styles(settings.generalization)  # bad input fails before the model is loaded
+    axes = parse_axes(settings.axes)  # bad input fails before the model is loaded
+    generalization_styles(settings.generalization)
     capability_basket(settings)
     for source in (args.harmful, args.overrefusal):
         load_prompts(source)
@@ -101,8 +111,17 @@ def _eval(args: argparse.Namespace) -> None:
         safety_token_ids(settings.safety_tokens)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     judge = load_judge(args.judge)
+    # Drift compares the adapter's model with the base: the same model with the adapter disabled.
+    reference = Reference(lambda: adapter_disabled(model)) if args.adapter and "drift" in axes else None
     results, generations = evaluate(
-        model, tok, judge, settings, model_name=args.model, adapter=args.adapter, progress=not args.quiet
+        model,
+        tok,
+        judge,
+        settings,
+        model_name=args.model,
+        adapter=args.adapter,
+        progress=not args.quiet,
+        reference=reference,
     )
     write_jsonl(out / "generations.jsonl", generations)
     write_json(out / "eval.json", results)
@@ -352,6 +371,12 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
         help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
     )
     e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    e.add_argument(
+        "--axes",
+        default="all",
+        help="all, or a comma-separated subset of safety, generalization, jailbreak, overrefusal, capability, "
+        "expressiveness, drift (drift needs --adapter: KL of the adapted model from the base)",
+    )
     e.add_argument(
         "--safety-tokens",
         help="a `safedistill steer` output dir: also report the model's probability mass on its S along the "

@@ -252,6 +252,11 @@ class EvalSection:
     )
     eval_generalization: str = opt("past_tense,hypothetical", 'rephrasings of the held-out harmful prompts ("": none)')
     judge: str = opt("heuristic", "the safety judge (safedistill judge-check validates it)")
+    eval_axes: str = opt(
+        "all",
+        "eval axes: all | comma-separated subset of safety, generalization, jailbreak, overrefusal, capability, "
+        "expressiveness, drift (drift: the final eval's KL from the base, eval/drift.py)",
+    )
     diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
 

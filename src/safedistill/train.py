@@ -32,7 +32,8 @@ from .engine.scoring import response_logits
 from .engine.sft import SFTStep
 from .errors import RunDiverged, UserError
 from .eval.diagnostics import CollapseProbe, text_stats
-from .eval.evaluate import EvalSettings, evaluate
+from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base
+from .eval.evaluate import EvalSettings, evaluate, parse_axes
 from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
 from .losses.divergence import masked_mean, token_stats
@@ -55,11 +56,20 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
         split_seed=cfg.split_seed,
         judge=cfg.judge,
         safety_tokens=cfg.steer_from,
+        axes=cfg.eval_axes,
     )
 
 
 def run_eval(
-    model, tok, cfg: RunConfig, out: Path, name: str, adapter_note: str | None, *, progress: bool = True
+    model,
+    tok,
+    cfg: RunConfig,
+    out: Path,
+    name: str,
+    adapter_note: str | None,
+    *,
+    progress: bool = True,
+    reference: Reference | None = None,
 ) -> dict:
     path = out / f"eval_{name}.json"
     if path.exists():
@@ -77,6 +87,7 @@ def run_eval(
         model_name=cfg.model,
         adapter=adapter_note,
         progress=progress,
+        reference=reference,
     )
     write_jsonl(out / f"generations_{name}.jsonl", generations)
     faults.point(f"{name}-eval")
@@ -653,6 +664,23 @@ def _diverged(e: RunDiverged, cfg: RunConfig, out: Path, procs: Processes) -> Ru
     return RunDiverged(e.step, e.reason, hint, from_weights=e.from_weights)
 
 
+def drift_reference(cfg: RunConfig, out: Path, model) -> Reference:
+    """The base for the final eval's drift axis: with LoRA the trained model with its adapter
+    disabled, else the base loaded once from cfg.model; the base's answers from generations_base.jsonl."""
+    from .report.report import read_items
+
+    answers = answers_from(read_items(out / "generations_base.jsonl") or [])
+    if cfg.lora:
+        return Reference(lambda: adapter_disabled(model), answers)
+    device = next(model.parameters()).device
+    return Reference(loaded_base(lambda: load_model(cfg.model, device=device)[0]), answers)
+
+
+def merged_in_place(model):
+    model.merge_adapter()
+    return model
+
+
 def finish(
     cfg: RunConfig, out: Path, model, tok, step_fn, base_eval: dict | None, progress: bool, vocab_size: int
 ) -> dict:
@@ -668,10 +696,15 @@ def finish(
         console.say(f"saving the trained model to {out / 'final'}")
         save_model(model, tok, out / "final")
     faults.point("final-save")
-    if cfg.lora:
-        model = model.merge_and_unload()
+    reference = drift_reference(cfg, out, model) if cfg.eval and "drift" in parse_axes(cfg.eval_axes) else None
+    if cfg.lora:  # merged for evaluation speed; kept as a PEFT model when drift disables the adapter
+        model = model.merge_and_unload() if reference is None else merged_in_place(model)
     adapter_note = str(out / "final") if cfg.lora else None
-    final_eval = run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress) if cfg.eval else None
+    final_eval = (
+        run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress, reference=reference)
+        if cfg.eval
+        else None
+    )
     sections = methods.report_sections(cfg.method, cfg.vocab_mask, out)
     report = run_report(out, cfg.section("run"), base_eval, final_eval, sections)
     degenerate = degeneration(read_log(out / "metrics.jsonl"), vocab_size, cfg.diverge_entropy)

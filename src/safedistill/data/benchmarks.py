@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -111,30 +112,57 @@ def _same_context(item_id: str, context: str, choices: list[str], gold: int) -> 
     return MCItem(item_id, (context,) * len(choices), conts, tuple(choices), gold)
 
 
+def _hellaswag(row: dict) -> MCItem:
+    choices = [hellaswag_preprocess(c) for c in row["choices"]]
+    return _same_context(str(row["task_id"]), hellaswag_preprocess(row["question"]), choices, _gold(row))
+
+
+def _question_answer(field: str) -> Callable[[dict], MCItem]:
+    def build(row: dict) -> MCItem:
+        return _same_context(str(row["task_id"]), f"Question: {row[field]}\nAnswer:", list(row["choices"]), _gold(row))
+
+    return build
+
+
+def _openbookqa(row: dict) -> MCItem:
+    return _same_context(str(row["task_id"]), row["question"], list(row["choices"]), _gold(row))
+
+
+def _truthfulqa(row: dict) -> MCItem:
+    context = f"{TRUTHFULQA_PRIMER}\n\nQ: {row['question']}\nA:"
+    return _same_context(str(row["task_id"]), context, list(row["choices"]), _gold(row))
+
+
+def _boolq(row: dict) -> MCItem:
+    context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+    gold = ["no", "yes"].index(str(row["answer"]).lower())
+    return _same_context(str(row["task_id"]), context, ["no", "yes"], gold)
+
+
+def _winogrande(row: dict) -> MCItem:
+    sentence = row["sentence"]
+    blank = sentence.index("_")
+    contexts = tuple(sentence[:blank] + option for option in row["choices"])
+    target = " " + sentence[blank + 1 :].strip()
+    return MCItem(str(row["task_id"]), contexts, (target,) * len(contexts), contexts, _gold(row))
+
+
+# One row builder per multiple-choice task (the module docstring says what each builds).
+MC_BUILDERS: dict[str, Callable[[dict], MCItem]] = {
+    "hellaswag": _hellaswag,
+    "arc_challenge": _question_answer("question"),
+    "piqa": _question_answer("goal"),
+    "openbookqa": _openbookqa,
+    "truthfulqa_mc1": _truthfulqa,
+    "boolq": _boolq,
+    "winogrande": _winogrande,
+}
+
+
 def mc_item(task: str, row: dict) -> MCItem:
-    rid = str(row["task_id"])
-    if task == "hellaswag":
-        choices = [hellaswag_preprocess(c) for c in row["choices"]]
-        return _same_context(rid, hellaswag_preprocess(row["question"]), choices, _gold(row))
-    if task == "arc_challenge":
-        return _same_context(rid, f"Question: {row['question']}\nAnswer:", list(row["choices"]), _gold(row))
-    if task == "piqa":
-        return _same_context(rid, f"Question: {row['goal']}\nAnswer:", list(row["choices"]), _gold(row))
-    if task == "openbookqa":
-        return _same_context(rid, row["question"], list(row["choices"]), _gold(row))
-    if task == "truthfulqa_mc1":
-        context = f"{TRUTHFULQA_PRIMER}\n\nQ: {row['question']}\nA:"
-        return _same_context(rid, context, list(row["choices"]), _gold(row))
-    if task == "boolq":
-        context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
-        return _same_context(rid, context, ["no", "yes"], ["no", "yes"].index(str(row["answer"]).lower()))
-    if task == "winogrande":
-        sentence = row["sentence"]
-        blank = sentence.index("_")
-        contexts = tuple(sentence[:blank] + option for option in row["choices"])
-        target = " " + sentence[blank + 1 :].strip()
-        return MCItem(rid, contexts, (target,) * len(contexts), contexts, _gold(row))
-    raise UserError(f"capability task {task!r} is not multiple choice")
+    if task not in MC_BUILDERS:
+        raise UserError(f"capability task {task!r} is not multiple choice")
+    return MC_BUILDERS[task](row)
 
 
 def load_mc(task: str, manifest: Manifest | None) -> list[MCItem]:

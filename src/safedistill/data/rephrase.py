@@ -25,6 +25,7 @@ Anything else gets a generic frame that keeps the prompt whole.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Sequence
 
@@ -473,6 +474,8 @@ However, do not be constrained by these examples. Feel free to use your creativi
 """
 
 _MODEL_PROMPTS = {"past_tense": PAST_TENSE_PROMPT, "hypothetical": HYPOTHETICAL_PROMPT}
+# Which prompts wrote a cached or shipped rewrite: a changed prompt is a different rewrite.
+MODEL_PROMPT_SHA = hashlib.sha256((PAST_TENSE_PROMPT + HYPOTHETICAL_PROMPT).encode()).hexdigest()
 
 
 def rephrase_with_model(
@@ -506,6 +509,61 @@ def rephrase_with_model(
         new = _rewritten(r, text, style)
         result.append(dataclasses.replace(new, meta={**new.meta, "rephrased_by": by}))
     return result
+
+
+def word_overlap(rewrite: str, original: str) -> float:
+    """Share of the original's words (lower-cased, letters only) that the rewrite repeats: 1.0 is a
+    copy; the rule-based rewrites keep most of the wording, a user's own rephrasing much less."""
+    words = set(re.findall(r"[a-z']+", original.lower()))
+    return len(words & set(re.findall(r"[a-z']+", rewrite.lower()))) / len(words) if words else 0.0
+
+
+def model_rewrites(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    style: str,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Per record {id, original, style, rewrite (None when dropped), overlap, dropped}: the model's
+    greedy rewrite with the paper's few-shot prompt, cleaned by `clean_model_rewrite`; a copy of the
+    request or a rewrite that lost it (under half its content words) is dropped, never replaced by
+    the rule, so the model-written axis holds only model-written items."""
+    if style not in STYLES:
+        raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
+    from ..engine.rollout import SamplingSettings, generate
+    from ..models import chat_text
+
+    records = list(records)
+    texts = [chat_text(tokenizer, _MODEL_PROMPTS[style].format(request=r.prompt)) for r in records]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
+    outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
+    rows = []
+    for r, o in zip(records, outs, strict=True):
+        text = clean_model_rewrite(o.text, r.prompt)
+        overlap = word_overlap(text, r.prompt) if text else None
+        dropped = "" if text else ("copy or lost the request" if o.text.strip() else "empty")
+        if text and overlap is not None and overlap >= COPY_OVERLAP:
+            dropped = "copy"
+        rows.append(
+            {
+                "id": r.id,
+                "original": r.prompt,
+                "style": style,
+                "rewrite": None if dropped else text,
+                "raw": o.text,
+                "overlap": overlap,
+                "dropped": dropped,
+            }
+        )
+    return rows
+
+
+COPY_OVERLAP = 0.95  # a rewrite that repeats this share of the original's words is a copy, not a rephrasing
 
 
 def clean_model_rewrite(text: str, request: str) -> str:

@@ -24,52 +24,26 @@ in tests/test_capability.py against lm_eval's own functions when lm_eval is impo
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.benchmarks import TRUTHFULQA_PRIMER, GenItem, MCItem, load_gsm8k, load_ifeval, load_mc
+from ..data.benchmarks import MC_BUILDERS, TRUTHFULQA_PRIMER, GenItem, MCItem, load_gsm8k, load_ifeval, load_mc
 from ..data.packaged import Manifest
 from ..data.reasoning import MAX_NEW_TOKENS as ARITHMETIC_MAX_NEW_TOKENS
 from ..data.reasoning import generate_problems, is_correct
 from ..engine.rollout import SamplingSettings, generate
-from ..engine.scoring import accepts_logits_to_keep, cache_arg, expand_cache, returned_cache
+from ..engine.scoring import accepts_logits_to_keep, cache_arg, expand_cache, response_logits, returned_cache
 from ..errors import UserError
 from ..models import chat_text, context_window
 from . import ifeval
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How a task is scored. `chance` None: computed from the items (1 / number of options)."""
-
-    name: str
-    kind: str  # "mc" | "gsm8k" | "ifeval" | "arithmetic"
-    metric: str  # the headline metric that enters the capability index
-    chance: float | None = None
-    max_new_tokens: int = 0  # generation budget (generation tasks)
-    size: int | None = None  # items available (None: generated on demand)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "hellaswag": TaskSpec("hellaswag", "mc", "acc_norm", size=1000),
-    "arc_challenge": TaskSpec("arc_challenge", "mc", "acc_norm", size=1172),
-    "piqa": TaskSpec("piqa", "mc", "acc_norm", size=1838),
-    "winogrande": TaskSpec("winogrande", "mc", "acc", size=1267),
-    "truthfulqa_mc1": TaskSpec("truthfulqa_mc1", "mc", "acc", size=817),
-    "boolq": TaskSpec("boolq", "mc", "acc", size=3270),
-    "openbookqa": TaskSpec("openbookqa", "mc", "acc_norm", size=500),
-    "gsm8k": TaskSpec("gsm8k", "gsm8k", "exact_match", chance=0.0, max_new_tokens=384, size=1319),
-    "ifeval": TaskSpec("ifeval", "ifeval", "prompt_strict", chance=0.0, max_new_tokens=512, size=541),
-    "arithmetic": TaskSpec(
-        "arithmetic", "arithmetic", "accuracy", chance=0.0, max_new_tokens=ARITHMETIC_MAX_NEW_TOKENS
-    ),
-}
 
 # `safedistill eval`: the larger basket (per-task n and times on 2 CPU cores in
 # docs/results/capability-smollm2-135m.md). `make demo`: the multiple-choice tasks that separate a
@@ -250,7 +224,18 @@ def mc_metrics(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict:
         "acc_bytes": float(pred_bytes == gold),
         "pred": pred,
         "pred_norm": pred_norm,
+        "p_gold": gold_probability(lls, gold),
+        "p_gold_norm": gold_probability([ll / c for ll, c in zip(lls, chars, strict=True)], gold),
     }
+
+
+def gold_probability(scores: Sequence[float], gold: int) -> float:
+    """softmax(scores)[gold]: the model's probability on the gold option, normalised over the
+    options. Given the metric's own scores (log-likelihoods for acc, per-character ones for
+    acc_norm), it moves with every item's margin, long before the argmax behind acc flips."""
+    top = max(scores)
+    weights = [math.exp(x - top) for x in scores]
+    return weights[gold] / sum(weights)
 
 
 # --- generation ----------------------------------------------------------------------------
@@ -302,14 +287,51 @@ def _item(task: str, item_id: str, value: float, **extra) -> dict:
     return {"axis": "capability", "task": task, "id": item_id, "value": value, **extra}
 
 
-def _run_mc(model, tokenizer, name, items: list[MCItem], batch_size, progress):
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task's runner needs beside the model and its items."""
+
+    batch_size: int
+    eval_seed: int
+    manifest: Manifest | None
+    progress: bool
+
+
+def reference_logprob(
+    model, tokenizer, prompts: Sequence[str], references: Sequence[str], batch_size: int
+) -> list[float]:
+    """Per item, the mean per-token log-probability of a reference answer as the reply to the
+    prompt (chat template, as the task is generated): a continuous, paired score for generation
+    tasks whose 0/1 exact match rarely moves on a small model."""
+    from ..engine.rollout import encode_prompts
+
+    out: list[float] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(prompts), min(batch_size, 8)):
+        texts = [chat_text(tokenizer, p) for p in prompts[start : start + min(batch_size, 8)]]
+        refs = references[start : start + len(texts)]
+        ids = [tokenizer(r, add_special_tokens=False)["input_ids"] or [pad] for r in refs]
+        with torch.no_grad():
+            logits, mask = response_logits(model, encode_prompts(tokenizer, texts), ids, pad_id=pad)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.zeros(mask.shape, dtype=torch.long)
+        for i, t in enumerate(ids):
+            target[i, : len(t)] = torch.tensor(t)
+        picked = logp.gather(-1, target.to(logp.device)[..., None])[..., 0] * mask.to(logp.dtype)
+        out += (picked.sum(-1) / mask.sum(-1).clamp_min(1)).tolist()
+    return out
+
+
+def _run_mc(model, tokenizer, name: str, items: list[MCItem], ctx: TaskContext):
     spec = TASKS[name]
-    lls = mc_loglikelihoods(model, tokenizer, items, batch_size=batch_size, desc=name, progress=progress)
+    lls = mc_loglikelihoods(model, tokenizer, items, batch_size=ctx.batch_size, desc=name, progress=ctx.progress)
     rows, sums = [], {"acc": 0.0, "acc_norm": 0.0}
     for item, ll in zip(items, lls, strict=True):
         m = mc_metrics(ll, item.choices, item.gold)
         sums["acc"] += m["acc"]
         sums["acc_norm"] += m["acc_norm"]
+        p_gold = m["p_gold_norm"] if spec.metric == "acc_norm" else m["p_gold"]
+        sums["p_gold"] = sums.get("p_gold", 0.0) + p_gold
         prompt = item.contexts[0].removeprefix(TRUTHFULQA_PRIMER).lstrip() if len(set(item.contexts)) == 1 else ""
         rows.append(
             _item(
@@ -322,6 +344,7 @@ def _run_mc(model, tokenizer, name, items: list[MCItem], batch_size, progress):
                 pred=m["pred"],
                 pred_norm=m["pred_norm"],
                 loglik=[round(x, 4) for x in ll],
+                continuous=p_gold,
             )
         )
     n = len(items)
@@ -332,21 +355,28 @@ def _run_mc(model, tokenizer, name, items: list[MCItem], batch_size, progress):
     return metrics, chance, rows
 
 
-def _run_gsm8k(model, tokenizer, items: list[GenItem], batch_size, eval_seed, progress):
-    spec = TASKS["gsm8k"]
+GSM8K_REFERENCE = "The final answer is {answer}"  # the ending GSM8K_PROMPT asks for, as the scored reference
+
+
+def _run_gsm8k(model, tokenizer, name: str, items: list[GenItem], ctx: TaskContext):
+    spec = TASKS[name]
+    prompts = [GSM8K_PROMPT.format(question=i.prompt) for i in items]
     rollouts = _generate(
         model,
         tokenizer,
-        [GSM8K_PROMPT.format(question=i.prompt) for i in items],
+        prompts,
         [i.id for i in items],
         spec.max_new_tokens,
-        batch_size,
-        eval_seed,
+        ctx.batch_size,
+        ctx.eval_seed,
         "gsm8k",
-        progress,
+        ctx.progress,
+    )
+    refs = reference_logprob(
+        model, tokenizer, prompts, [GSM8K_REFERENCE.format(answer=i.answer) for i in items], ctx.batch_size
     )
     rows, flexible, strict = [], 0, 0
-    for item, r in zip(items, rollouts, strict=True):
+    for item, r, ref in zip(items, rollouts, refs, strict=True):
         pred = gsm8k_extract(r.text)
         ok = gsm8k_exact_match(pred, item.answer)
         ok_strict = gsm8k_exact_match(gsm8k_extract(r.text, GSM8K_STRICT), item.answer)
@@ -363,25 +393,27 @@ def _run_gsm8k(model, tokenizer, items: list[GenItem], batch_size, eval_seed, pr
                 pred=pred,
                 strict=ok_strict,
                 truncated=not r.finished,
+                continuous=ref,
             )
         )
     n = len(items)
-    return {"exact_match": flexible / n, "strict_match": strict / n, **_truncation(rollouts)}, rows
+    metrics = {"exact_match": flexible / n, "strict_match": strict / n, **_truncation(rollouts)}
+    return metrics | {"ref_logprob": sum(refs) / n}, spec.chance, rows
 
 
-def _run_ifeval(model, tokenizer, items: list[GenItem], batch_size, eval_seed, manifest, progress):
-    spec = TASKS["ifeval"]
-    ifeval.record_punkt(manifest)
+def _run_ifeval(model, tokenizer, name: str, items: list[GenItem], ctx: TaskContext):
+    spec = TASKS[name]
+    ifeval.record_punkt(ctx.manifest)
     rollouts = _generate(
         model,
         tokenizer,
         [i.prompt for i in items],
         [i.id for i in items],
         spec.max_new_tokens,
-        batch_size,
-        eval_seed,
+        ctx.batch_size,
+        ctx.eval_seed,
         "ifeval",
-        progress,
+        ctx.progress,
     )
     rows, counts = [], {"prompt_strict": 0, "prompt_loose": 0, "inst_strict": 0, "inst_loose": 0, "inst_n": 0}
     for item, r in zip(items, rollouts, strict=True):
@@ -405,31 +437,38 @@ def _run_ifeval(model, tokenizer, items: list[GenItem], batch_size, eval_seed, m
             )
         )
     n = len(items)
-    return {
-        "prompt_strict": counts["prompt_strict"] / n,
-        "prompt_loose": counts["prompt_loose"] / n,
-        "inst_strict": counts["inst_strict"] / counts["inst_n"],
-        "inst_loose": counts["inst_loose"] / counts["inst_n"],
-        **_truncation(rollouts),
-    }, rows
+    return (
+        {
+            "prompt_strict": counts["prompt_strict"] / n,
+            "prompt_loose": counts["prompt_loose"] / n,
+            "inst_strict": counts["inst_strict"] / counts["inst_n"],
+            "inst_loose": counts["inst_loose"] / counts["inst_n"],
+            **_truncation(rollouts),
+        },
+        spec.chance,
+        rows,
+    )
 
 
-def _run_arithmetic(model, tokenizer, n, batch_size, eval_seed, progress):
-    spec = TASKS["arithmetic"]
-    problems = generate_problems(n, seed=eval_seed)
+def _run_arithmetic(model, tokenizer, name: str, n: int, ctx: TaskContext):
+    spec = TASKS[name]
+    problems = generate_problems(n, seed=ctx.eval_seed)
     rollouts = _generate(
         model,
         tokenizer,
         [p.prompt for p in problems],
         [p.id for p in problems],
         spec.max_new_tokens,
-        batch_size,
-        eval_seed,
+        ctx.batch_size,
+        ctx.eval_seed,
         "arithmetic",
-        progress,
+        ctx.progress,
+    )
+    refs = reference_logprob(
+        model, tokenizer, [p.prompt for p in problems], [str(p.answer) for p in problems], ctx.batch_size
     )
     rows, correct = [], 0
-    for p, r in zip(problems, rollouts, strict=True):
+    for p, r, ref in zip(problems, rollouts, refs, strict=True):
         ok = is_correct(r.text, p.answer)
         correct += ok
         rows.append(
@@ -442,22 +481,67 @@ def _run_arithmetic(model, tokenizer, n, batch_size, eval_seed, progress):
                 gold=p.answer,
                 level=p.level,
                 truncated=not r.finished,
+                continuous=ref,
             )
         )
-    return {"accuracy": correct / n, **_truncation(rollouts)}, rows
+    return {"accuracy": correct / n, **_truncation(rollouts), "ref_logprob": sum(refs) / n}, spec.chance, rows
 
 
 ARITHMETIC_DEFAULT_N = 90
 
 
-def load_task_items(name: str, n: int | None, eval_seed: int, manifest: Manifest | None):
-    """The task's fixed items for this eval seed (data is read, so bad input fails early)."""
-    kind = TASKS[name].kind
-    if kind == "arithmetic":
-        return n or ARITHMETIC_DEFAULT_N
-    items = (
-        load_mc(name, manifest) if kind == "mc" else load_gsm8k(manifest) if kind == "gsm8k" else load_ifeval(manifest)
+@dataclass(frozen=True)
+class TaskSpec:
+    """A capability task: how its items load, how they are scored, and its headline metric (the
+    one that enters the capability index). `run(model, tokenizer, name, items, ctx)` returns
+    (metrics, chance, rows); `chance` None: computed from the items (1 / number of options).
+    `continuous` names the paired continuous score each row carries in "continuous": `p_gold`
+    (probability on the gold option, normalised over the options as the metric normalises) or
+    `ref_logprob` (mean per-token log-probability of the reference answer); None: the task has none."""
+
+    name: str
+    metric: str
+    load: Callable[[str, Manifest | None], Any]  # (name, manifest) -> all items; arithmetic: None (generated)
+    run: Callable[..., tuple[dict, float | None, list[dict]]]
+    chance: float | None = None
+    max_new_tokens: int = 0  # generation budget (generation tasks)
+    size: int | None = None  # items available (None: generated on demand)
+    continuous: str | None = None
+
+
+def _mc(name: str, metric: str, size: int) -> TaskSpec:
+    return TaskSpec(name, metric, load_mc, _run_mc, size=size, continuous="p_gold")
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _mc("hellaswag", "acc_norm", 1000),
+        _mc("arc_challenge", "acc_norm", 1172),
+        _mc("piqa", "acc_norm", 1838),
+        _mc("winogrande", "acc", 1267),
+        _mc("truthfulqa_mc1", "acc", 817),
+        _mc("boolq", "acc", 3270),
+        _mc("openbookqa", "acc_norm", 500),
+        TaskSpec(
+            "gsm8k", "exact_match", lambda _, m: load_gsm8k(m), _run_gsm8k, 0.0, 384, 1319, continuous="ref_logprob"
+        ),
+        TaskSpec("ifeval", "prompt_strict", lambda _, m: load_ifeval(m), _run_ifeval, 0.0, 512, 541),
+        TaskSpec(
+            "arithmetic", "accuracy", None, _run_arithmetic, 0.0, ARITHMETIC_MAX_NEW_TOKENS, continuous="ref_logprob"
+        ),
     )
+}
+assert set(MC_BUILDERS) == {n for n, t in TASKS.items() if t.run is _run_mc}
+
+
+def load_task_items(name: str, n: int | None, eval_seed: int, manifest: Manifest | None):
+    """The task's fixed items for this eval seed (data is read, so bad input fails early); a
+    generated task (no loader) gets its item count."""
+    spec = TASKS[name]
+    if spec.load is None:
+        return n or ARITHMETIC_DEFAULT_N
+    items = spec.load(name, manifest)
     return [items[i] for i in subset(len(items), n, name, eval_seed)]
 
 
@@ -481,18 +565,13 @@ def run_capability(
     loaded = {name: load_task_items(name, n, eval_seed, manifest) for name, n in tasks}
     results: dict = {"tasks": {}}
     items: list[dict] = []
+    ctx = TaskContext(batch_size=batch_size, eval_seed=eval_seed, manifest=manifest, progress=progress)
     for name, _ in tasks:
         spec, data = TASKS[name], loaded[name]
         start = time.perf_counter()
-        chance = spec.chance
-        if spec.kind == "mc":
-            metrics, chance, rows = _run_mc(model, tokenizer, name, data, batch_size, progress)
-        elif spec.kind == "gsm8k":
-            metrics, rows = _run_gsm8k(model, tokenizer, data, batch_size, eval_seed, progress)
-        elif spec.kind == "ifeval":
-            metrics, rows = _run_ifeval(model, tokenizer, data, batch_size, eval_seed, manifest, progress)
-        else:
-            metrics, rows = _run_arithmetic(model, tokenizer, data, batch_size, eval_seed, progress)
+        metrics, chance, rows = spec.run(model, tokenizer, name, data, ctx)
+        if spec.continuous:
+            metrics["continuous"] = spec.continuous
         results["tasks"][name] = {
             "metric": spec.metric,
             "value": metrics[spec.metric],

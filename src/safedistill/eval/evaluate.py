@@ -24,6 +24,8 @@ from ..engine.scoring import response_logits
 from ..errors import UserError
 from ..models import chat_text
 from .capability import DEFAULT_BASKET, DEMO_BASKET, load_task_items, parse_basket, run_capability
+from .drift import SETS as DRIFT_SETS
+from .drift import Reference, answer_kl, summarise
 from .judge_check import agreement
 from .stats import rate_interval
 
@@ -51,6 +53,25 @@ class EvalSettings:
     # A `safedistill steer` output (or its safety_tokens.json): also report each model's probability mass
     # on that S along its own answers to the harmful prompts, SafeSteer's figure of whether S grew or shrank.
     safety_tokens: str | None = None
+    axes: str = "all"  # comma-separated subset of AXES, or "all"
+
+
+# Every axis `evaluate` can run, in the order it runs them. Drift needs the base model beside the
+# trained one (a `Reference`): it runs in a run's final evaluation and in `eval --adapter`.
+AXES = ("safety", "generalization", "jailbreak", "overrefusal", "capability", "expressiveness", "drift")
+
+
+def parse_axes(spec: str) -> tuple[str, ...]:
+    """ "all" or a comma-separated subset of AXES -> the axes in run order; bad names fail here."""
+    if spec.strip() == "all":
+        return AXES
+    names = [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in names if a not in AXES]
+    if unknown:
+        raise UserError(f"axes: unknown axis {unknown[0]!r} (known: all, {', '.join(AXES)})")
+    if not names:
+        raise UserError(f"axes: name at least one axis (known: all, {', '.join(AXES)})")
+    return tuple(a for a in AXES if a in names)
 
 
 def generalization_styles(spec: str) -> list[str]:
@@ -187,6 +208,7 @@ class EvalItems:
     basket: list[tuple[str, int | None]]
     agreement: dict  # the judge's agreement with human labels, quoted by every report
     safety_ids: list[int] | None = None  # S, when settings.safety_tokens names one
+    axes: tuple[str, ...] = AXES
 
 
 def jailbreak_records(harmful: list[PromptRecord], templates: list[dict]) -> list[PromptRecord]:
@@ -198,14 +220,17 @@ def jailbreak_records(harmful: list[PromptRecord], templates: list[dict]) -> lis
 
 
 def load_items(judge, settings: EvalSettings) -> EvalItems:
-    """All data first, so bad input fails before any generation."""
+    """All data of the chosen axes first, so bad input fails before any generation."""
+    axes = parse_axes(settings.axes)
     manifest = Manifest()
-    harmful = held_out(settings.harmful, settings, manifest)
-    overrefusal = held_out(settings.overrefusal, settings, manifest)
-    benign = held_out(settings.benign, settings, manifest)
-    rephrased = {style: rephrase(harmful, style) for style in generalization_styles(settings.generalization)}
-    templates = load_jailbreak_templates(manifest)
-    basket = capability_basket(settings)
+    safety_like = {"safety", "generalization", "jailbreak", "drift"} & set(axes)
+    harmful = held_out(settings.harmful, settings, manifest) if safety_like else []
+    overrefusal = held_out(settings.overrefusal, settings, manifest) if {"overrefusal", "drift"} & set(axes) else []
+    benign = held_out(settings.benign, settings, manifest) if {"expressiveness", "drift"} & set(axes) else []
+    styles = generalization_styles(settings.generalization) if "generalization" in axes else []
+    rephrased = {style: rephrase(harmful, style) for style in styles}
+    templates = load_jailbreak_templates(manifest) if "jailbreak" in axes else []
+    basket = capability_basket(settings) if "capability" in axes else []
     for name, n in basket:  # reads and checks every task's data before anything is generated
         load_task_items(name, n, settings.seed, None)
     agreement_figures = agreement(judge)  # cheap offline, cached for model judges
@@ -215,10 +240,11 @@ def load_items(judge, settings: EvalSettings) -> EvalItems:
         overrefusal=overrefusal,
         benign=benign,
         rephrased=rephrased,
-        jailbreak=jailbreak_records(harmful, templates),
+        jailbreak=jailbreak_records(harmful, templates) if templates else [],
         basket=basket,
         agreement=agreement_figures,
-        safety_ids=safety_token_ids(settings.safety_tokens) if settings.safety_tokens else None,
+        safety_ids=safety_token_ids(settings.safety_tokens) if settings.safety_tokens and "safety" in axes else None,
+        axes=axes,
     )
 
 
@@ -229,6 +255,8 @@ def check_items_fit(model, tokenizer, items: EvalItems, settings: EvalSettings) 
         (safety, settings.max_new_tokens),
         (items.benign, settings.expressiveness_max_new_tokens),
     ):
+        if not records:
+            continue
         texts = [chat_text(tokenizer, r.prompt) for r in records]
         check_fits(model, encode_prompts(tokenizer, texts), max_new, [r.id for r in records])
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -330,6 +358,7 @@ def overrefusal_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
     """Safe prompts that look harmful, in XSTest's three classes; full and partial refusals count."""
     with run.timed("overrefusal"):
         rollouts = run.decode("overrefusal", [(r.id, r.prompt) for r in records], run.settings.max_new_tokens)
+        run.rollouts["overrefusal"] = rollouts
         verdicts = run.judge([r.prompt for r in records], [x.text for x in rollouts])
         outcomes = [xstest_outcome(v, run.judge, x.text) for v, x in zip(verdicts, rollouts, strict=True)]
         for r, x, o in zip(records, rollouts, outcomes, strict=True):
@@ -372,6 +401,7 @@ def capability_axis(run: EvalRun, basket: list[tuple[str, int | None]], manifest
             task.setdefault("ci", list(rate_interval([r["value"] for r in items if r["task"] == name])))
         run.generations.extend(items)
         index_ci = index_interval(capability["tasks"], items)
+        continuous = continuous_summary(capability["tasks"], items)
         return {
             "accuracy": capability["index"],  # the capability index, under the name older readers use
             "index": capability["index"],
@@ -380,7 +410,34 @@ def capability_axis(run: EvalRun, basket: list[tuple[str, int | None]], manifest
             "n": len(items),
             "basket": ",".join(f"{name}:{task['n']}" for name, task in capability["tasks"].items()),
             "tasks": capability["tasks"],
+            "continuous": continuous,
         }
+
+
+def continuous_summary(tasks: dict, items: list[dict]) -> dict:
+    """The continuous capability scores: per task the mean of its rows' "continuous" value with an
+    interval, and the gold-option probability index (mean over the multiple-choice tasks, each
+    task weighted equally), the sensitive companion of the 0/1 index."""
+    values: dict[str, list[float]] = {}
+    for row in items:
+        if row.get("continuous") is not None:
+            values.setdefault(row["task"], []).append(float(row["continuous"]))
+    out: dict = {"tasks": {}}
+    for name, v in values.items():
+        lo, hi = rate_interval(v)
+        out["tasks"][name] = {
+            "score": tasks[name].get("continuous"),
+            "mean": sum(v) / len(v),
+            "ci": [lo, hi],
+            "n": len(v),
+        }
+    gold = {t: v for t, v in values.items() if tasks[t].get("continuous") == "p_gold"}
+    if gold:
+        total = sum(len(v) for v in gold.values())
+        terms = [x * total / (len(gold) * len(v)) for v in gold.values() for x in v]
+        lo, hi = rate_interval(terms)
+        out["p_gold_index"] = {"mean": sum(terms) / len(terms), "ci": [lo, hi], "n": len(terms)}
+    return out
 
 
 def expressiveness_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
@@ -388,6 +445,7 @@ def expressiveness_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
     with run.timed("expressiveness"):
         max_new = run.settings.expressiveness_max_new_tokens
         rollouts = run.decode("expressiveness", [(r.id, r.prompt) for r in records], max_new)
+        run.rollouts["expressiveness"] = rollouts
         words = [x.text.split() for x in rollouts]
         for r, x in zip(records, rollouts, strict=True):
             run.generations.append(
@@ -423,11 +481,66 @@ def mass_axis(run: EvalRun, records: list[PromptRecord], ids: list[int]) -> dict
     return {"mean": sum(values) / len(values), "ci": list(rate_interval(values)), "n": len(values), "k": len(ids)}
 
 
+def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
+    """Per item, the mean per-token KL(trained || base) along the base's answers and the trained
+    model's, on benign, XSTest safe and harmful prompts (eval/drift.py). Answers the axes already
+    decoded are reused; the base's come from `reference.answers` or are decoded here."""
+    tok = run.tokenizer
+    sets = {"expressiveness": items.benign, "overrefusal": items.overrefusal, "safety": items.harmful}
+    values: dict[str, dict[str, list[float]]] = {}
+    shares = None
+    with run.timed("drift"):
+        for name, axis in DRIFT_SETS.items():
+            records = sets[axis]
+            if not records:
+                continue
+            max_new = (
+                run.settings.expressiveness_max_new_tokens if axis == "expressiveness" else run.settings.max_new_tokens
+            )
+            trained = run.rollouts.get(axis) or run.decode(
+                f"drift {name}", [(r.id, r.prompt) for r in records], max_new
+            )
+            base_texts = [reference.answers.get((axis, r.id)) for r in records]
+            missing = [i for i, t in enumerate(base_texts) if t is None]
+            if missing:
+                s = SamplingSettings(**{**asdict(run.sampling), "max_new_tokens": max_new})
+                with reference.base() as base:
+                    texts = [chat_text(tok, records[i].prompt) for i in missing]
+                    outs, _ = generate(base, tok, texts, s, desc=f"drift {name} (base answers)", progress=run.progress)
+                for i, o in zip(missing, outs, strict=True):
+                    base_texts[i] = o.text
+            answers = {
+                "base": [tok(t, add_special_tokens=False)["input_ids"] for t in base_texts],
+                "trained": [list(x.response_ids) for x in trained],
+            }
+            texts = {"base": base_texts, "trained": [x.text for x in trained]}
+            values[name] = {}
+            for along, ids in answers.items():
+                with_s = items.safety_ids if name == "harmful" and along == "base" else None
+                kl, share = answer_kl(run.model, reference, tok, records, ids, with_s)
+                values[name][along] = kl
+                shares = share if share is not None else shares
+                for r, text, v in zip(records, texts[along], kl, strict=True):
+                    run.generations.append(
+                        {
+                            "axis": "drift",
+                            "task": f"{name}/{along}",
+                            "id": r.id,
+                            "prompt": r.prompt,
+                            "response": text,
+                            "value": v,
+                        }
+                    )
+    return summarise(values, shares)
+
+
 def summary(results: dict, run: EvalRun, items: EvalItems, start: float) -> dict:
     """The composite score, the judge's agreement, settings, data files, timing and counts."""
+    both = "safety" in results and "overrefusal" in results
     return {
-        # The OPSA paper's composite: 1 - mean(harmful compliance, over-refusal).
-        "safety_score": 1 - (results["safety"]["asr"] + results["overrefusal"]["refusal_rate"]) / 2,
+        # The OPSA paper's composite: 1 - mean(harmful compliance, over-refusal); None without both axes.
+        "safety_score": 1 - (results["safety"]["asr"] + results["overrefusal"]["refusal_rate"]) / 2 if both else None,
+        "axes": list(items.axes),
         "judge_agreement": items.agreement,
         "settings": asdict(run.settings),
         "manifest": items.manifest.to_list(),
@@ -450,9 +563,10 @@ def evaluate(
     model_name: str,
     adapter: str | None = None,
     progress: bool = True,
+    reference: Reference | None = None,
 ) -> tuple[dict, list[dict]]:
-    """(results, generations): load and check every item, then the safety axes, over-refusal,
-    capability and expressiveness, then the summary."""
+    """(results, generations): load and check every item, then the chosen axes in AXES order, then
+    the summary. Drift runs only with a `reference` (the base model and its answers)."""
     items = load_items(judge, settings)
     check_items_fit(model, tokenizer, items, settings)
     run = EvalRun(model, tokenizer, judge, settings, progress)
@@ -464,15 +578,24 @@ def evaluate(
         "eval_seed": settings.seed,
         "judge": judge.name,
     }
-    results["safety"] = safety_axis(run, "safety", items.harmful)
-    results["generalization"] = {
-        style: safety_axis(run, "generalization", rs, style) for style, rs in items.rephrased.items()
-    }
-    if items.safety_ids:
-        results["mass_on_s"] = mass_axis(run, items.harmful, items.safety_ids)
-    results["jailbreak"] = safety_axis(run, "jailbreak", items.jailbreak)
-    results["overrefusal"] = overrefusal_axis(run, items.overrefusal)
-    results["capability"] = capability_axis(run, items.basket, items.manifest)
-    results["expressiveness"] = expressiveness_axis(run, items.benign)
+    axes = items.axes
+    if "safety" in axes:
+        results["safety"] = safety_axis(run, "safety", items.harmful)
+        if items.safety_ids:
+            results["mass_on_s"] = mass_axis(run, items.harmful, items.safety_ids)
+    if "generalization" in axes:
+        results["generalization"] = {
+            style: safety_axis(run, "generalization", rs, style) for style, rs in items.rephrased.items()
+        }
+    if "jailbreak" in axes:
+        results["jailbreak"] = safety_axis(run, "jailbreak", items.jailbreak)
+    if "overrefusal" in axes:
+        results["overrefusal"] = overrefusal_axis(run, items.overrefusal)
+    if "capability" in axes:
+        results["capability"] = capability_axis(run, items.basket, items.manifest)
+    if "expressiveness" in axes:
+        results["expressiveness"] = expressiveness_axis(run, items.benign)
+    if "drift" in axes and reference is not None:
+        results["drift"] = drift_axis(run, items, reference)
     results.update(summary(results, run, items, start))
     return results, run.generations

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import RunConfig, problems
 from ..engine.backends import ROLLOUT_BACKENDS
 from ..errors import UserError
-from ..eval.evaluate import EvalSettings, capability_basket, generalization_styles
+from ..eval.evaluate import EvalSettings, capability_basket, generalization_styles, parse_axes
 from ..losses.divergence import DIVERGENCES
 from ..losses.masks import TOKEN_MASKS, VOCAB_MASKS
 from ..losses.objectives import OBJECTIVES, REF_KL_ESTIMATORS, REWARD_LEVELS
@@ -145,6 +145,7 @@ def check_config(cfg: RunConfig) -> None:
     for name, check in (
         ("capability", lambda: capability_basket(EvalSettings(capability=cfg.capability))),
         ("eval_generalization", lambda: generalization_styles(cfg.eval_generalization)),
+        ("eval_axes", lambda: parse_axes(cfg.eval_axes)),
     ):
         try:
             check()

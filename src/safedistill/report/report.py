@@ -24,6 +24,7 @@ AXIS_LABELS = {
     "generalization": "rephrased refusal rate",
     "overrefusal": "over-refusal rate",
     "capability": "capability",
+    "continuous": "continuous capability",
     "expressiveness": "mean length (tokens)",
     "mass_on_s": "mass on S (harmful answers)",
 }
@@ -204,13 +205,23 @@ def axis_values(items: Iterable[dict]) -> dict[tuple[str, str | None], dict[str,
     groups: dict[tuple[str, str | None], dict[str, float]] = {}
     for row in items:
         value = item_value(row)
+        if row.get("axis") == "drift":  # trained-vs-base already: its own section, not a before/after row
+            continue
         if value is not None and "axis" in row and "id" in row:
             groups.setdefault((row["axis"], row.get("task")), {})[str(row["id"])] = value
+        if row.get("axis") == "capability" and row.get("continuous") is not None and "id" in row:
+            groups.setdefault(("continuous", row.get("task")), {})[str(row["id"])] = float(row["continuous"])
     order = list(AXIS_LABELS)
     return dict(sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else len(order),)))
 
 
+CONTINUOUS_NAMES = {"p_gold": "gold-option probability", "ref_logprob": "reference log-prob per token"}
+
+
 def row_label(axis: str, task: str | None, results: dict | None = None) -> str:
+    if axis == "continuous":
+        score = get_or_none(results, ("capability", "tasks", task, "continuous"))
+        return f"continuous: {task} ({CONTINUOUS_NAMES.get(score, score or 'continuous score')})"
     if axis == "capability":
         if task is None:
             return "capability accuracy"
@@ -252,13 +263,34 @@ def paired_groups(a_items: list[dict], b_items: list[dict], results: dict | None
         out[row_label(*key, results)] = (a.get(key, {}), b.get(key, {}))
     shared = {k[1]: a[k].keys() & b[k].keys() for k in a if k[0] == "capability" and k in b}
     ia, ib = capability_index_values(a, results, shared), capability_index_values(b, results, shared)
-    if ia is None or ib is None:
-        return out
     labels = list(out)
-    at = max(i for i, label in enumerate(labels) if label.startswith("capability")) + 1
-    labels.insert(at, "capability index")
-    out["capability index"] = (ia, ib)
+    if ia is not None and ib is not None:
+        at = max(i for i, label in enumerate(labels) if label.startswith("capability")) + 1
+        labels.insert(at, "capability index")
+        out["capability index"] = (ia, ib)
+    pa, pb = gold_index_values(a, results), gold_index_values(b, results)
+    if pa and pb:
+        at = max(i for i, label in enumerate(labels) if label.startswith("continuous")) + 1
+        labels.insert(at, GOLD_INDEX)
+        out[GOLD_INDEX] = (pa, pb)
     return {label: out[label] for label in labels}
+
+
+GOLD_INDEX = "continuous index (gold-option probability)"
+
+
+def gold_index_values(groups: dict[tuple[str, str | None], dict[str, float]], results: dict | None) -> dict[str, float]:
+    """Per-item terms whose mean is the gold-option probability index: every multiple-choice task
+    counts equally (as in the capability index), no chance correction (a difference in probability)."""
+    tasks = {
+        task: values
+        for (axis, task), values in groups.items()
+        if axis == "continuous"
+        and values
+        and get_or_none(results, ("capability", "tasks", task, "continuous")) == "p_gold"
+    }
+    total = sum(len(v) for v in tasks.values())
+    return {f"{t}/{i}": v * total / (len(tasks) * len(vs)) for t, vs in tasks.items() for i, v in vs.items()}
 
 
 def capability_label(labels) -> str | None:
@@ -350,10 +382,24 @@ def safety_tax_line(
         meaning = "the trained model lost capability" if flipped["diff"] > 0 else "the trained model gained capability"
     else:
         meaning = reading(r)
-    return (
-        f"**Safety tax** ({what}, base - trained): {fmt_diff(flipped)}, 95% CI {fmt_ci(flipped['lo'], flipped['hi'])}, "
-        f"n = {r['n']}: {meaning}."
+    line = (
+        f"**Safety tax** ({what}, base - trained; accuracy is the published metric): {fmt_diff(flipped)}, "
+        f"95% CI {fmt_ci(flipped['lo'], flipped['hi'])}, n = {r['n']}: {meaning}."
     )
+    groups = paired_groups(base_items, final_items, final)
+    if GOLD_INDEX in groups:
+        c = paired_difference(*groups[GOLD_INDEX])
+        cf = c | {"diff": -c["diff"], "lo": -c["hi"], "hi": -c["lo"]}
+        words = (
+            ("the trained model lost" if cf["diff"] > 0 else "the trained model gained")
+            if c["significant"]
+            else reading(c)
+        )
+        line += (
+            f" Continuous (gold-option probability, the sensitive measure; base - trained): {fmt_diff(cf)}, "
+            f"95% CI {fmt_ci(cf['lo'], cf['hi'])}, MDE {fmt(c['mde'])}, n = {c['n']}: {words}."
+        )
+    return line
 
 
 def n_per_axis(items: list[dict] | None, results: dict | None) -> str:
@@ -384,8 +430,8 @@ def before_after_section(out: Path, base: dict, final: dict) -> list[str]:
         judge_line(final),
         "",
         (
-            "Change = trained - base, paired item by item: McNemar's exact test with Newcombe's interval for 0/1 "
-            "outcomes, a paired bootstrap otherwise. MDE: the smallest change this n detects with 80% power. A change "
+            "Change = trained - base, paired item by item: Newcombe's interval and its p-value for 0/1 outcomes, a "
+            "paired bootstrap (interval and p from the same resamples) otherwise. MDE: the smallest change this n detects with 80% power. A change "
             "is called up or down only when its 95% interval excludes zero."
             if paired
             else "No per-item generations in this run directory: figures only, no paired intervals."
@@ -397,7 +443,47 @@ def before_after_section(out: Path, base: dict, final: dict) -> list[str]:
         "",
         f"n per axis: {n_per_axis(final_items, final)}.",
         "",
+        *drift_section(final),
     ]
+
+
+def drift_section(final: dict) -> list[str]:
+    """Where the model changed: per prompt set, the mean per-token KL(trained || base) along each
+    model's own answers, and the localisation ratio harmful / benign (eval/drift.py)."""
+    d = final.get("drift") if final else None
+    if not d or not d.get("sets"):
+        return []
+    lines = [
+        "## Drift: where the model changed",
+        "",
+        "Mean per-token KL(trained || base), teacher-forced along each model's own greedy answers. A method "
+        "whose change stays on safety has harmful drift well above benign drift.",
+        "",
+        "| prompts | along base answers | 95% CI | along trained answers | 95% CI | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, by in d["sets"].items():
+        b, t = by.get("base", {}), by.get("trained", {})
+        lines.append(
+            f"| {name} | {fmt(b.get('mean'), 4)} | {fmt_ci(*(b.get('ci') or [None, None]), signed=False)} | "
+            f"{fmt(t.get('mean'), 4)} | {fmt_ci(*(t.get('ci') or [None, None]), signed=False)} | {b.get('n', t.get('n'))} |"
+        )
+    lines.append("")
+    for key, label in (("harmful_over_benign", "harmful / benign"), ("xstest_over_benign", "XSTest safe / benign")):
+        parts = []
+        for along in ("base", "trained"):
+            r = d.get(f"{key}_{along}")
+            if r and r.get("ratio") is not None:
+                parts.append(f"along {along} answers {fmt(r['ratio'], 2)} {fmt_ci(r['lo'], r['hi'], signed=False)}")
+        if parts:
+            lines.append(f"Localisation ({label} drift): {'; '.join(parts)}.")
+    if d.get("s_share"):
+        sh = d["s_share"]
+        lines.append(
+            f"Share of the harmful-prompt drift carried by S (the split S / not S): {fmt(sh['mean'])} "
+            f"{fmt_ci(*sh['ci'], signed=False)}, n = {sh['n']}."
+        )
+    return [*lines, ""]
 
 
 def plot_kl_by_position(kl: list[float], path) -> None:

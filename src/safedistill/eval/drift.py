@@ -1,0 +1,169 @@
+"""Drift: where the trained model's next-token distributions moved away from the base's.
+
+Per item, the mean per-token KL(trained || base) along a fixed answer, teacher-forced: along the
+base model's own greedy answer (the run's generations_base.jsonl, re-tokenised) and along the
+trained model's own (this evaluation's). Three prompt sets: benign (the expressiveness prompts),
+XSTest's safe prompts (the over-refusal axis) and harmful prompts (the safety axis). Their ratio,
+harmful drift / benign drift, is the localisation figure: SafeSteer claims its change stays on
+safety tokens, COPSD that the constitution does not leak into benign answers, so a method that
+keeps its promise has a large ratio. With a safety token set S (runs with `steer_from`), the share
+of the drift carried by S: by the chain rule KL(p || q) = KL of the two-way split {S, not S}
++ the KL within the sides, so the split's KL over the whole is a share in [0, 1].
+
+Cost: no decoding when both answer sets exist (the axes already decoded them); four
+teacher-forced forwards per item (each model along each answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..data.schema import PromptRecord
+from ..engine.rollout import encode_prompts
+from ..engine.scoring import response_logits
+from ..models import chat_text
+from .stats import ALPHA, paired_difference, rate_interval
+
+# Drift set -> (the evaluation axis whose prompts and answers it reuses)
+SETS = {"benign": "expressiveness", "xstest": "overrefusal", "harmful": "safety"}
+ALONG = ("base", "trained")  # whose greedy answers the KL is taken along
+
+
+@dataclass
+class Reference:
+    """The base model for drift. `base()` is a context manager that yields it (for a LoRA model:
+    the same model with its adapter disabled, see `adapter_disabled`; otherwise a loaded copy).
+    `answers` maps (axis, id) to the base's own greedy answer text (generations_base.jsonl); an
+    item without one is answered by the base here."""
+
+    base: Callable[[], AbstractContextManager]
+    answers: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+@contextmanager
+def adapter_disabled(model) -> Iterator:
+    """A PEFT model as its base: merged LoRA weights are unmerged first and merged back after."""
+    merged = any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "unmerge"))
+    if merged:
+        model.unmerge_adapter()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        if merged:
+            model.merge_adapter()
+
+
+def loaded_base(load: Callable[[], object]) -> Callable[[], AbstractContextManager]:
+    """A `Reference.base` that loads the base on first use and keeps it for the rest of the eval."""
+    held: list = []
+
+    @contextmanager
+    def base() -> Iterator:
+        if not held:
+            held.append(load())
+        yield held[0]
+
+    return base
+
+
+def answers_from(items: list[dict]) -> dict[tuple[str, str], str]:
+    """(axis, id) -> response of a generations file's plain axes (no capability task rows)."""
+    return {
+        (r["axis"], str(r["id"])): r["response"]
+        for r in items
+        if r.get("axis") in SETS.values() and "response" in r and not r.get("task")
+    }
+
+
+class _Answer:
+    """What answer_kl needs of a rollout: its response token ids."""
+
+    def __init__(self, ids: list[int]):
+        self.response_ids = ids
+
+
+def _logits(model, tokenizer, records: list[PromptRecord], answers: list[list[int]]):
+    prompts = encode_prompts(tokenizer, [chat_text(tokenizer, r.prompt) for r in records])
+    responses = [a or [tokenizer.pad_token_id] for a in answers]
+    with torch.no_grad():
+        return response_logits(model, prompts, responses, pad_id=tokenizer.pad_token_id)
+
+
+def answer_kl(
+    model,
+    reference: Reference,
+    tokenizer,
+    records: list[PromptRecord],
+    answers: list[list[int]],
+    safety_ids: list[int] | None = None,
+    batch_size: int = 8,
+) -> tuple[list[float], list[float] | None]:
+    """Per item: mean per-token KL(model || base) along `answers`, and (with S) the per-item share
+    of that KL carried by the split {S, not S}; an empty answer has KL 0."""
+    kls: list[float] = []
+    shares: list[float] = []
+    index = torch.tensor(safety_ids, dtype=torch.long) if safety_ids else None
+    for start in range(0, len(records), batch_size):
+        recs, outs = records[start : start + batch_size], answers[start : start + batch_size]
+        logits_t, mask = _logits(model, tokenizer, recs, outs)
+        logp_t = torch.log_softmax(logits_t.float(), dim=-1)
+        del logits_t
+        with reference.base() as base:
+            logp_b = torch.log_softmax(_logits(base, tokenizer, recs, outs)[0].float(), dim=-1)
+        m = mask.to(logp_t.dtype) * torch.tensor([float(bool(a)) for a in outs])[:, None].to(logp_t.device)
+        kl = (logp_t.exp() * (logp_t - logp_b)).sum(-1).clamp_min(0.0)  # [B, T]
+        kls += ((kl * m).sum(-1) / m.sum(-1).clamp_min(1.0)).tolist()
+        if index is not None:
+            qt = logp_t.exp().index_select(-1, index.to(logp_t.device)).sum(-1).clamp(1e-12, 1 - 1e-12)
+            qb = logp_b.exp().index_select(-1, index.to(logp_b.device)).sum(-1).clamp(1e-12, 1 - 1e-12)
+            split = (qt * (qt / qb).log() + (1 - qt) * ((1 - qt) / (1 - qb)).log()).clamp_min(0.0)
+            total = (kl * m).sum(-1)
+            shares += torch.where(total > 0, (split * m).sum(-1) / total.clamp_min(1e-30), 0.0).tolist()
+    return kls, (shares if index is not None else None)
+
+
+def ratio_interval(num: list[float], den: list[float], *, seed: int = 0, n_boot: int = 4000) -> dict:
+    """mean(num) / mean(den) with a percentile bootstrap interval, the two sets resampled
+    independently (different prompts: nothing to pair)."""
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if not len(a) or not len(b) or b.mean() <= 0:
+        return {"ratio": None, "lo": None, "hi": None}
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(1)
+    rb = b[rng.integers(0, len(b), size=(n_boot, len(b)))].mean(1)
+    ok = rb > 0
+    lo, hi = np.quantile(ra[ok] / rb[ok], [ALPHA / 2, 1 - ALPHA / 2])
+    return {"ratio": float(a.mean() / b.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def summarise(values: dict[str, dict[str, list[float]]], shares: list[float] | None) -> dict:
+    """eval.json's drift block: per set and answer source, the mean KL with its interval and the
+    test against no drift (the same paired method as every other row); the localisation ratios."""
+    out: dict = {"sets": {}}
+    for name, by in values.items():
+        out["sets"][name] = {}
+        for along, v in by.items():
+            lo, hi = rate_interval(v)
+            test = paired_difference(dict.fromkeys(map(str, range(len(v))), 0.0), dict(enumerate(v)))
+            out["sets"][name][along] = {
+                "mean": sum(v) / len(v) if v else None,
+                "ci": [lo, hi],
+                "n": len(v),
+                "p": test["p"],
+                "significant": test["significant"],
+            }
+    for along in ALONG:
+        if "harmful" in values and "benign" in values:
+            out[f"harmful_over_benign_{along}"] = ratio_interval(values["harmful"][along], values["benign"][along])
+        if "xstest" in values and "benign" in values:
+            out[f"xstest_over_benign_{along}"] = ratio_interval(values["xstest"][along], values["benign"][along])
+    if shares is not None:
+        lo, hi = rate_interval(shares)
+        out["s_share"] = {"mean": sum(shares) / len(shares) if shares else None, "ci": [lo, hi], "n": len(shares)}
+    return out
