@@ -67,26 +67,11 @@ def check_out(out: str, *, directory: bool = True) -> Path:
     return path
 
 
-def _eval(args: argparse.Namespace) -> None:
-    import torch
-
+def _eval_settings(args: argparse.Namespace):
+    """`eval`'s settings from its flags, every one checked before the model is loaded."""
     from .data.sources import load_prompts
-    from .eval.drift import Reference, adapter_disabled
-    from .eval.evaluate import (
-        EvalSettings,
-        capability_basket,
-        evaluate,
-        generalization_styles,
-        parse_axes,
-        safety_token_ids,
-    )
-    from .eval.judging import load_judge
-    from .files import write_json, write_jsonl
-    from .models import load_model, resolve_device
-    from .report.report import eval_report
+    from .eval.evaluate import EvalSettings, capability_basket, generalization_styles, parse_axes, safety_token_ids
 
-    out = check_out(args.out)
-    torch.manual_seed(args.seed)
     settings = EvalSettings(
         harmful=args.harmful,
         overrefusal=args.overrefusal,
@@ -102,17 +87,34 @@ def _eval(args: argparse.Namespace) -> None:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    axes = parse_axes(settings.axes)  # bad input fails before the model is loaded
+    parse_axes(settings.axes)
     generalization_styles(settings.generalization)
     capability_basket(settings)
     for source in (args.harmful, args.overrefusal):
         load_prompts(source)
     if settings.safety_tokens:
         safety_token_ids(settings.safety_tokens)
+    return settings
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from .eval.drift import Reference, adapter_disabled
+    from .eval.evaluate import evaluate, parse_axes
+    from .eval.judging import load_judge
+    from .files import write_json, write_jsonl
+    from .models import load_model, resolve_device
+    from .report.report import eval_report
+
+    out = check_out(args.out)
+    torch.manual_seed(args.seed)
+    settings = _eval_settings(args)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     judge = load_judge(args.judge)
     # Drift compares the adapter's model with the base: the same model with the adapter disabled.
-    reference = Reference(lambda: adapter_disabled(model)) if args.adapter and "drift" in axes else None
+    drift = args.adapter and "drift" in parse_axes(settings.axes)
+    reference = Reference(lambda: adapter_disabled(model)) if drift else None
     results, generations = evaluate(
         model,
         tok,
@@ -371,12 +373,8 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
         help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
     )
     e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
-    e.add_argument(
-        "--axes",
-        default="all",
-        help="all, or a comma-separated subset of safety, generalization, jailbreak, overrefusal, capability, "
-        "expressiveness, drift (drift needs --adapter: KL of the adapted model from the base)",
-    )
+    axes = "safety,generalization,jailbreak,overrefusal,capability,expressiveness,drift"  # eval/evaluate.py AXES
+    e.add_argument("--axes", default="all", help=f"all, or a subset of {axes} (drift needs --adapter)")
     e.add_argument(
         "--safety-tokens",
         help="a `safedistill steer` output dir: also report the model's probability mass on its S along the "

@@ -114,10 +114,11 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, step: int) -> None:
         if key not in params:
             raise UserError(f"{ckpt}: parameter {key} does not belong to {cfg.model}")
         params[key].data.copy_(value)
+    reference = drift_reference(cfg, run_dir, model) if "drift" in parse_axes(cfg.eval_axes) else None
     if cfg.lora:
-        model = model.merge_and_unload()
+        model = model.merge_and_unload() if reference is None else merged_in_place(model)
     model.eval()
-    run_eval(model, tok, cfg, run_dir, name, str(ckpt))
+    run_eval(model, tok, cfg, run_dir, name, str(ckpt), reference=reference)
 
 
 class KLByPosition:
