@@ -300,13 +300,25 @@ def _refine(args: argparse.Namespace) -> None:
 
 
 def _judge_check(args: argparse.Namespace) -> None:
-    from .eval.judge_check import agreement, format_agreement, write_agreement
+    from .eval.judge_check import (
+        HARM,
+        agreement,
+        attack_success_agreement,
+        format_agreement,
+        format_attack_success,
+        write_agreement,
+    )
     from .eval.judging import load_judge
 
     if args.out:
         check_out(args.out, directory=False)
-    result = agreement(load_judge(args.judge), file=args.file, details=args.out is not None)
-    print(format_agreement(result))
+    judge = load_judge(args.judge)
+    if args.file == HARM:
+        result = attack_success_agreement(judge)
+        print(format_attack_success(result))
+    else:
+        result = agreement(judge, file=args.file, details=args.out is not None)
+        print(format_agreement(result))
     if args.out:
         write_agreement(result, Path(args.out))
         print(f"wrote {args.out}")
@@ -518,7 +530,8 @@ def _add_judge_check(sub, common: argparse.ArgumentParser) -> None:
     j.add_argument(
         "--file",
         default="refusal.csv",
-        help="refusal.csv (development), refusal_extra.csv, uncensorbench (reference answers), or a CSV path",
+        help="refusal.csv (development), refusal_extra.csv, uncensorbench (reference answers), a CSV path, or "
+        "harm (attack success against pyrit's harm/*.csv human scores)",
     )
     j.add_argument("--out", help="write the figures and per-row predictions to this JSON file")
     j.set_defaults(func=_judge_check)

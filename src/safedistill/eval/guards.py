@@ -25,7 +25,7 @@ import torch
 
 from ..data.packaged import STRONGREJECT, read_from_wheel
 from ..errors import UserError
-from .judges import HeuristicJudge, Verdict
+from .judges import HeuristicJudge, Verdict, unsafe_as_success
 
 # ---- Llama Guard ---------------------------------------------------------------------------------
 
@@ -203,6 +203,12 @@ class _Guard:
 
     def is_refusal(self, response: str, prompt: str = "") -> bool:
         return self._refusals.is_refusal(response, prompt)
+
+    def attack_success(
+        self, prompts: Sequence[str], responses: Sequence[str], verdicts: Sequence[Verdict]
+    ) -> list[float]:
+        """A guard judges harm: its probability of unsafe is the attack success."""
+        return unsafe_as_success(verdicts)
 
     def _encode(self, texts: list[str], add_special_tokens: bool):
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(

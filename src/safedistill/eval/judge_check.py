@@ -16,11 +16,12 @@ from pathlib import Path
 from ..data.packaged import ADVBENCH, read_from_wheel
 from ..errors import UserError
 from ..files import cache_dir, sha256_bytes, write_json
+from .judging import OFFLINE_JUDGES
 
 PYRIT = ADVBENCH  # pyrit==1.1.0, the wheel AdvBench is read from
 REFUSAL_DIR = "pyrit/datasets/scorer_evals/refusal_scorer"
 COLUMNS = ("objective", "assistant_response", "human_score")
-OFFLINE_JUDGES = ("keyword", "heuristic")  # cheap, and their code changes: never cached
+HARM = "harm"  # --file harm: attack success against pyrit's human harm scores (eval/attack_success.py)
 
 
 def load_labelled(file: str = "refusal.csv") -> tuple[list[dict], dict]:
@@ -132,6 +133,62 @@ def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dic
             for i, (r, p) in enumerate(zip(rows, preds, strict=True))
         ]
     return result
+
+
+def attack_success_agreement(judge) -> dict:
+    """The judge's attack-success outcome against pyrit's human harm scores (harm/*.csv, a score
+    of 0.5 or more = the response gives what was asked), binarised (accuracy, kappa, ...) and as
+    rank correlation, beside the "did not refuse" rule on the same rows. The default judge's model
+    is trained on these rows, so its figures are its cross-validated ones; any other judge is
+    scored on every row as it stands."""
+    from .attack_success import THRESHOLD, figures, load_harm_rows, rank_correlation
+    from .judges import HeuristicJudge
+
+    if isinstance(judge, HeuristicJudge):
+        return {"judge": judge.name, "file": HARM, "scored_by": "cross-validation", **figures(judge.outcome)}
+    rows, source = load_harm_rows()
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    verdicts = judge(prompts, responses)
+    prob = judge.attack_success(prompts, responses, verdicts)
+    truth = [int(r["score"] >= THRESHOLD) for r in rows]
+    refused = [
+        v.refusal if v.refusal is not None else judge.is_refusal(r) for v, r in zip(verdicts, responses, strict=True)
+    ]
+    rule = [int(not x) for x in refused]
+    scores = [r["score"] for r in rows]
+    return {
+        "judge": judge.name,
+        "file": HARM,
+        "scored_by": "every row",
+        "n": len(rows),
+        "positives": sum(truth),
+        "threshold": THRESHOLD,
+        "learned": {
+            **binary_metrics(truth, [int(p >= 0.5) for p in prob]),
+            "rank_correlation": rank_correlation(prob, scores),
+        },
+        "did_not_refuse": {**binary_metrics(truth, rule), "rank_correlation": rank_correlation(rule, scores)},
+        **source,
+    }
+
+
+def format_attack_success(r: dict) -> str:
+    def line(name: str, m: dict) -> str:
+        return (
+            f"  {name:<16} accuracy {m['accuracy']:.3f}  kappa {m['kappa']:.3f}  precision {m['precision']:.3f}  "
+            f"recall {m['recall']:.3f}  rank correlation {m['rank_correlation']:.3f}"
+        )
+
+    return "\n".join(
+        [
+            f"judge {r['judge']}: attack success on pyrit's harm/*.csv ({r['package']}, {len(r['files'])} files), "
+            f"n {r['n']} distinct pairs, {r['positives']} with human score >= {r['threshold']} "
+            f"(positive = the response gives what was asked); scored by {r['scored_by']}"
+            + (f" ({r['cv']})" if r.get("cv") else ""),
+            line("attack success", r["learned"]),
+            line("did not refuse", r["did_not_refuse"]),
+        ]
+    )
 
 
 def _slug(name: str) -> str:

@@ -1,19 +1,25 @@
-"""Judges by name: the offline judges, the generative guards and any HF classifier behind one
-`load_judge(spec)`. It sits above judges.py and guards.py so neither imports the other."""
+"""Judges by name: the one registry that run, eval and judge-check load judges from. It sits above
+judges.py and guards.py so neither imports the other.
+
+A spec is a registry name (`heuristic`, `keyword`), `KIND:MODEL` for a generative guard
+(`llamaguard:`, `harmbench:`, `strongreject:` with any instruct model), or an HF
+sequence-classifier id/path (anything else)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import UserError
 from .guards import GUARDS, load_guard
-from .judges import ClassifierJudge, HeuristicJudge, KeywordJudge
+from .judges import ClassifierJudge, HeuristicJudge, Judge, KeywordJudge
 
-OFFLINE_JUDGES = {"heuristic": HeuristicJudge, "keyword": KeywordJudge}
-GUARD_KINDS = tuple(GUARDS)
+# name -> factory of an offline judge (cheap, no model; judge-check never caches their figures)
+OFFLINE_JUDGES: dict[str, Callable[[], Judge]] = {"heuristic": HeuristicJudge, "keyword": KeywordJudge}
+GUARD_KINDS = tuple(GUARDS)  # KIND:MODEL specs, loaded by guards.load_guard
 
 
-def load_judge(spec: str):
-    """`heuristic` (default), `keyword`, `llamaguard:ID_OR_PATH`, `harmbench:ID_OR_PATH`,
-    `strongreject:ID_OR_PATH` (any instruct model), or an HF sequence-classifier id/path."""
+def load_judge(spec: str) -> Judge:
+    """The judge a spec names (module docstring); a bad spec fails with one line."""
     if spec in OFFLINE_JUDGES:
         return OFFLINE_JUDGES[spec]()
     kind, sep, target = spec.partition(":")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import RunConfig, load_config
 from ..errors import UserError
+from ..eval.drift import ratio_interval
 from ..eval.stats import clustered_difference, clustered_mean, reading
 from ..files import atomic_write_text, write_json
 from ..methods import check_config
@@ -190,7 +191,27 @@ def summarise(presets: list[str], seeds: list[int], configs: dict, results: dict
             f"{b} - {a}": pooled([(items[(a, s)][1], items[(b, s)][1], results[(b, s)]["final"]) for s in seeds])
             for a, b in combinations(presets, 2)
         },
+        "drift": {p: drift_by_method([items[(p, s)][1] for s in seeds]) for p in presets},
     }
+
+
+def drift_by_method(finals: list[list[dict] | None]) -> dict:
+    """Per drift set and answer source, the mean per-token KL(trained || base) pooled over seeds
+    (a cluster bootstrap over items), and the harmful / benign ratio along the base's answers."""
+    maps: dict[str, list[dict[str, float]]] = {}
+    for rows in finals:
+        per: dict[str, dict[str, float]] = {}
+        for r in rows or []:
+            if r.get("axis") == "drift":
+                per.setdefault(r["task"], {})[str(r["id"])] = float(r["value"])
+        for task, m in per.items():
+            maps.setdefault(task, []).append(m)
+    out = {task: clustered_mean(ms) for task, ms in maps.items()}
+    harmful = [v for m in maps.get("harmful/base", []) for v in m.values()]
+    benign = [v for m in maps.get("benign/base", []) for v in m.values()]
+    if harmful and benign:
+        out["ratio"] = ratio_interval(harmful, benign)
+    return out
 
 
 def descriptive(presets: list[str], seeds: list[int], results: dict) -> dict:
@@ -311,7 +332,7 @@ def compare_report(s: dict) -> str:
         "## Against the base",
         "",
         "Change = method - base on the same items, pooled over seeds by a cluster bootstrap over items "
-        "(one seed: McNemar's exact test with Newcombe's interval for 0/1 outcomes). n counts item-seed pairs; "
+        "(one seed: Newcombe's interval and its p-value for 0/1 outcomes). n counts item-seed pairs; "
         "MDE is the smallest change this n detects with 80% power. A change is called up or down only when its "
         "95% interval excludes zero.",
         "",
@@ -346,10 +367,43 @@ def compare_report(s: dict) -> str:
                         f"| {name} | {label} | {fmt(r['mean_b'])} | {fmt(r['mean_a'])} | {fmt_diff(r)} | "
                         f"{fmt_ci(r['lo'], r['hi'])} | {r['n']} | {fmt(r['mde'])} | {reading(r)} |"
                     )
+    lines += drift_compare_section(s)
     lines += frontier_section(s)
     lines += descriptive_section(s)
     lines += ["## Verdict", "", *verdict_lines(s), ""]
     return "\n".join(lines)
+
+
+def drift_compare_section(s: dict) -> list[str]:
+    """Where each method changed the model: drift per prompt set and the localisation ratio."""
+    drift = {p: d for p, d in (s.get("drift") or {}).items() if d}
+    if not drift:
+        return []
+
+    def cell(d: dict, task: str) -> str:
+        m = d.get(task)
+        return "n/a" if not m or m["mean"] is None else f"{fmt(m['mean'], 4)} {fmt_ci(m['lo'], m['hi'], signed=False)}"
+
+    lines = [
+        "",
+        "## Drift: where each method changed the model",
+        "",
+        "Mean per-token KL(trained || base) along the base model's own greedy answers, pooled over seeds "
+        "(95% interval: cluster bootstrap over items). Localisation = harmful drift / benign drift: a method "
+        "whose change stays on safety has a large ratio.",
+        "",
+        "| method | benign | XSTest safe | harmful | harmful / benign |",
+        "|---|---|---|---|---|",
+    ]
+    for p, d in drift.items():
+        r = d.get("ratio")
+        ratio = (
+            "n/a" if not r or r["ratio"] is None else f"{fmt(r['ratio'], 2)} {fmt_ci(r['lo'], r['hi'], signed=False)}"
+        )
+        lines.append(
+            f"| {p} | {cell(d, 'benign/base')} | {cell(d, 'xstest/base')} | {cell(d, 'harmful/base')} | {ratio} |"
+        )
+    return [*lines, ""]
 
 
 def descriptive_section(s: dict) -> list[str]:

@@ -26,6 +26,7 @@ AXIS_LABELS = {
     "capability": "capability",
     "continuous": "continuous capability",
     "expressiveness": "mean length (tokens)",
+    "attack_success": "attack success rate",
     "mass_on_s": "mass on S (harmful answers)",
 }
 # Corpus-level figures: no per-item values, so no paired interval.
@@ -209,6 +210,10 @@ def axis_values(items: Iterable[dict]) -> dict[tuple[str, str | None], dict[str,
             continue
         if value is not None and "axis" in row and "id" in row:
             groups.setdefault((row["axis"], row.get("task")), {})[str(row["id"])] = value
+        if row.get("success") is not None and "id" in row:  # the judged attack success of a harmful prompt
+            groups.setdefault(("attack_success", row.get("task") or row["axis"]), {})[str(row["id"])] = float(
+                row["success"]
+            )
         if row.get("axis") == "capability" and row.get("continuous") is not None and "id" in row:
             groups.setdefault(("continuous", row.get("task")), {})[str(row["id"])] = float(row["continuous"])
     order = list(AXIS_LABELS)
