@@ -42,7 +42,7 @@ def main() -> None:
                 "prompt": "Andriushchenko & Flammarion 2024 few-shot reformulation prompt (past tense; "
                 "hypothetical: same construction), data/rephrase.py",
                 "prompt_sha256": MODEL_PROMPT_SHA,
-                "decoding": "greedy, 64 new tokens",
+                "decoding": "greedy, 48 new tokens, the answer opened with 'Reformulated request: \"'",
                 "seed": 0,
                 "source": "advbench held-out split (split seed 0, eval fraction 0.2), eval-seed-0 order",
                 "date": time.strftime("%Y-%m-%d"),

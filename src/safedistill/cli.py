@@ -69,6 +69,7 @@ def check_out(out: str, *, directory: bool = True) -> Path:
 
 def _eval_settings(args: argparse.Namespace):
     """`eval`'s settings from its flags, every one checked before the model is loaded."""
+    from .data.rephrase import check_rephraser
     from .data.sources import load_prompts
     from .eval.evaluate import EvalSettings, capability_basket, generalization_styles, parse_axes, safety_token_ids
 
@@ -83,11 +84,13 @@ def _eval_settings(args: argparse.Namespace):
         batch_size=args.batch_size,
         safety_tokens=args.safety_tokens,
         axes=args.axes,
+        rephraser=args.rephraser,
     )
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     parse_axes(settings.axes)
+    check_rephraser(settings.rephraser)
     generalization_styles(settings.generalization)
     capability_basket(settings)
     for source in (args.harmful, args.overrefusal):
@@ -387,6 +390,7 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     axes = "safety,generalization,jailbreak,overrefusal,capability,expressiveness,drift"  # eval/evaluate.py AXES
     e.add_argument("--axes", default="all", help=f"all, or a subset of {axes} (drift needs --adapter)")
+    e.add_argument("--rephraser", default="rule", help="rule, model (shipped rewrites, then --model) or model:NAME")
     e.add_argument(
         "--safety-tokens",
         help="a `safedistill steer` output dir: also report the model's probability mass on its S along the "

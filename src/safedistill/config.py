@@ -252,6 +252,11 @@ class EvalSection:
     )
     eval_generalization: str = opt("past_tense,hypothetical", 'rephrasings of the held-out harmful prompts ("": none)')
     judge: str = opt("heuristic", "the safety judge (safedistill judge-check validates it)")
+    eval_rephraser: str = opt(
+        "rule",
+        "who writes the generalisation rephrasings: rule | model (shipped model rewrites of AdvBench's held-out "
+        "split, then the base model, cached) | model:NAME",
+    )
     eval_axes: str = opt(
         "all",
         "eval axes: all | comma-separated subset of safety, generalization, jailbreak, overrefusal, capability, "

@@ -57,6 +57,7 @@ def eval_settings(cfg: RunConfig) -> EvalSettings:
         judge=cfg.judge,
         safety_tokens=cfg.steer_from,
         axes=cfg.eval_axes,
+        rephraser=cfg.eval_rephraser,
     )
 
 

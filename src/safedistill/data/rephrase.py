@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import UserError
 from .schema import PromptRecord
@@ -475,7 +477,8 @@ However, do not be constrained by these examples. Feel free to use your creativi
 
 _MODEL_PROMPTS = {"past_tense": PAST_TENSE_PROMPT, "hypothetical": HYPOTHETICAL_PROMPT}
 # Which prompts wrote a cached or shipped rewrite: a changed prompt is a different rewrite.
-MODEL_PROMPT_SHA = hashlib.sha256((PAST_TENSE_PROMPT + HYPOTHETICAL_PROMPT).encode()).hexdigest()
+ANSWER_OPENING = 'Reformulated request: "'  # the model's answer starts here (model_rewrites)
+MODEL_PROMPT_SHA = hashlib.sha256((PAST_TENSE_PROMPT + HYPOTHETICAL_PROMPT + ANSWER_OPENING).encode()).hexdigest()
 
 
 def rephrase_with_model(
@@ -511,6 +514,102 @@ def rephrase_with_model(
     return result
 
 
+SHIPPED = "rephrasings-advbench.jsonl"  # data/builtin: model-written rewrites of AdvBench's held-out split
+REPHRASERS = ("rule", "model")  # or "model:NAME": rewrites by NAME where none is shipped
+
+
+def check_rephraser(spec: str) -> str:
+    """ "rule", "model" (shipped rewrites, then the model under test) or "model:NAME"."""
+    kind, _, name = spec.partition(":")
+    if kind not in REPHRASERS or (kind == "rule" and name) or (spec.endswith(":") and not name):
+        raise UserError(f"rephraser: {spec!r} is not rule, model or model:NAME")
+    return spec
+
+
+def shipped_rewrites() -> tuple[dict[tuple[str, str], dict], dict]:
+    """{(style, original): row} of the shipped model rewrites, and their provenance (first line)."""
+    from importlib import resources
+
+    path = resources.files("safedistill") / "data" / "builtin" / SHIPPED
+    if not path.is_file():
+        return {}, {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return {}, {}
+    provenance = json.loads(lines[0])["provenance"]
+    rows = [json.loads(line) for line in lines[1:] if line.strip()]
+    return {(r["style"], r["original"]): r for r in rows}, provenance
+
+
+def _cache_path(model_name: str) -> Path:
+    from ..files import cache_dir
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[-80:]
+    return cache_dir() / "rephrase" / f"{slug}-{MODEL_PROMPT_SHA[:12]}.jsonl"
+
+
+def model_rephrase(
+    records: Sequence[PromptRecord], style: str, *, model_name: str, rewrite=None
+) -> tuple[list[PromptRecord], dict]:
+    """The model-written rewrites of `records` in `style`: shipped ones first, then those cached for
+    `model_name`, then `rewrite(records, style)` (model_rewrites with a loaded model) for the rest,
+    cached, so every model evaluated later answers the same items. Copies and rewrites that lost
+    the request are dropped. Returns the kept records (meta: original, overlap, rephrased_by) and
+    what was done: counts, mean word overlap, the provenance of the shipped file."""
+    if style not in STYLES:
+        raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
+    shipped, provenance = shipped_rewrites()
+    cache = _cache_path(model_name)
+    cached = {}
+    if cache.is_file():
+        cached = {(r["style"], r["original"]): r for r in map(json.loads, cache.read_text().splitlines())}
+    found: dict[str, tuple[dict, str]] = {}
+    for r in records:
+        key = (style, r.prompt)
+        if key in shipped:
+            found[r.id] = (shipped[key], f"shipped ({provenance.get('model', 'model')})")
+        elif key in cached:
+            found[r.id] = (cached[key], model_name)
+    missing = [r for r in records if r.id not in found]
+    if missing and rewrite is not None:
+        rows = rewrite(missing, style)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("a", encoding="utf-8") as f:
+            for row in rows:
+                keep = {k: row[k] for k in ("original", "style", "rewrite", "overlap", "dropped")}
+                f.write(json.dumps(keep) + "\n")
+        for r, row in zip(missing, rows, strict=True):
+            found[r.id] = (row, model_name)
+    out = []
+    for r in records:
+        row, by = found.get(r.id, (None, ""))
+        if row is None or not row.get("rewrite"):
+            continue
+        new = _rewritten(r, row["rewrite"], style)
+        meta = {**new.meta, "rephrased_by": by, "overlap": f"{row['overlap']:.3f}"}
+        out.append(dataclasses.replace(new, meta=meta))
+    overlaps = [float(x.meta["overlap"]) for x in out]
+    summary = {
+        "rephraser": "model",
+        "kept": len(out),
+        "dropped": sum(1 for r in records if r.id in found and not found[r.id][0].get("rewrite")),
+        "not_rewritten": sum(1 for r in records if r.id not in found),
+        "mean_overlap": sum(overlaps) / len(overlaps) if overlaps else None,
+        "shipped": provenance or None,
+    }
+    return out, summary
+
+
+def rule_summary(records: Sequence[PromptRecord]) -> dict:
+    """The rule-based rewrites' counterpart of model_rephrase's summary (their word overlap)."""
+    overlaps = [word_overlap(r.prompt, r.meta.get("original", "")) for r in records]
+    return {
+        "rephraser": "rule",
+        "kept": len(records),
+        "mean_overlap": sum(overlaps) / len(overlaps) if overlaps else None,
+    }
+
+
 def word_overlap(rewrite: str, original: str) -> float:
     """Share of the original's words (lower-cased, letters only) that the rewrite repeats: 1.0 is a
     copy; the rule-based rewrites keep most of the wording, a user's own rephrasing much less."""
@@ -524,7 +623,7 @@ def model_rewrites(
     records: Sequence[PromptRecord],
     style: str,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 48,
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
@@ -539,7 +638,9 @@ def model_rewrites(
     from ..models import chat_text
 
     records = list(records)
-    texts = [chat_text(tokenizer, _MODEL_PROMPTS[style].format(request=r.prompt)) for r in records]
+    # The answer is opened with the examples' own label, so a small model continues the pattern
+    # instead of repeating the request (Qwen2.5-0.5B copied every request without it).
+    texts = [chat_text(tokenizer, _MODEL_PROMPTS[style].format(request=r.prompt)) + ANSWER_OPENING for r in records]
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
     outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
     rows = []

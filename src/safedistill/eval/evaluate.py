@@ -9,13 +9,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..data.packaged import Manifest
-from ..data.rephrase import STYLES, rephrase
+from ..data.rephrase import STYLES, check_rephraser, model_rephrase, model_rewrites, rephrase, rule_summary
 from ..data.schema import PromptRecord
 from ..data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
 from ..data.splits import split_records, take
@@ -54,6 +54,9 @@ class EvalSettings:
     # on that S along its own answers to the harmful prompts, SafeSteer's figure of whether S grew or shrank.
     safety_tokens: str | None = None
     axes: str = "all"  # comma-separated subset of AXES, or "all"
+    # Who writes the generalisation axis's rephrasings: "rule" (data/rephrase.py's rules), "model" (the
+    # shipped model rewrites of AdvBench's held-out split, then the model under test, cached), "model:NAME".
+    rephraser: str = "rule"
 
 
 # Every axis `evaluate` can run, in the order it runs them. Drift needs the base model beside the
@@ -209,6 +212,7 @@ class EvalItems:
     agreement: dict  # the judge's agreement with human labels, quoted by every report
     safety_ids: list[int] | None = None  # S, when settings.safety_tokens names one
     axes: tuple[str, ...] = AXES
+    rephrasing: dict = field(default_factory=dict)  # style -> how its rewrites were made (model_rephrase)
 
 
 def jailbreak_records(harmful: list[PromptRecord], templates: list[dict]) -> list[PromptRecord]:
@@ -228,6 +232,7 @@ def load_items(judge, settings: EvalSettings) -> EvalItems:
     overrefusal = held_out(settings.overrefusal, settings, manifest) if {"overrefusal", "drift"} & set(axes) else []
     benign = held_out(settings.benign, settings, manifest) if {"expressiveness", "drift"} & set(axes) else []
     styles = generalization_styles(settings.generalization) if "generalization" in axes else []
+    check_rephraser(settings.rephraser)
     rephrased = {style: rephrase(harmful, style) for style in styles}
     templates = load_jailbreak_templates(manifest) if "jailbreak" in axes else []
     basket = capability_basket(settings) if "capability" in axes else []
@@ -246,6 +251,32 @@ def load_items(judge, settings: EvalSettings) -> EvalItems:
         safety_ids=safety_token_ids(settings.safety_tokens) if settings.safety_tokens and "safety" in axes else None,
         axes=axes,
     )
+
+
+def model_rephrasings(
+    model, tokenizer, items: EvalItems, settings: EvalSettings, model_name: str, progress: bool
+) -> None:
+    """Replace the rule-based rephrasings by model-written ones (settings.rephraser "model" or
+    "model:NAME"): shipped, cached for that model, or written now and cached."""
+    kind, _, name = settings.rephraser.partition(":")
+    if kind == "rule":
+        items.rephrasing = {style: rule_summary(rs) for style, rs in items.rephrased.items()}
+        return
+    writer: list = []  # (model, tokenizer) of the rephrasing model, loaded only if something is missing
+
+    def rewrite(records, style):
+        if not writer:
+            if name:
+                from ..models import load_model
+
+                writer.append(load_model(name, device=next(model.parameters()).device))
+            else:
+                writer.append((model, tokenizer))
+        return model_rewrites(*writer[0], records, style, progress=progress)
+
+    for style in list(items.rephrased):
+        kept, summary = model_rephrase(items.harmful, style, model_name=name or model_name, rewrite=rewrite)
+        items.rephrased[style], items.rephrasing[style] = kept, summary
 
 
 def check_items_fit(model, tokenizer, items: EvalItems, settings: EvalSettings) -> None:
@@ -343,6 +374,7 @@ def safety_axis(run: EvalRun, axis: str, records: list[PromptRecord], task: str 
                     "score": v.score,
                     "refusal": v.refusal,
                     "outcome": v.outcome,
+                    **{k: r.meta[k] for k in ("original", "overlap", "rephrased_by") if k in r.meta},
                     "value": int(v.label == "safe"),
                     "success": int(p >= 0.5),
                     "success_score": p,
@@ -576,6 +608,7 @@ def evaluate(
     """(results, generations): load and check every item, then the chosen axes in AXES order, then
     the summary. Drift runs only with a `reference` (the base model and its answers)."""
     items = load_items(judge, settings)
+    model_rephrasings(model, tokenizer, items, settings, model_name, progress)
     check_items_fit(model, tokenizer, items, settings)
     run = EvalRun(model, tokenizer, judge, settings, progress)
     start = time.perf_counter()
@@ -593,7 +626,9 @@ def evaluate(
             results["mass_on_s"] = mass_axis(run, items.harmful, items.safety_ids)
     if "generalization" in axes:
         results["generalization"] = {
-            style: safety_axis(run, "generalization", rs, style) for style, rs in items.rephrased.items()
+            style: safety_axis(run, "generalization", rs, style) | {"rephrasing": items.rephrasing.get(style)}
+            for style, rs in items.rephrased.items()
+            if rs  # every model rewrite of a style dropped: nothing to ask
         }
     if "jailbreak" in axes:
         results["jailbreak"] = safety_axis(run, "jailbreak", items.jailbreak)

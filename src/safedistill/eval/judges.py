@@ -370,7 +370,7 @@ def _attack_success_model(judge: HeuristicJudge):
 
     key = str(cache_dir())
     if key not in _MODELS:
-        _MODELS[key] = load_or_train(HeuristicJudge().outcome)
+        _MODELS[key] = load_or_train(HeuristicJudge().outcome, content_stems)
     return _MODELS[key]
 
 

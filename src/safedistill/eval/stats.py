@@ -298,6 +298,29 @@ def _significant(lo: float, hi: float, p: float) -> bool:
     return lo > 0 or hi < 0
 
 
+def binary_metrics(truth: list[int], pred: list[int]) -> dict:
+    """Accuracy, precision, recall (positive = refusal), Cohen's kappa and the confusion counts."""
+    tp = sum(t and p for t, p in zip(truth, pred, strict=True))
+    fp = sum((not t) and p for t, p in zip(truth, pred, strict=True))
+    fn = sum(t and not p for t, p in zip(truth, pred, strict=True))
+    n = len(truth)
+    tn = n - tp - fp - fn
+    acc = (tp + tn) / n
+    expected = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
+    kappa = (acc - expected) / (1 - expected) if expected < 1 else float(acc == 1.0)
+    return {
+        "accuracy": acc,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "kappa": kappa,
+        "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
 def figure(value: float, digits: int = 3, *, signed: bool = False) -> str:
     """`digits` decimals, or that many significant digits for a nonzero value below 10**-digits in
     size: a rate never needs them, a probability mass such as SafeSteer's S (about 1e-4) does."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig, problems
+from ..data.rephrase import check_rephraser
 from ..engine.backends import ROLLOUT_BACKENDS
 from ..errors import UserError
 from ..eval.evaluate import EvalSettings, capability_basket, generalization_styles, parse_axes
@@ -146,6 +147,7 @@ def check_config(cfg: RunConfig) -> None:
         ("capability", lambda: capability_basket(EvalSettings(capability=cfg.capability))),
         ("eval_generalization", lambda: generalization_styles(cfg.eval_generalization)),
         ("eval_axes", lambda: parse_axes(cfg.eval_axes)),
+        ("eval_rephraser", lambda: check_rephraser(cfg.eval_rephraser)),
     ):
         try:
             check()
