@@ -304,3 +304,15 @@ def test_model_rephrasings_are_cached_and_drop_lost_requests(tiny_llama_dir, iso
     cached = list((isolated_cache / "rephrase").glob("tiny-*.jsonl"))
     rows = [json.loads(x) for x in cached[0].read_text().splitlines()]
     assert len(rows) == 3 and all(r["rewrite"] is None and r["dropped"] for r in rows)
+
+
+def test_axes_in_config_and_cli_name_the_same_axes(capsys):
+    from safedistill.cli import build_parser
+    from safedistill.config import load_config
+
+    with pytest.raises(UserError, match="config field 'eval_axes'"):
+        load_config("opsa", overrides=["eval_axes=safety,bogus"])
+    assert load_config("opsa", overrides=["eval_axes=capability,drift"]).eval_axes == "capability,drift"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    assert ",".join(AXES) in capsys.readouterr().out.replace("\n", "").replace(" ", "")
