@@ -120,12 +120,22 @@ def answer_kl(
         kl = (logp_t.exp() * (logp_t - logp_b)).sum(-1).clamp_min(0.0)  # [B, T]
         kls += ((kl * m).sum(-1) / m.sum(-1).clamp_min(1.0)).tolist()
         if index is not None:
-            qt = logp_t.exp().index_select(-1, index.to(logp_t.device)).sum(-1).clamp(1e-12, 1 - 1e-12)
-            qb = logp_b.exp().index_select(-1, index.to(logp_b.device)).sum(-1).clamp(1e-12, 1 - 1e-12)
-            split = (qt * (qt / qb).log() + (1 - qt) * ((1 - qt) / (1 - qb)).log()).clamp_min(0.0)
+            split = torch.zeros_like(kl)
+            for a, b in _two_way(logp_t, logp_b, index.to(logp_t.device)):  # S, then not S
+                split += torch.xlogy(a, a) - torch.xlogy(a, b.clamp_min(1e-30))
+            split = split.clamp_min(0.0)
             total = (kl * m).sum(-1)
             shares += torch.where(total > 0, (split * m).sum(-1) / total.clamp_min(1e-30), 0.0).tolist()
     return kls, (shares if index is not None else None)
+
+
+def _two_way(logp_t: torch.Tensor, logp_b: torch.Tensor, index: torch.Tensor):
+    """(trained, base) probability of S and of the rest, each summed in its own pass so that a mass
+    near 1 does not leave the other side at a rounded 0."""
+    inside = torch.zeros(logp_t.size(-1), dtype=torch.bool, device=logp_t.device)
+    inside[index] = True
+    for side in (inside, ~inside):
+        yield logp_t[..., side].exp().sum(-1), logp_b[..., side].exp().sum(-1)
 
 
 def ratio_interval(num: list[float], den: list[float], *, seed: int = 0, n_boot: int = 4000) -> dict:
