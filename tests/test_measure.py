@@ -309,10 +309,15 @@ def test_model_rephrasings_are_cached_and_drop_lost_requests(tiny_llama_dir, iso
 def test_axes_in_config_and_cli_name_the_same_axes(capsys):
     from safedistill.cli import build_parser
     from safedistill.config import load_config
+    from safedistill.methods import check_config
 
     with pytest.raises(UserError, match="config field 'eval_axes'"):
-        load_config("opsa", overrides=["eval_axes=safety,bogus"])
-    assert load_config("opsa", overrides=["eval_axes=capability,drift"]).eval_axes == "capability,drift"
+        check_config(load_config("opsa", overrides=["eval_axes=safety,bogus"]))
+    with pytest.raises(UserError, match="config field 'eval_rephraser'"):
+        check_config(load_config("opsa", overrides=["eval_rephraser=llm"]))
+    good = load_config("opsa", overrides=["eval_axes=capability,drift", "eval_rephraser=model"])
+    check_config(good)
+    assert good.eval_axes == "capability,drift"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--help"])
     assert ",".join(AXES) in capsys.readouterr().out.replace("\n", "").replace(" ", "")
