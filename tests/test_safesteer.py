@@ -356,6 +356,9 @@ def test_steer_cli_writes_its_files(steered, five_dir, tmp_path, capsys):
     assert loaded["steering"]["vector"].dtype == torch.float64
     S = json.loads((out / "safety_tokens.json").read_text())["tokens"]
     assert loaded["vocab_ids"].tolist() == [t["id"] for t in S] and len(S) == 6
+    record = info["safety_tokens"]  # how S was chosen: rule, H, the floor and the prompts used
+    assert (record["rule"], record["horizon"], record["min_prob"]) == ("published", 7, 1e-8)
+    assert record["prompts"] and set(record["prompts"]) <= set(BENIGN) and record["n_prompts"] == len(record["prompts"])
     assert main(["steer", "--model", five_dir, "--out", str(tmp_path / "x"), "--layers", "a,b"]) == 2
     assert "steer_layers" in capsys.readouterr().err
 

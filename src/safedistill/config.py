@@ -67,11 +67,40 @@ class DataSettings:
     n_benign: int = opt(32, "training prompts taken from the benign train split")
     benign_ratio: float | None = opt(None, "if set, n_benign = round(n_harmful * r / (1 - r)): share of benign")
     split_seed: int = opt(0, "same split as the evaluation, so eval prompts are never trained on")
+    borderline_source: str | None = opt(
+        None,
+        "ours: borderline-safe prompts added to the benign side of training, so the teacher's helpful answer on them is "
+        "distilled too: overrefusal (the built-in set's train side; the eval keeps the rest) or a JSONL file; never "
+        "XSTest (evaluation-only)",
+    )
+    n_borderline: int = opt(
+        16, "how many borderline prompts (a seeded sample of the train side) when borderline_source"
+    )
     targets: Targets = opt("demonstrations", "sft: demonstrations | teacher (its generations) | external | refined")
     demonstrations: str = opt("builtin:safety_demos", "targets=demonstrations|refined: builtin:NAME or JSONL")
     n_samples: int | None = opt(None, "demonstrations|refined: at most N, seeded (10 are among 30); None: all")
     external_model: str | None = opt(None, "targets=external: the model whose generations are the targets")
     keep_only_safe: bool = opt(True, "targets=teacher|external: keep harmful-prompt targets the judge calls safe")
+
+
+@dataclass
+class AugmentSettings:
+    """Ours, off in the paper presets: a share of the harmful training prompts rephrased."""
+
+    augment: str = opt(
+        "",
+        "rewrite styles for harmful training prompts, comma-separated: past_tense, hypothetical, third_person, "
+        "research, role (empty: off). Written once by augment_model from the train split, cached in augment.jsonl",
+    )
+    augment_share: float = opt(
+        0.5,
+        "share of the harmful training prompts (prompts or demonstrations) replaced by a rewrite, styles taken in "
+        "turn; which ones is fixed by the seed, so each batch carries this share in expectation",
+    )
+    augment_model: str | None = opt(
+        None,
+        "the model that writes the rewrites: null = the model being trained (before training), or a model id/alias",
+    )
 
 
 @dataclass
@@ -109,7 +138,19 @@ class SteeringSettings:
     steer_prompts: int = opt(16, "harmful and harmless train prompts each for the direction and its search")
     steer_from: str | None = opt(None, "a `safedistill steer` output dir to reuse instead of searching in the run")
     safety_tokens_k: int = opt(50, "|S|, the vocabulary ids the safety_tokens mask sums over")
-    safety_token_prompts: int = opt(8, "harmless train prompts (disjoint from the direction's) sampled to choose S")
+    safety_token_prompts: int = opt(
+        32,
+        "harmless train prompts (disjoint from the direction's) sampled to choose S; the published rule keeps those "
+        "the unsteered model does not refuse (published 32)",
+    )
+    safety_token_rule: Literal["published", "legacy"] = opt(
+        "published",
+        "how S is chosen: published (Anjingkun/SafeSteer get_safe_tokens, vote: samples forced to H-1 tokens, H "
+        "positions, positions from the unsteered greedy end-of-turn on skipped, special/'<|' tokens and the floor "
+        "excluded before each position's top-200) | legacy (this project's first rule: floor after the vote, H-1 "
+        "positions, short samples dropped, all S prompts)",
+    )
+    safety_token_horizon: int = opt(7, "H: positions scored per steered sample (H-1 sampled tokens; published 7)")
     safety_token_min_prob: float = opt(
         1e-8,
         "S keeps tokens whose mean steered probability is at least this (published 1e-8); on a small model a "
@@ -284,6 +325,7 @@ class ScaleSettings:
 SECTIONS: dict[str, type] = {
     "run": RunSettings,
     "data": DataSettings,
+    "augment": AugmentSettings,
     "teacher": TeacherSettings,
     "steering": SteeringSettings,
     "copsd": CopsdSettings,
@@ -307,6 +349,7 @@ class RunConfig(
     CopsdSettings,
     SteeringSettings,
     TeacherSettings,
+    AugmentSettings,
     DataSettings,
     RunSettings,
 ):
@@ -362,6 +405,8 @@ def inferred_method(saved: dict) -> str | None:
 # when the field applies to its config.
 ADDED = {
     "method": (inferred_method, lambda saved: True),
+    # S chosen in the run itself (no steer_from) before the published rule existed
+    "safety_token_rule": ("legacy", lambda saved: saved.get("vocab_mask") == "safety_tokens"),
     "reward_level": ("token", lambda saved: saved.get("objective") == "clipped_reward"),
     "cross_sft_seed_context": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
     "cross_sft_harmful_share": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
@@ -496,6 +541,14 @@ def load_config(preset: str, *, config_file: str | None = None, overrides: list[
     return config
 
 
+# Rewrite styles of `augment` (data/augment.py holds their prompts; config imports nothing from there).
+AUGMENT_STYLES = ("past_tense", "hypothetical", "third_person", "research", "role")
+
+
+def _known_styles(text: str) -> bool:
+    return all(x.strip() in AUGMENT_STYLES for x in text.split(",") if x.strip())
+
+
 def _number_list(text: str, cast) -> bool:
     try:
         return text.strip() == "auto" or len([cast(x) for x in text.split(",")]) > 0
@@ -557,10 +610,35 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
             "refine_reasoning_template",
             TEMPLATE,
         ),
+        *_added_ranges(c),
     ]
 
 
 TEMPLATE = "must name an existing template file"
+
+
+def _added_ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
+    """The single-field checks of the S selection's and the augment section's fields."""
+    return [
+        (c.safety_token_horizon >= 1, "safety_token_horizon", "must be at least 1"),
+        (
+            c.safety_token_rule == "published" or c.safety_token_horizon >= 2,
+            "safety_token_horizon",
+            "must be at least 2 with safety_token_rule: legacy (it scores the H-1 sampled positions)",
+        ),
+        (0 < c.augment_share <= 1, "augment_share", "must be in (0, 1]"),
+        (
+            _known_styles(c.augment),
+            "augment",
+            f"must be empty or comma-separated styles out of {', '.join(AUGMENT_STYLES)}",
+        ),
+        (
+            c.borderline_source not in ("xstest-safe", "xstest-unsafe"),
+            "borderline_source",
+            "XSTest is evaluation-only; use overrefusal (the built-in set's train side) or a JSONL file",
+        ),
+        (c.n_borderline >= 1, "n_borderline", "must be at least 1"),
+    ]
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:

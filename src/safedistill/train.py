@@ -316,9 +316,10 @@ def finished_run(cfg: RunConfig, out: Path) -> dict | None:
     return {"base": json.loads(files[1].read_text()), "final": json.loads(files[2].read_text())}
 
 
-# What a run writes before its first step, besides its method's preparation (methods.prepared_files);
+# What a run writes before its first step, besides its method's preparation (methods.prepared_files;
+# augment.jsonl is the recipe's, for every method);
 # a run that never got there may be replaced.
-BEFORE_FIRST_STEP = ("eval_base.json", "generations_base.jsonl", "manifest.json", "checkpoints")
+BEFORE_FIRST_STEP = ("eval_base.json", "generations_base.jsonl", "manifest.json", "augment.jsonl", "checkpoints")
 
 
 def run_started(out: Path) -> bool:
@@ -337,12 +338,18 @@ def preflight(cfg: RunConfig) -> None:
 
     methods.check_config(cfg)
     check_model(cfg.model)
+    if cfg.augment_model and cfg.augment:
+        try:
+            check_model(cfg.augment_model)
+        except UserError as e:
+            raise UserError(f"config field 'augment_model': {e}") from None
     if cfg.judge not in OFFLINE_JUDGES:
         kind, sep, target = cfg.judge.partition(":")
         known = [*OFFLINE_JUDGES, *(f"{k}:MODEL" for k in GUARD_KINDS)]
         check_hub_name(target if sep and kind in GUARD_KINDS else cfg.judge, known=known, what="judge")
-    fields = ("harmful_source", "benign_source", *(("eval_overrefusal",) if cfg.eval else ()))
-    for field in fields[:2]:
+    trained = ("harmful_source", "benign_source", *(("borderline_source",) if cfg.borderline_source else ()))
+    fields = (*trained, *(("eval_overrefusal",) if cfg.eval else ()))
+    for field in trained:
         try:
             check_trainable(getattr(cfg, field))
         except UserError as e:
@@ -365,10 +372,11 @@ def sections_of(cfg: RunConfig, method: methods.Method) -> dict:
 
 
 def prepare_method(cfg: RunConfig, setup: methods.Setup) -> methods.Prepared:
-    """The method's own preparation (before LoRA is added) with the sections its row names, then
-    the vocabulary mask's ids for an on-policy run."""
+    """The method's own preparation (before LoRA is added) with the sections its row names, the
+    augment section's rewrites (any method), then the vocabulary mask's ids for an on-policy run."""
     method = methods.METHODS[cfg.method]
     prepared = method.prepare(setup, **sections_of(cfg, method))
+    prepared = methods.augment_prepared(cfg.section("augment"), setup, prepared)
     if cfg.trainer != "onpolicy":
         return prepared
     return methods.add_vocab_mask(cfg.vocab_mask, setup, cfg.section("steering"), cfg.section("teacher"), prepared)

@@ -31,6 +31,7 @@ class Demonstration:
     id: str = ""
     reasoning: str | None = None
     source: str = ""
+    category: str = ""  # "benign" marks a benign demonstration (augment rewrites the others)
 
     def to_dict(self) -> dict:
         return asdict(self)

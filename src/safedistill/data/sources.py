@@ -215,8 +215,10 @@ NAMED_SOURCES: dict[str, Callable[[Manifest | None], list[PromptRecord]]] = {
 
 
 # Never used for training, so the evaluation may use all of them: published benchmarks are scored
-# on their whole set, and a training run must not draw from them.
-EVAL_ONLY = {"overrefusal", "xstest-safe", "xstest-unsafe", "strongreject", "uncensorbench"}
+# on their whole set, and a training run must not draw from them. The built-in over-refusal set is
+# not among them: it is split like the other named sources (borderline_source trains on its train
+# side; the evaluation and the collapse probe use its held-out side).
+EVAL_ONLY = {"xstest-safe", "xstest-unsafe", "strongreject", "uncensorbench"}
 
 
 def check_trainable(source: str) -> None:
@@ -362,6 +364,7 @@ def load_demonstrations(
                 str(r.get("id", f"demo-{n:04d}")),
                 r.get("reasoning"),
                 source,
+                str(r.get("category", "")),
             )
         )
     if not out:

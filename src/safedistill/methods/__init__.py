@@ -21,7 +21,7 @@ from ..searches import context as context_search
 from ..searches import steering as steering_search
 from ..teachers import TEACHERS, Teacher, TeacherKind
 from . import copsd, cross_sft, dgr, external_kd, offpolicy_sd, opsa, safesteer, sft, targets
-from .base import Prepared, Setup, add_vocab_mask
+from .base import Prepared, Setup, add_vocab_mask, augment_prepared
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,7 @@ __all__ = [
     "Prepared",
     "Setup",
     "add_vocab_mask",
+    "augment_prepared",
     "check_config",
     "make_teacher",
     "prepared_files",

@@ -7,19 +7,28 @@ prompts and its teacher's inputs for on-policy methods, targets for SFT methods.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import DataSettings, SteeringSettings, TeacherSettings
+from ..config import AugmentSettings, DataSettings, SteeringSettings, TeacherSettings
+from ..data.augment import FRAMES, SHOTS, evaluation_items, parse_styles, rewrites, rewritten
 from ..data.packaged import Manifest
-from ..data.schema import Demonstration
+from ..data.rephrase import STYLES as REPHRASE_STYLES
+from ..data.rephrase import clean_model_rewrite, rephrase_with_model
+from ..data.schema import Demonstration, PromptRecord
+from ..data.sources import check_trainable
 from ..data.splits import take
 from ..data.train import TrainSplits
+from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
 from ..losses.masks import VOCAB_MASKS
+from ..models import chat_text, load_model
 from ..searches.steering import SteeringSearch, prepare_steering
 from ..teachers.base import Item
 
@@ -68,9 +77,81 @@ def training_items(data: DataSettings, splits: TrainSplits, seed: int) -> list[I
         if len(picked) < n:
             print(f"note: {source} has only {len(picked)} training prompts (asked for {n})", file=sys.stderr)
         items += [Item(r.id, r.prompt, group) for r in picked]
+    if data.borderline_source:
+        items += borderline_items(data.borderline_source, data.n_borderline, splits, seed=seed)
     if not items:
         raise UserError("no training prompts")
     return items
+
+
+def borderline_items(source: str, n: int, splits: TrainSplits, *, seed: int) -> list[Item]:
+    """Borderline-safe prompts for the benign side (the teacher's helpful answer is distilled on
+    them too): a seeded sample of the train side of `source`, split as the evaluation splits it, so
+    the built-in over-refusal set's eval side stays held out. XSTest never: it is evaluation-only."""
+    check_trainable(source)
+    picked = take(splits.of(source), n, seed=seed + 3)
+    if len(picked) < n:
+        print(f"note: {source} has only {len(picked)} borderline training prompts (asked for {n})", file=sys.stderr)
+    return [Item(r.id, r.prompt, "benign") for r in picked]
+
+
+def augment_prepared(section: AugmentSettings, setup: Setup, prepared: Prepared) -> Prepared:
+    """`augment`: a share of the harmful training prompts (on-policy items with group harmful, SFT
+    targets not marked benign) replaced by rewrites written once from the train side
+    (data/augment.py); the prompts the evaluation holds out are never rewritten."""
+    if not parse_styles(section.augment):
+        return prepared
+    harmful = [x for x in prepared.data if (x.group == "harmful" if isinstance(x, Item) else x.category != "benign")]
+
+    rows, excluded = rewrites(
+        section,
+        [PromptRecord(x.id, x.prompt) for x in harmful],
+        writer=(
+            model_writer(section.augment_model, setup),
+            section.augment_model or "the trained model (before training)",
+        ),
+        eval_items=evaluation_items(setup.splits.harmful_source, setup.splits.split_seed),
+        seed=setup.seed,
+        out=setup.out,
+        manifest=setup.manifest,
+    )
+    if excluded:
+        print(
+            f"note: augment left {excluded} harmful prompts unrewritten: they are also evaluation items",
+            file=sys.stderr,
+        )
+    if prepared.targets is not None:
+        return dataclasses.replace(prepared, targets=rewritten(prepared.targets, rows))
+    return dataclasses.replace(prepared, items=rewritten(prepared.items, rows))
+
+
+def model_writer(name: str | None, setup: Setup) -> Callable[[list[PromptRecord], str], list[tuple[str, str]]]:
+    """(records, style) -> one (rewrite, made by) per record, written greedily by model `name` (the
+    base model when None, loaded on first use): the eval's few-shot prompts for past_tense and
+    hypothetical (its rule when the answer is unusable), data/augment.SHOTS for the other styles (a
+    fixed frame of the style when the answer is unusable)."""
+
+    @functools.cache
+    def loaded():
+        if name is None:
+            return setup.model, setup.tok
+        return load_model(name, device=next(setup.model.parameters()).device)
+
+    def write(records: list[PromptRecord], style: str) -> list[tuple[str, str]]:
+        model, tok = loaded()
+        if style in REPHRASE_STYLES:
+            done = rephrase_with_model(model, tok, records, style, progress=setup.progress)
+            return [(r.prompt, r.meta.get("rephrased_by", "model")) for r in done]
+        texts = [chat_text(tok, SHOTS[style].format(request=r.prompt)) for r in records]
+        settings = SamplingSettings(max_new_tokens=96, temperature=0.0, batch_size=16)
+        outs, _ = generate(model, tok, texts, settings, desc=f"augment ({style})", progress=setup.progress)
+        cleaned = [clean_model_rewrite(o.text, r.prompt) for r, o in zip(records, outs, strict=True)]
+        return [
+            (text, "model") if text else (FRAMES[style].format(request=r.prompt), "frame")
+            for r, text in zip(records, cleaned, strict=True)
+        ]
+
+    return write
 
 
 def steering_search(s: Setup, steering: SteeringSettings, teacher: TeacherSettings) -> SteeringSearch:

@@ -54,7 +54,7 @@ def generated_targets(
     for it, r, v in zip(items, rollouts, verdicts, strict=True):
         keep = not data.keep_only_safe or it.group != "harmful" or v.safe_target
         if keep and r.text.strip():
-            targets.append(Demonstration(it.prompt, r.text, it.id, None, source))
+            targets.append(Demonstration(it.prompt, r.text, it.id, None, source, it.group))
     if not targets:
         raise UserError("no generated target survived the judge; try another context or keep_only_safe=false")
     write_jsonl(path, [t.to_dict() for t in targets])

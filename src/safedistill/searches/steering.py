@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..data.splits import take
 from ..data.train import TrainSplits
-from ..engine.rollout import SamplingSettings, encode_prompts, generate
-from ..engine.scoring import response_logits
+from ..engine.rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
+from ..engine.scoring import cache_arg, response_logits, returned_cache
 from ..errors import UserError
 from ..files import write_json
 from ..models import chat_text
@@ -52,8 +52,9 @@ REFUSAL_PREFIXES = (
 
 FILES = ("steering.json", "steering_direction.safetensors", "safety_tokens.json")
 SAMPLES = 8  # steered samples per harmless prompt (published)
-HORIZON = 7  # H: S is read off the first H-1 new tokens (published)
+HORIZON = 7  # H positions scored: the first answer position and one after each of H-1 samples (published)
 VOTE_TOP = 200  # each position's top entries by log-ratio get a vote (published)
+SAFETY_TOKEN_RULES = ("published", "legacy")
 
 
 def post_instruction_length(tokenizer, prompts: Sequence[str]) -> int:
@@ -361,7 +362,6 @@ def parse_list(text: str, cast, field: str) -> list | None:
         raise UserError(f"{field}: expected comma-separated numbers or auto, got {text!r}") from None
 
 
-@torch.no_grad()
 def safety_tokens(
     model,
     tokenizer,
@@ -373,13 +373,242 @@ def safety_tokens(
     k: int = 50,
     seed: int = 0,
     min_prob: float = 1e-8,
+    horizon: int = HORIZON,
+    rule: str = "published",
 ) -> list[dict]:
-    """S: on `prompts`, SAMPLES steered samples of HORIZON-1 tokens each; at every sampled position
-    the VOTE_TOP entries with the largest log p_steered - log p_base get one vote; the k most voted
-    non-special tokens whose mean steered probability is >= min_prob are kept."""
+    """S (see select_safety_tokens), without the record of how it was chosen."""
+    steering = (layer, vector, scale)
+    return select_safety_tokens(
+        model, tokenizer, prompts, steering, k=k, seed=seed, min_prob=min_prob, horizon=horizon, rule=rule
+    )[0]
+
+
+@torch.no_grad()
+def select_safety_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    steering: tuple,
+    *,
+    k: int = 50,
+    seed: int = 0,
+    min_prob: float = 1e-8,
+    horizon: int = HORIZON,
+    rule: str = "published",
+    vote_top: int = VOTE_TOP,
+) -> tuple[list[dict], dict]:
+    """(S, how it was chosen). `published` is the authors' get_safe_tokens (vote): SAMPLES steered
+    samples per prompt forced to horizon-1 tokens; steered and unsteered log-probs at the `horizon`
+    positions (the first answer position and one after each sampled token), a position skipped
+    from the unsteered model's first greedy end-of-turn on; special tokens, tokens containing "<|"
+    and tokens under the floor set to -inf BEFORE each position's top-`vote_top`. `legacy` is this
+    project's first reading (unforced samples, horizon-1 positions, the floor after the vote)."""
+    if rule not in SAFETY_TOKEN_RULES:
+        raise UserError(f"safety_token_rule: {rule!r} unknown (known: {', '.join(SAFETY_TOKEN_RULES)})")
+    if rule == "legacy":
+        return _legacy_safety_tokens(model, tokenizer, prompts, steering, k, seed, min_prob, horizon, vote_top)
+    prompt_ids = encode_prompts(tokenizer, [chat_text(tokenizer, p) for p in prompts])
+    prompt_ids = [ids for ids in prompt_ids for _ in range(SAMPLES)]
+    stops = end_of_turn_ids(tokenizer, model)
+    sampled = forced_samples(model, prompt_ids, horizon - 1, steering, stops, seed=seed, pad=_pad(tokenizer))
+    lp_s, lp_b = horizon_logprobs(model, prompt_ids, sampled, steering, pad=_pad(tokenizer))
+    banned = banned_token_ids(tokenizer, lp_s.size(-1))
+    picked, info = published_vote(lp_s, lp_b, stops, banned, min_prob=min_prob, k=k, vote_top=vote_top)
+    tokens = [{**row, "text": tokenizer.decode([row["id"]])} for row in picked]
+    sampling = {"temperature": 1.0, "top_p": 1.0, **generation_defaults(model)}
+    return tokens, {
+        "rule": rule,
+        "horizon": horizon,
+        "samples": SAMPLES,
+        "sampling": sampling,
+        "vote_top": vote_top,
+        **info,
+    }
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def end_of_turn_ids(tokenizer, model=None) -> list[int]:
+    """The ids the published code treats as the end of a turn: EOS and the chat templates'
+    end-of-turn tokens (<|eot_id|>, <|end_of_text|>, <|im_end|>, <|endoftext|>, ...)."""
+    ids = set(stop_token_ids(tokenizer, model))
+    for name in ("<|end_of_text|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def banned_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Special tokens and every token whose string contains "<|" (the published
+    exclude_special_tokens): bool [vocab_size]."""
+    banned = torch.zeros(vocab_size, dtype=torch.bool)
+    n = min(len(tokenizer), vocab_size)
+    names = tokenizer.convert_ids_to_tokens(list(range(n)))
+    ids = [i for i in tokenizer.all_special_ids if i < vocab_size]
+    ids += [i for i, name in enumerate(names) if isinstance(name, str) and "<|" in name]
+    banned[ids] = True
+    return banned
+
+
+def generation_defaults(model) -> dict:
+    """What HF `generate(do_sample=True, temperature=1, top_p=1)` adds from the model's generation
+    config, as the authors' sampling call leaves them: top-k (HF's default 50) and the repetition
+    penalty (1.0 unless the model sets one, e.g. Qwen2.5's 1.05)."""
+    config = getattr(model, "generation_config", None)
+    top_k = getattr(config, "top_k", 50)
+    penalty = getattr(config, "repetition_penalty", 1.0)
+    return {"top_k": int(top_k) if top_k else 0, "repetition_penalty": float(penalty or 1.0)}
+
+
+def forced_samples(
+    model, prompt_ids: list[list[int]], n_new: int, steering: tuple, stops: Sequence[int], *, seed: int, pad: int
+) -> list[list[int]]:
+    """`n_new` tokens per prompt sampled from the steered model (temperature 1, top-p 1, and the
+    model's generation-config top-k and repetition penalty, as HF generate applies them to the
+    authors' call) with every end-of-turn id masked out, so each sample has exactly n_new tokens
+    (the published min_new_tokens = max_new_tokens = horizon - 1). Seeded; batched, left-padded."""
+    if n_new <= 0:
+        return [[] for _ in prompt_ids]
+    sampling = generation_defaults(model)
+    out: list[list[int]] = []
+    with torch.random.fork_rng(devices=[]), steer(model, *steering):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompt_ids), 32):
+            out += _forced_batch(model, prompt_ids[start : start + 32], n_new, stops, pad, **sampling)
+    return out
+
+
+def _forced_batch(model, chunk, n_new: int, stops, pad: int, *, top_k: int, repetition_penalty: float) -> list:
+    device = next(model.parameters()).device
+    width = max(len(p) for p in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, p in enumerate(chunk):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    past, seen, step_ids = None, ids, ids
+    position = (attn.cumsum(-1) - 1).clamp(min=0)
+    for _ in range(n_new):
+        res = model(
+            input_ids=step_ids.to(device),
+            attention_mask=attn.to(device),
+            position_ids=position.to(device),
+            use_cache=True,
+            **(cache_arg(model, past) if past is not None else {}),
+        )
+        past = returned_cache(res)
+        logits = res.logits[:, -1].float().cpu()
+        if repetition_penalty != 1.0:  # HF's RepetitionPenaltyLogitsProcessor, over the whole row
+            picked = logits.gather(1, seen)
+            logits.scatter_(1, seen, torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty))
+        logits[:, list(stops)] = float("-inf")
+        if top_k and top_k < logits.size(-1):
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        step_ids = torch.multinomial(logits.softmax(-1), 1)
+        seen = torch.cat([seen, step_ids], dim=1)
+        attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
+        position = position[:, -1:] + 1
+    return seen[:, width:].tolist()
+
+
+def horizon_logprobs(model, prompt_ids, sampled, steering: tuple, *, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steered, unsteered) log-probs [N, H, V] (float32) at the H = len(sample) + 1 positions:
+    the first answer position and one after each sampled token. A placeholder appended to each
+    sample stands for the token after the last position: logits never see their own target."""
+    lp_s, lp_b = [], []
+    for start in range(0, len(prompt_ids), 32):
+        p = prompt_ids[start : start + 32]
+        r = [[*s, pad] for s in sampled[start : start + 32]]
+        base, _ = response_logits(model, p, r, pad_id=pad)
+        with steer(model, *steering):
+            steered, _ = response_logits(model, p, r, pad_id=pad)
+        lp_b.append(base.float().log_softmax(-1).cpu())
+        lp_s.append(steered.float().log_softmax(-1).cpu())
+    return torch.cat(lp_s), torch.cat(lp_b)
+
+
+def published_vote(
+    lp_s: torch.Tensor,
+    lp_b: torch.Tensor,
+    stops: Sequence[int],
+    banned: torch.Tensor,
+    *,
+    min_prob: float,
+    k: int,
+    vote_top: int = VOTE_TOP,
+) -> tuple[list[dict], dict]:
+    """The published vote on [N, H, V] log-probs. A row's positions from the first one whose
+    unsteered argmax is an end-of-turn id on are skipped; mean probabilities are over the kept
+    (row, position) pairs; banned ids and ids whose mean steered probability is under `min_prob`
+    are -inf before each position's top-`vote_top` by log p_steered - log p_base; the k most voted
+    (ties: larger mean log-ratio, then lower id) with at least one vote form S."""
+    argmax = lp_b.argmax(-1)
+    is_end = torch.isin(argmax, torch.tensor(list(stops), dtype=argmax.dtype))
+    valid = ~(is_end.long().cummax(dim=1).values.bool())  # [N, H]
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise UserError("safety tokens: the unsteered model ends its turn at every scored position")
+    V = lp_s.size(-1)
+    prob_s, prob_b, ratio = _position_means(lp_s, lp_b, valid)
+    below = prob_s < min_prob
+    excluded = banned | below
+    votes = torch.zeros(V, dtype=torch.long)
+    for t in range(lp_s.size(1)):
+        for rows in valid[:, t].nonzero().flatten().split(64):
+            delta = lp_s[rows, t] - lp_b[rows, t]
+            delta[:, excluded] = float("-inf")
+            top = delta.topk(min(vote_top, V), dim=-1)
+            votes += torch.bincount(top.indices[torch.isfinite(top.values)], minlength=V)
+    votes[excluded] = 0
+    candidates = [int(i) for i in (votes > 0).nonzero().flatten()]
+    order = sorted(candidates, key=lambda i: (-int(votes[i]), -float(ratio[i]), i))[:k]
+    picked = [
+        {
+            "id": i,
+            "votes": int(votes[i]),
+            "mean_steered_prob": float(prob_s[i]),
+            "mean_base_prob": float(prob_b[i]),
+            "mean_log_ratio": float(ratio[i]),
+        }
+        for i in order
+    ]
+    info = {
+        "min_prob": min_prob,
+        "positions_total": int(valid.numel()),
+        "positions_scored": n_valid,
+        "positions_skipped_end_of_turn": int(valid.numel()) - n_valid,
+        "excluded_special_or_template": int(banned.sum()),
+        "excluded_below_floor": int((below & ~banned).sum()),
+        "mass_steered": float(prob_s[order].sum()) if order else 0.0,
+    }
+    return picked, info
+
+
+def _position_means(lp_s: torch.Tensor, lp_b: torch.Tensor, valid: torch.Tensor) -> tuple:
+    """Mean steered probability, unsteered probability and log-ratio per vocabulary entry over the
+    kept (row, position) pairs, float64, in chunks of rows ([N, H, V] is large for a real vocabulary)."""
+    sums = [torch.zeros(lp_s.size(-1), dtype=torch.float64) for _ in range(3)]
+    for rows in torch.arange(lp_s.size(0)).split(64):
+        w = valid[rows].unsqueeze(-1).double()
+        sums[0] += (lp_s[rows].double().exp() * w).sum((0, 1))
+        sums[1] += (lp_b[rows].double().exp() * w).sum((0, 1))
+        sums[2] += ((lp_s[rows] - lp_b[rows]).double() * w).sum((0, 1))
+    n = int(valid.sum())
+    return tuple(x / n for x in sums)
+
+
+def _legacy_safety_tokens(model, tokenizer, prompts, steering, k, seed, min_prob, horizon, vote_top) -> tuple:
+    """This project's first rule: SAMPLES steered samples of horizon-1 tokens (stopping at EOS,
+    empty ones dropped); at every sampled position (horizon-1 of them) the top-vote_top entries by
+    log-ratio get a vote; the k most voted non-special tokens with mean steered probability >=
+    min_prob (the floor applied after the vote)."""
     texts = [chat_text(tokenizer, p) for p in prompts for _ in range(SAMPLES)]
-    settings = SamplingSettings(max_new_tokens=HORIZON - 1, temperature=1.0, batch_size=32, seed=seed)
-    with steer(model, layer, vector, scale):
+    settings = SamplingSettings(max_new_tokens=horizon - 1, temperature=1.0, batch_size=32, seed=seed)
+    with steer(model, *steering):
         rollouts, _ = generate(model, tokenizer, texts, settings, progress=False)
     keep = [r for r in rollouts if r.response_ids]
     if not keep:
@@ -387,8 +616,7 @@ def safety_tokens(
     prompt_ids = encode_prompts(tokenizer, [chat_text(tokenizer, p) for p in prompts])
     prompt_ids = [prompt_ids[i // SAMPLES] for i, r in enumerate(rollouts) if r.response_ids]
     responses = [r.response_ids for r in keep]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    votes, prob_sum, ratio_sum, n_pos = _votes(model, prompt_ids, responses, pad, (layer, vector, scale))
+    votes, prob_sum, ratio_sum, n_pos = _votes(model, prompt_ids, responses, _pad(tokenizer), steering, vote_top)
     V = votes.numel()
     mean_prob = prob_sum / n_pos
     eligible = votes > 0
@@ -399,7 +627,7 @@ def safety_tokens(
         (int(i) for i in eligible.nonzero().flatten()),
         key=lambda i: (-float(votes[i]), -float(ratio_sum[i]), i),
     )[:k]
-    return [
+    tokens = [
         {
             "id": i,
             "text": tokenizer.decode([i]),
@@ -409,10 +637,21 @@ def safety_tokens(
         }
         for i in order
     ]
+    info = {
+        "rule": "legacy",
+        "horizon": horizon,
+        "samples": SAMPLES,
+        "vote_top": vote_top,
+        "min_prob": min_prob,
+        "positions_scored": n_pos,
+        "samples_dropped_empty": len(rollouts) - len(keep),
+        "mass_steered": float(mean_prob[order].sum()) if order else 0.0,
+    }
+    return tokens, info
 
 
-def _votes(model, prompt_ids, responses, pad: int, steering: tuple) -> tuple:
-    """Per vocabulary entry: votes (top VOTE_TOP log-ratio at a position), summed steered
+def _votes(model, prompt_ids, responses, pad: int, steering: tuple, vote_top: int = VOTE_TOP) -> tuple:
+    """Per vocabulary entry: votes (top vote_top log-ratio at a position), summed steered
     probability (float64) and summed log-ratio over the sampled positions; and their count."""
     V = None
     votes = prob_sum = ratio_sum = None
@@ -428,7 +667,7 @@ def _votes(model, prompt_ids, responses, pad: int, steering: tuple) -> tuple:
         if V is None:
             V = diff.size(-1)
             votes, prob_sum, ratio_sum = torch.zeros(V), torch.zeros(V, dtype=torch.float64), torch.zeros(V)
-        top = diff.topk(min(VOTE_TOP, V), dim=-1).indices
+        top = diff.topk(min(vote_top, V), dim=-1).indices
         votes += torch.bincount(top.flatten().cpu(), minlength=V).float()
         prob_sum += ls.exp().double().sum(0).cpu()
         ratio_sum += diff.sum(0).cpu()
@@ -459,17 +698,7 @@ def search_steering(s: SteeringSearch, model, tok, judge, out: Path, *, progress
     context, directions, filters = found
     rows, chosen = choose_candidate(st, model, tok, directions, harmful, harmless, filters, progress)
     vector = directions[chosen["position"] + n_pos, chosen["layer"]]
-    tokens = safety_tokens(
-        model,
-        tok,
-        s_prompts,
-        layer=chosen["layer"],
-        vector=vector,
-        scale=chosen["scale"],
-        k=st.safety_tokens_k,
-        seed=s.seed,
-        min_prob=st.safety_token_min_prob,
-    )
+    tokens, s_info = choose_safety_tokens(st, s.seed, model, tok, s_prompts, (chosen["layer"], vector, chosen["scale"]))
     tokens_per_answer = s.teacher.context_search_tokens
     chosen.update(steered_refusals(model, tok, judge, harmful, chosen, vector, tokens_per_answer))
     chosen.update(intervention_refusals(model, tok, judge, harmful, harmless, chosen, vector, tokens_per_answer))
@@ -485,12 +714,39 @@ def search_steering(s: SteeringSearch, model, tok, judge, out: Path, *, progress
             "post_instruction_tokens": [tok.decode([t]) for t in suffix],
             "candidates": rows,
             "chosen": chosen,
+            "safety_tokens": s_info,
         },
     )
     save_file({"vector": vector.clone(), "directions": directions.contiguous()}, out / FILES[1])
-    meta = {"k": st.safety_tokens_k, "n_prompts": len(s_prompts), "samples": SAMPLES, "horizon": HORIZON}
+    meta = {"k": st.safety_tokens_k, **{key: v for key, v in s_info.items() if key != "prompts"}}
     write_json(out / "safety_tokens.json", {**meta, "tokens": tokens})
     return load_steering(out)
+
+
+def choose_safety_tokens(
+    st: SteeringSettings, seed: int, model, tok, prompts: Sequence[str], steering: tuple
+) -> tuple[list, dict]:
+    """S on the harmless validation prompts and the record steering.json keeps of it (rule, H,
+    floor, the prompts used). The published rule keeps only the prompts the unsteered model does
+    not refuse (refusal score < 0, as the pipeline's filter_data; all of them when fewer than 4 pass)."""
+    prompts, prompt_filter = list(prompts), None
+    if st.safety_token_rule == "published":
+        _, prompts, prompt_filter = refusal_filter(model, tok, [], prompts)
+    tokens, info = select_safety_tokens(
+        model,
+        tok,
+        prompts,
+        steering,
+        k=st.safety_tokens_k,
+        seed=seed,
+        min_prob=st.safety_token_min_prob,
+        horizon=st.safety_token_horizon,
+        rule=st.safety_token_rule,
+    )
+    info = {**info, "n_prompts": len(prompts), "prompts": prompts}
+    if prompt_filter is not None:
+        info["prompt_filter"] = {k: v for k, v in prompt_filter.items() if not k.startswith("harmful")}
+    return tokens, info
 
 
 def choose_candidate(
