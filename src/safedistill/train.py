@@ -26,6 +26,7 @@ from .engine.backends import rollout_backend
 from .engine.checkpoint import latest_checkpoint, load_training_state, load_weights, remove_partial, save_checkpoint
 from .engine.distributed import Processes, gathered, is_sharded, positions, unwrap
 from .engine.fit import Batching, StepDone, fit
+from .engine.memory import reset_peak_memory, step_peak_memory_mb
 from .engine.precision import autocast, resolve_precision
 from .engine.rollout import SamplingSettings, item_seed, stop_token_ids
 from .engine.scoring import response_logits
@@ -39,7 +40,16 @@ from .files import append_jsonl, atomic_write_text, read_log, write_json, write_
 from .losses.divergence import masked_mean, token_stats
 from .losses.masks import TOKEN_MASKS
 from .losses.objectives import OBJECTIVES, Scored, sampling_temperature, tempered, token_logprobs
-from .models import LoraSettings, add_lora, chat_text, load_model, resolve_device, save_model
+from .models import (
+    LoraSettings,
+    add_lora,
+    chat_text,
+    load_model,
+    load_options,
+    prepare_student,
+    resolve_device,
+    save_model,
+)
 from .teachers import TEACHERS
 from .teachers.base import FrozenBase, Item, Teacher
 
@@ -475,6 +485,7 @@ def metrics_row(done: StepDone, procs: Processes, scheduler, started: float) -> 
         step_seconds=done.seconds,
         tokens_per_s=tokens / done.seconds,
         wall_time=time.perf_counter() - started,
+        peak_memory_mb=step_peak_memory_mb(procs.device),  # this process's, since the previous row
     )
     return row
 
@@ -550,7 +561,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     random.seed(cfg.seed)
     manifest = Manifest()
     console.say(f"loading {cfg.model}")
-    model, tok = load_model(cfg.model, device=procs.device)
+    model, tok = load_model(cfg.model, device=procs.device, **load_options(cfg.section("model"), procs.device))
     judge = load_judge(cfg.judge)
     started = time.perf_counter()
     base_eval = run_eval(model, tok, cfg, out, "base", None, progress=progress) if cfg.eval and procs.is_main else None
@@ -563,6 +574,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     step_fn = build_step(cfg, model, tok, judge, prepared, frozen_teacher(cfg, procs))
+    model = prepare_student(model, cfg.section("model"))  # after the frozen copies: those keep the load dtype
     ckpt = checkpoint_to_resume(out, procs) if resume else None
     if ckpt is not None:
         load_weights(ckpt, model)
@@ -586,11 +598,11 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
 
 
 def frozen_teacher(cfg: RunConfig, procs: Processes):
-    """Full-parameter on-policy runs: the frozen base model the teacher runs, loaded from the
+    """Full-parameter on-policy runs: the frozen base model the teacher runs, loaded (in `dtype`) from the
     model's path and placed like the student (FSDP2 shards it), not copied from the student."""
     if cfg.lora or cfg.trainer != "onpolicy":
         return None
-    model, _ = load_model(cfg.model, device=procs.device)
+    model, _ = load_model(cfg.model, device=procs.device, **load_options(cfg.section("model"), procs.device))
     return procs.shard_model(model.eval().requires_grad_(False))
 
 
@@ -639,6 +651,7 @@ def run_steps(
         passes=cfg.ppo_epochs if cfg.trainer == "onpolicy" else 1,
     )
     seconds: list[float] = []
+    reset_peak_memory(procs.device)
     try:
         for done in loop:
             row = metrics_row(done, procs, scheduler, started)  # every process joins the all-reduce
@@ -709,6 +722,8 @@ def finish(
     reference = drift_reference(cfg, out, model) if cfg.eval and "drift" in parse_axes(cfg.eval_axes) else None
     if cfg.lora:  # merged for evaluation speed; kept as a PEFT model when drift disables the adapter
         model = model.merge_and_unload() if reference is None else merged_in_place(model)
+    else:  # the fp32 master weights, evaluated in the dtype the base model was evaluated in
+        model = model.to(load_options(cfg.section("model"), next(model.parameters()).device)["dtype"])
     adapter_note = str(out / "final") if cfg.lora else None
     final_eval = (
         run_eval(model, tok, cfg, out, "final", adapter_note, progress=progress, reference=reference)

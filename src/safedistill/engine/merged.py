@@ -4,7 +4,8 @@ Decoding is a long chain of small matrix-vector products; with the adapter unmer
 adapted projection adds two more tiny matmuls (and their dispatch) per token. The copy holds
 W + scale * B @ A, recomputed from the untouched base weights before each rollout (no drift from
 merge/unmerge round trips), so the samples come from the current student. With precision bf16
-the copy is stored in bf16: decoding reads half the bytes and needs no per-op casts.
+(or bf16 weights, `dtype`) the copy is stored in bf16: decoding reads half the bytes and needs no
+per-op casts.
 
 Costs one more copy of the weights in memory; LoRA runs only (full-parameter runs decode with the
 student itself).
@@ -42,7 +43,8 @@ class MergedRollouts:
         if not hasattr(student, "get_base_model"):
             return student
         if self.copy is None:
-            dtype = torch.bfloat16 if resolve_precision(self.precision, student.device) == "bf16" else torch.float32
+            base = student.get_base_model().get_input_embeddings().weight.dtype  # the load dtype
+            dtype = torch.bfloat16 if resolve_precision(self.precision, student.device) == "bf16" else base
             self.copy = copy.deepcopy(student).merge_and_unload().to(dtype).eval().requires_grad_(False)
             self._targets = dict(self.copy.named_modules())
         for name, layer in _lora_layers(student):

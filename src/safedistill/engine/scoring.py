@@ -48,6 +48,14 @@ def has_dropout(model) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
+def recomputes_layers(model) -> bool:
+    """Whether this forward runs under gradient checkpointing: the backward replays each layer,
+    which would write a KV cache a second time, so such a pass takes no shared-prefix cache."""
+    if not (model.training and torch.is_grad_enabled()):
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def response_logits(
     model,
     prompts: Sequence[Sequence[int]],
@@ -63,8 +71,9 @@ def response_logits(
     Without one, the prompts' shared leading tokens (the chat template's system turn) run once at
     batch 1 and are expanded over the batch, with gradient when gradients are on: the same
     logits and gradients as one pass per row (autograd sums over the expanded rows), for
-    fewer tokens. `share_prefix=False`, or a model with active dropout, runs every row whole."""
-    if prefix_cache is None and share_prefix and not has_dropout(model):
+    fewer tokens. `share_prefix=False`, a model with active dropout, or one under gradient
+    checkpointing, runs every row whole."""
+    if prefix_cache is None and share_prefix and not has_dropout(model) and not recomputes_layers(model):
         k = shared_prefix_length(prompts)
         if k:
             prefix_cache = _prefix_pass(model, prompts[0][:k])
