@@ -12,7 +12,7 @@ real model (rollouts run to max_new_tokens, which is the upper bound), the losse
 `--real` uses the aliases themselves where their weights are on the machine.
 
     python bench/gpu_check.py --stage                # here (CPU machine): bench/gpu_models/ (configs + tokenizers, ~15 MB)
-    python3 bench/gpu_check.py                       # on the GPU (carry bench/gpu_models): writes bench/results/gpu-check-*.{json,md}
+    python3 bench/gpu_check.py --results $OUT        # on the GPU (carry bench/gpu_models): gpu-check-*.{json,md}
     python bench/gpu_check.py --cpu                  # smoke run on CPU: 2 decoder layers, batch 2, 4 new tokens
 
 The FSDP2 rows need the `parallel` field (issue 22, multi-process part); on a commit without it they

@@ -155,6 +155,15 @@ def _launcher_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+def request_seeds(settings: SamplingSettings, n: int) -> list[int]:
+    """One sampling seed per prompt: the settings' per-item seeds where it has them, else derived
+    from its seed and the prompt's place (one stream per prompt, as vLLM seeds each request)."""
+    seeds = getattr(settings, "seeds", None)
+    if seeds:
+        return [int(s) for s in seeds]
+    return [(settings.seed * 1_000_003 + i) % 2**31 for i in range(n)]
+
+
 class VLLMGenerate:
     """Callable like `rollout.generate`; builds the engine on first use and pushes the student's
     weights before every call."""
@@ -222,10 +231,10 @@ class VLLMGenerate:
                 temperature=settings.temperature,
                 top_p=settings.top_p,
                 max_tokens=settings.max_new_tokens,
-                seed=(settings.seed * 1_000_003 + i) % 2**31,  # one stream per prompt
+                seed=seed,
                 stop_token_ids=stops,
             )
-            for i in range(len(encoded))
+            for seed in request_seeds(settings, len(encoded))
         ]
         t0 = time.perf_counter()
         try:
