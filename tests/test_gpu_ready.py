@@ -125,7 +125,8 @@ def test_old_run_dirs_agree_on_cpu_with_the_default_dtype():
 
 
 def test_peak_memory_rises_with_a_large_allocation():
-    reset_peak_memory("cpu")
+    if not reset_peak_memory("cpu"):
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     base = peak_memory_mb("cpu")
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert peak_memory_mb("cpu") >= base + 60

@@ -378,8 +378,9 @@ def load_model(
         if not attn:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if attn_implementation == "eager" else "; eager runs everywhere"
         raise UserError(
-            f"config field 'attn_implementation': {attn_implementation} cannot run here ({first})"
+            f"config field 'attn_implementation': {attn_implementation} cannot run here ({first}){hint}"
         ) from None
     if adapter is not None:
         from peft import PeftModel
