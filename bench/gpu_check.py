@@ -209,6 +209,7 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU: 2 layers, batch 2, 4 new tokens")
     ap.add_argument("--real", action="store_true", help="the aliases' real weights (must be on this machine)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
+    ap.add_argument("--modes", default="lora,full", help="lora,full (empty: only the FSDP2 comparison)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per run (the whole check: 6 runs)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -236,8 +237,9 @@ def main() -> int:
         t0 = time.perf_counter()
         model_dirs[name] = materialise(staged, work / "models" / name, 2 if args.cpu else None)
         print(f"{name}: random weights, real architecture ({time.perf_counter() - t0:.0f} s to build)", flush=True)
+    modes = [m for m in args.modes.split(",") if m]
     for name in models:
-        for lora in (True, False):
+        for lora in [m == "lora" for m in modes]:
             label = f"{name} {'LoRA' if lora else 'full'}"
             out = work / "runs" / label.replace(" ", "-")
             r = run_once(
