@@ -68,6 +68,7 @@ def one(spec: str) -> dict:
     dtype, mode, ckpt = spec.split(",")
     lora = mode == "lora"
     overrides = [f"dtype={dtype}", f"lora={lora}", f"gradient_checkpointing={bool(int(ckpt))}", "context=ctx-h04"]
+    overrides.append("diagnostics_every=0")  # the collapse probe is no part of the step
     cfg = load_config("opsa", overrides=overrides)
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
