@@ -284,7 +284,11 @@ class OptimSettings:
         "a checkpoint holds whole steps)",
     )
     steps: int = opt(24, "optimizer steps")
-    precision: Precision = opt("fp32", "fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 if fast)")
+    precision: Precision = opt(
+        "fp32",
+        "compute: fp32 | bf16 (autocast for teacher and student passes) | auto (bf16 if fast); the weights' storage "
+        "dtype is `dtype` (model section)",
+    )
     save_every: int = opt(4, "checkpoint every N steps (adapter/weights, optimizer, RNG, data position)")
     diverge_entropy: float | None = opt(
         0.95,
