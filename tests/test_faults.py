@@ -39,8 +39,9 @@ SETTINGS = {
     "context_confirm_prompts": 2,
     "context_search_tokens": 4,
 }
-# Figures that measure time, not the computation.
+# Figures that measure time (and memory), not the computation.
 TIMING = ("step_seconds", "tokens_per_s", "rollout_tokens_per_s", "wall_time", "t_rollout", "t_teacher", "t_student")
+TIMING += ("peak_memory_mb",)  # a measurement of the process, not of the computation
 
 
 @pytest.fixture(scope="module")
