@@ -172,7 +172,8 @@ def summarise(result: dict) -> dict:
 def device_info(cpu: bool) -> dict:
     import torch
 
-    from safedistill.engine.precision import resolve_precision, weights_dtype
+    from safedistill.engine.precision import resolve_precision
+    from safedistill.models import weights_dtype
 
     device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"

@@ -11,10 +11,9 @@ import yaml
 from helpers import run_settings, write_sources
 from safedistill.config import RunConfig, load_config, settings_differ, to_yaml
 from safedistill.engine.memory import peak_memory_mb, reset_peak_memory, step_peak_memory_mb
-from safedistill.engine.precision import weights_dtype
 from safedistill.engine.scoring import recomputes_layers, response_logits, shared_prefix_length
 from safedistill.errors import UserError
-from safedistill.models import LoraSettings, add_lora, load_model, load_options, prepare_student
+from safedistill.models import LoraSettings, add_lora, load_model, load_options, prepare_student, weights_dtype
 from safedistill.train import train
 
 
@@ -106,13 +105,15 @@ def test_attn_implementation_reaches_the_model_config(tiny_dir, impl):
     assert model.config._attn_implementation == impl
 
 
-def test_unknown_or_unavailable_attention_is_one_line(tiny_dir, sources):
+def test_unknown_or_unavailable_attention_is_one_line(tiny_dir, sources, tmp_path):
     with pytest.raises(UserError) as bad:
         load_config("opsa", overrides=run_settings(tiny_dir, sources, attn_implementation="flash"))
     assert "attn_implementation" in str(bad.value) and "\n" not in str(bad.value)
-    with pytest.raises(UserError) as missing:  # no flash-attn and no CUDA device here
-        load_config("opsa", overrides=run_settings(tiny_dir, sources, attn_implementation="flash_attention_2"))
+    cfg = load_config("opsa", overrides=run_settings(tiny_dir, sources, attn_implementation="flash_attention_2"))
+    with pytest.raises(UserError) as missing:  # no flash-attn and no CUDA device here: refused before any write
+        train(cfg, tmp_path / "run", progress=False)
     assert "flash-attn" in str(missing.value) and "\n" not in str(missing.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_old_run_dirs_agree_on_cpu_with_the_default_dtype():

@@ -442,12 +442,14 @@ ADDED = {
 
 
 def _auto_dtype_is_bf16(device: str) -> bool:
-    from .engine.precision import weights_dtype
-
-    try:
-        return weights_dtype("auto", device) == "bf16"
-    except Exception:  # noqa: BLE001 - a saved device this machine lacks: the old run's fp32 is what it knew
+    """Whether `dtype: auto` means bf16 for a run on `device` on this machine: the rule of
+    engine/precision.weights_dtype (CUDA with bf16), restated because config imports nothing of
+    the package."""
+    if str(device).startswith("cpu"):
         return False
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def choices(name: str) -> tuple | None:
@@ -641,11 +643,6 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.safety_token_prompts >= 1, "safety_token_prompts", "must be at least 1"),
         (0 <= c.safety_token_min_prob < 1, "safety_token_min_prob", "must be in [0, 1)"),
         (0 < c.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]"),
-        (
-            c.attn_implementation != "flash_attention_2" or _flash_attention_ready(c.device),
-            "attn_implementation",
-            "flash_attention_2 needs the flash-attn package and a CUDA device (pip install flash-attn); use sdpa",
-        ),
         (c.refine_template is None or Path(c.refine_template).is_file(), "refine_template", TEMPLATE),
         (
             c.refine_reasoning_template is None or Path(c.refine_reasoning_template).is_file(),
@@ -681,12 +678,6 @@ def _added_ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         ),
         (c.n_borderline >= 1, "n_borderline", "must be at least 1"),
     ]
-
-
-def _flash_attention_ready(device: str) -> bool:
-    from .engine.precision import flash_attention_ready
-
-    return flash_attention_ready(device)
 
 
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -396,12 +397,54 @@ def load_model(
     return model, tok
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """A torch device; "auto" is cuda when there is one (as models.resolve_device)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cuda_has_bf16(device: str | torch.device) -> bool:
+    return _device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def weights_dtype(dtype: str, device: str | torch.device) -> str:
+    """'fp32' or 'bf16' for the `dtype` field (auto | bf16 | fp32) on `device`. auto takes bf16 only
+    on CUDA with bf16: on a CPU bf16 weights would change every number of a run for a memory
+    saving that a 135M model does not need (ask for it with dtype: bf16)."""
+    if dtype == "auto":
+        return "bf16" if cuda_has_bf16(device) else "fp32"
+    if dtype not in DTYPES:
+        raise UserError(f"config field 'dtype' must be auto, bf16 or fp32 (got {dtype!r})")
+    if dtype == "bf16" and _device(device).type == "cuda" and not cuda_has_bf16(device):
+        raise UserError("config field 'dtype': bf16 is not supported by this CUDA device; use fp32 or auto")
+    return dtype
+
+
+def flash_attention_ready(device: str | torch.device) -> bool:
+    """flash_attention_2 runs only with the flash-attn package on a CUDA device."""
+    on_cuda = _device(device).type == "cuda" and torch.cuda.is_available()
+    return on_cuda and importlib.util.find_spec("flash_attn") is not None
+
+
 def load_options(settings: ModelSettings, device: str | torch.device) -> dict:
     """load_model's keyword arguments for the run's model section: the weights' dtype (auto:
     bf16 on CUDA with bf16, fp32 on CPU) and the attention implementation."""
-    from .engine.precision import DTYPES, weights_dtype
-
     return {"dtype": DTYPES[weights_dtype(settings.dtype, device)], "attn_implementation": settings.attn_implementation}
+
+
+def check_loading(settings: ModelSettings, device: str) -> None:
+    """The model section's checks that need no weights (run before anything is written): a bf16
+    request the CUDA device cannot honour, flash_attention_2 without flash-attn or CUDA."""
+    weights_dtype(settings.dtype, device)
+    if settings.attn_implementation == "flash_attention_2" and not flash_attention_ready(device):
+        raise UserError(
+            "config field 'attn_implementation': flash_attention_2 needs the flash-attn package and a CUDA device "
+            "(pip install flash-attn); use sdpa"
+        )
 
 
 def prepare_student(model, settings: ModelSettings):

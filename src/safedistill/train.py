@@ -344,10 +344,11 @@ def preflight(cfg: RunConfig) -> None:
     directory behind."""
     from .data.sources import check_trainable, load_prompts
     from .eval.judging import GUARD_KINDS, OFFLINE_JUDGES
-    from .models import check_hub_name, check_model
+    from .models import check_hub_name, check_loading, check_model
 
     methods.check_config(cfg)
     check_model(cfg.model)
+    check_loading(cfg.section("model"), cfg.device)
     if cfg.augment_model and cfg.augment:
         try:
             check_model(cfg.augment_model)

@@ -2,7 +2,8 @@
 
 - `dtype` (model section): what the weights are STORED in. auto = bf16 on a CUDA device with bf16
   support, fp32 on CPU (so CPU runs keep their numbers: the CPU default was, and stays, fp32).
-  Frozen weights take it; trained parameters are always fp32 master weights (see models.py).
+  Frozen weights take it; trained parameters are always fp32 master weights (models.py:
+  weights_dtype, prepare_student).
 - `precision` (optim section): bf16 AUTOCAST for the teacher and student passes where the hardware
   runs it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX), float32 otherwise.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 
 import torch
 
@@ -50,36 +50,3 @@ def autocast(precision: str, device: str | torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _device(device: str | torch.device) -> torch.device:
-    """A torch device; "auto" is cuda when there is one (as models.resolve_device)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cuda_has_bf16(device: str | torch.device) -> bool:
-    return _device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def weights_dtype(dtype: str, device: str | torch.device) -> str:
-    """'fp32' or 'bf16' for the `dtype` field (auto | bf16 | fp32) on `device`. auto takes bf16 only
-    on CUDA with bf16: on a CPU bf16 weights would change every number of a run for a memory
-    saving that a 135M model does not need (ask for it with dtype: bf16)."""
-    if dtype == "auto":
-        return "bf16" if cuda_has_bf16(device) else "fp32"
-    if dtype not in DTYPES:
-        raise UserError(f"config field 'dtype' must be auto, bf16 or fp32 (got {dtype!r})")
-    if dtype == "bf16" and _device(device).type == "cuda" and not cuda_has_bf16(device):
-        raise UserError("config field 'dtype': bf16 is not supported by this CUDA device; use fp32 or auto")
-    return dtype
-
-
-def flash_attention_ready(device: str | torch.device) -> bool:
-    """flash_attention_2 runs only with the flash-attn package on a CUDA device."""
-    on_cuda = _device(device).type == "cuda" and torch.cuda.is_available()
-    return on_cuda and importlib.util.find_spec("flash_attn") is not None

@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..models import resolve_model
-from .precision import weights_dtype
+from ..models import resolve_model, weights_dtype
 from .rollout import GenerationStats, Rollout, SamplingSettings, check_fits, encode_prompts, finish, stop_token_ids
 
 
