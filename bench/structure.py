@@ -41,6 +41,7 @@ LAYERS = (
     ("eval",),
     ("searches",),
     ("methods",),
+    ("rundir",),  # the run directory: its own files include the METHODS rows' (lazily)
     ("report.report",),
     ("train",),
     ("report",),

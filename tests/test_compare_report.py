@@ -372,3 +372,18 @@ def test_frontier_evaluates_a_real_checkpoint_as_the_trained_model(tmp_path, tin
     again = [(r["axis"], r["id"], r["response"]) for r in read_items(run / "generations_step-2.jsonl")]
     base = [(r["axis"], r["id"], r["response"]) for r in read_items(run / "generations_base.jsonl")]
     assert again == final and final != base  # training changed the answers, so this tells the two apart
+
+
+def test_compare_md_opens_with_the_answer(tmp_path, no_training):
+    safer = cmp_generations(set(range(24)), set(range(18)))
+    for seed in (0, 1):
+        make_run(tmp_path, "sft", seed, BASE, BASE)
+        make_run(tmp_path, "opsa", seed, BASE, safer)
+    no_training.compare(["sft", "opsa"], model="tiny", out=tmp_path, seeds=[0, 1], overrides=["steps=2"])
+    lines = (tmp_path / "compare.md").read_text().splitlines()
+    assert lines[2] == "## Answer" and lines[4] == "| method | harmful refusal | over-refusal | capability |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[6:8]}
+    assert rows["opsa"].startswith("| opsa | +0.500 [") and " up | " in rows["opsa"]
+    assert rows["sft"].startswith("| sft | +0.000 [") and "not distinguishable at n = 80 |" in rows["sft"]
+    verdict = next(i for i, line in enumerate(lines) if line.startswith("**opsa** is the only one"))
+    assert verdict < lines.index("## Against the base") and "## Verdict" not in lines

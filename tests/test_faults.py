@@ -12,13 +12,15 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from helpers import write_sources
-from safedistill.errors import RunDiverged
+from safedistill.errors import RunDiverged, UserError
+from safedistill.files import _file_mode
 from safedistill.train import EntropyGuard, degeneration
 
 # A tiny run that passes through every phase: context=auto ranks the built-in contexts.
@@ -172,3 +174,144 @@ def test_degeneration_is_named():
     assert "gradient norm was 0" in degeneration(flat, 400, 0.95)
     assert degeneration([{"loss": 1.0, "student_entropy": 1.0, "grad_norm": 0.5}] * 3, 400, 0.95) is None
     assert str(RunDiverged(3, "the loss is nan")) == "training diverged at step 3: the loss is nan"
+
+
+# ---- one process per run directory -----------------------------------------------------------------
+
+
+def listing(out: Path) -> dict[str, float]:
+    """Every file under `out` with its modification time: what a second process must not touch."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_second_process_on_a_run_directory_gets_one_line_and_exit_2(setup, reference, tmp_path):
+    out, release = tmp_path / "run", tmp_path / "release"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SAFEDISTILL_FAULT": "step:2:wait",
+        "SAFEDISTILL_WAIT_FILE": str(release),
+    }
+    cmd = [sys.executable, "-m", "safedistill.cli", "run", "opsa", *setup, "--out", str(out), "-q"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reached = Path(f"{release}.reached")
+        for _ in range(3000):
+            if reached.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert reached.exists(), first.communicate()[1][-2000:]
+        before = listing(out)
+        for resume in (False, True):
+            second = run(setup, out, resume=resume)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert second.stderr.strip() == (
+                f"safedistill: error: --out {out}: in use by another safedistill process (pid {first.pid}); "
+                "wait for it to finish or choose another --out"
+            )
+        assert listing(out) == before  # the second process wrote nothing
+        release.touch()
+        _, err = first.communicate(timeout=300)
+    finally:
+        release.touch()
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-2000:]
+    assert_same_run(out, reference)  # the first run's figures are those of a run alone
+    again = run(setup, out, resume=True)  # the lock went with the first process
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_the_lock_goes_with_a_killed_process(tmp_path):
+    """flock: a SIGKILLed holder leaves the marker file but no lock, with no cleanup by hand."""
+    from safedistill import rundir
+
+    out = tmp_path / "run"
+    code = f"from safedistill import rundir\nwith rundir.hold({str(out)!r}):\n    print('held', flush=True)\n    import time; time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"in use by another safedistill process \(pid {holder.pid}\)"
+        with pytest.raises(UserError, match=busy), rundir.hold(out):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / rundir.MARKER).exists()
+    with rundir.hold(out), rundir.hold(out):  # nests in the holding process (compare, then train)
+        busy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and f"(pid {os.getpid()})" in busy.stderr
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # released when the outer block ended
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_directory_from_before_the_marker_resumes(setup, reference, tmp_path):
+    import shutil
+
+    from safedistill import rundir
+
+    out = tmp_path / "run"
+    killed = run(setup, out, fault="checkpoint:2")
+    assert killed.returncode == -9
+    (out / rundir.MARKER).unlink()  # as a run written by an older safedistill left it
+    resumed = run(setup, out, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(out, reference)
+    assert (out / rundir.MARKER).is_file()
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    (old / rundir.MARKER).unlink()
+    (old / "notes.txt").write_text("mine")  # beside a file no run writes it is not recognisably a run
+    refused = run(setup, old, resume=True)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("(notes.txt is in the way); choose a new or empty directory")
+
+
+# ---- a full disk -----------------------------------------------------------------------------------
+
+# The writer safetensors uses, failing as it does on a full disk from its N-th file on.
+FULL_DISK = """
+import sys
+import safetensors.torch
+from safetensors import SafetensorError
+from safedistill.cli import main
+
+calls = []
+real = safetensors.torch.save_file
+
+
+def full(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) >= {nth}:
+        raise SafetensorError(
+            f"Error while serializing: I/O error: No space left on device (os error 28) at path {{filename!r}}"
+        )
+    return real(tensors, filename, metadata=metadata)
+
+
+safetensors.torch.save_file = full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_is_one_line_with_exit_4_and_resume_finishes(setup, reference, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", FULL_DISK.format(nth=3), "run", "opsa", *setup, "--out", str(out), "-q"]
+    full = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 4, full.stderr[-2000:]
+    err = full.stderr.strip().splitlines()
+    assert len(err) == 1, err
+    path = out / "checkpoints" / "step-4.partial" / "trainable.safetensors"
+    assert err[0].startswith(f"safedistill: error: cannot write {path}: No space left on device (needs ")
+    assert "free there); free some space, then rerun with --resume" in err[0]
+    assert (out / "checkpoints" / "step-2").is_dir() and not (out / "final").exists()
+    resumed = run(setup, out, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(out, reference)
+    for path in out.rglob("*.safetensors"):
+        assert path.stat().st_mode & 0o777 == _file_mode(), path  # as every other file (safetensors writes 0600)

@@ -306,3 +306,209 @@ def test_a_mistyped_cross_sft_seed_context_is_refused_before_anything_is_written
     message = cli_error(capsys)
     assert "cross_sft_seed_context" in message and "did you mean ctx-h07" in message
     assert not out.exists()
+
+
+# ---- what --out may be -----------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"config.yaml": "model: resnet50\nepochs: 3\n", "checkpoints/checkpoint-500/w.bin": "x"}, "config.yaml"),
+        ({"final/weights.txt": "mine"}, "final/"),
+        ({"notes.txt": "my notes"}, "notes.txt"),
+    ],
+    ids=["another-tools-run", "a-users-final", "a-users-notes"],
+)
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, capsys, files, named):
+    out = tmp_path / "o"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = tree(out)
+    start = time.perf_counter()
+    assert main(["run", "sft", "--out", str(out), "--set", "steps=1"]) == 2
+    assert time.perf_counter() - start < 5
+    assert cli_error(capsys) == (
+        f"safedistill: error: --out {out}: not empty and not a safedistill run ({named} is in the way); "
+        "choose a new or empty directory"
+    )
+    assert tree(out) == before and not (out / ".safedistill-run").exists()
+
+
+def test_only_the_runs_own_files_are_removed(tmp_path):
+    from safedistill import rundir
+
+    out = tmp_path / "o"
+    for name in ("checkpoints/checkpoint-500/w.bin", "checkpoints/step-2.partial/x", "eval_base.json", "notes.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    removed = rundir.remove(out, rundir.before_first_step())
+    assert removed == ["eval_base.json", "checkpoints"]
+    assert tree(out) == {"checkpoints/checkpoint-500/w.bin": "x", "notes.txt": "x"}
+
+
+def test_a_run_written_before_the_marker_is_still_a_run(tmp_path):
+    from safedistill import rundir
+    from safedistill.config import load_config, to_yaml
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(load_config("sft")))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "training_curve.png").write_bytes(b"png")
+    assert rundir.is_run(out)
+    rundir.check_out_dir(out)
+    (out / "notes.txt").write_text("mine")  # something a run does not write: not recognisably a run
+    assert not rundir.is_run(out)
+    with pytest.raises(UserError, match=r"notes\.txt is in the way"):
+        rundir.check_out_dir(out)
+
+
+@pytest.mark.parametrize("marker", [True, False], ids=["marked", "written-before-the-marker"])
+def test_eval_refuses_a_run_directory(tmp_path, capsys, marker):
+    from safedistill.config import load_config, to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config("sft")))
+    (run / "report.md").write_text("# the run's before/after report\n")
+    (run / "eval_base.json").write_text("{}")
+    if marker:
+        (run / ".safedistill-run").write_text("{}")
+    assert main(["eval", "--out", str(run), "--limit", "1"]) == 2
+    assert "a training run directory; eval would replace its report.md" in cli_error(capsys)
+    assert (run / "report.md").read_text() == "# the run's before/after report\n"
+
+
+def test_eval_out_a_dangling_symlink(tmp_path, capsys):
+    link = tmp_path / "o"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["eval", "--out", str(link), "--limit", "1"]) == 2
+    assert (
+        cli_error(capsys)
+        == f"safedistill: error: --out {link}: a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    )
+    assert not (tmp_path / "gone").exists()
+
+
+# ---- values refused at load, before anything is written --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("top_p=0", "config field 'top_p' must be in (0, 1] (got 0.0)"),
+        ("temperature=.inf", "config field 'temperature' must be a finite number >= 0 (0: greedy) (got inf)"),
+        ("learning_rate=inf", "config field 'learning_rate' must be a finite number > 0 (got inf)"),
+        ("learning_rate=0", "config field 'learning_rate' must be a finite number > 0 (got 0.0)"),
+        ("n_harmful=-5", "config field 'n_harmful' must be >= 0 (got -5)"),
+        ("n_benign=-1", "config field 'n_benign' must be >= 0 (got -1)"),
+        ("lora_r=0", "config field 'lora_r' must be at least 1 (got 0)"),
+        ("device=tpu", "config field 'device' is not a device name"),
+        ("base=sft", "--set base=sft: 'base' is for presets"),
+    ],
+)
+def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, capsys, setting, message):
+    out = tmp_path / "o"
+    assert main(["run", "opsa", "--out", str(out), "--set", setting]) == 2
+    assert message in cli_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch without CUDA")
+@pytest.mark.parametrize("command", [["run", "sft"], ["eval"], ["refine"]], ids=lambda c: c[0])
+def test_a_device_this_torch_lacks(tmp_path, capsys, command):
+    out = tmp_path / "o"
+    assert main([*command, "--out", str(out), "--device", "cuda"]) == 2
+    line = cli_error(capsys)
+    assert "names a device this torch" in line and line.endswith(
+        "(no cuda; use auto or cpu)" + ("" if command[0] != "run" else " (got 'cuda')")
+    )
+    assert not out.exists()
+
+
+def test_a_config_file_that_is_not_utf8_or_sets_base(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"context: caf\xe9 au lait\n")
+    assert main(["config", "show", "opsa", "--config", str(config)]) == 2
+    assert cli_error(capsys) == f"safedistill: error: {config}: not UTF-8 text (byte 0xe9 at offset 12)"
+    config.write_text("base: sft\nsteps: 3\n")
+    assert main(["run", "opsa", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert f"{config}: field 'base' is for presets" in cli_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"), [("tokenizer.json", "no tokenizer files"), ("model.safetensors", "no model weights")]
+)
+def test_a_model_folder_without_a_tokenizer_or_weights(tiny_llama_dir, tmp_path, capsys, remove, message):
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    for path in folder.glob(remove.replace("model.", "*.")):
+        path.unlink()
+    out = tmp_path / "o"
+    assert main(["run", "sft", "--out", str(out), "--model", str(folder)]) == 2
+    assert cli_error(capsys) == f"safedistill: error: {folder}: {message}" + (
+        " (*.safetensors or pytorch_model*.bin) beside config.json"
+        if "weights" in message
+        else " (tokenizer.json, tokenizer.model, vocab.json, spiece.model, vocab.txt) beside config.json"
+    )
+    assert not out.exists()
+    assert main(["eval", "--out", str(out), "--model", str(folder)]) == 2
+    assert message in cli_error(capsys)
+
+
+def test_an_adapter_made_for_another_base_model_is_named(tiny_llama_dir, tmp_path, capsys):
+    from safedistill.models import check_adapter
+
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/other"})
+    )
+    check_adapter(str(adapter), str(tiny_llama_dir))
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"safedistill: warning: {adapter} was trained on org/other (adapter_config.json base_model_name_or_path), "
+        f"not on {tiny_llama_dir}; its results on this model may mean nothing"
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(tiny_llama_dir)})
+    )
+    check_adapter(str(adapter), str(tiny_llama_dir))
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_refuses_a_preset_given_twice(tmp_path, capsys):
+    assert main(["compare", "opsa", "sft", "opsa", "--out", str(tmp_path / "o")]) == 2
+    assert cli_error(capsys) == "safedistill: error: compare: preset opsa given more than once; name each preset once"
+    assert not (tmp_path / "o").exists()
+
+
+def test_quiet_before_the_command_seeds_show_0_and_presets_say_did_you_mean(tmp_path, capsys):
+    assert main(["-q", "config", "show", "opsa"]) == 0
+    capsys.readouterr()
+    parsers = {p.prog: p for p in all_parsers(build_parser())}
+    for prog, flag in (("safedistill eval", "--eval-seed SEED, --seed SEED"), ("safedistill flip-rate", "--seed SEED")):
+        text = " ".join(parsers[prog].format_help().split())
+        assert f"{flag} " in text and "(default: 0)" in text.rsplit(flag, 1)[1].split("--", 1)[0], prog
+    assert main(["run", "ospa", "--out", str(tmp_path / "o")]) == 2
+    assert cli_error(capsys).endswith("; did you mean opsa?")
+
+
+def test_progress_bars_stay_off_when_stderr_is_no_terminal():
+    from safedistill import console
+
+    try:
+        console.set_quiet(False, tty=False)
+        assert console.bars() is False and not console.quiet()
+        console.set_quiet(False, tty=True)
+        assert console.bars() is True
+        console.set_quiet(True, tty=True)
+        assert console.bars() is False
+    finally:
+        console.set_quiet(False)

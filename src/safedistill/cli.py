@@ -11,9 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from . import __version__
+from . import __version__, console
 from .config import DgrSettings, choices, preset_names
 from .errors import RunDiverged, UserError
+from .files import WriteFailed
 
 DESCRIPTION = """\
 Make a small language model refuse harmful requests without losing its usefulness, by
@@ -25,8 +26,9 @@ Start here:
   safedistill eval --out runs/base                evaluate a model (or --adapter) as it is
   safedistill compare sft opsa --out runs/cmp     several presets over seeds: one table
 
-Bad input exits 2 with one line; a diverged run exits 3; Ctrl-C or SIGTERM exits 130/143 and
-`run ... --resume` continues from the last checkpoint. Run `safedistill COMMAND --help` for details.
+Bad input exits 2 with one line; a diverged run exits 3; a write the disk refuses (full,
+read-only) exits 4; Ctrl-C or SIGTERM exits 130/143 and `run ... --resume` continues from the
+last checkpoint. Run `safedistill COMMAND --help` for details.
 """
 
 
@@ -35,7 +37,14 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.required or action.default in (None, False, [], argparse.SUPPRESS):
+        default = action.default  # 0 is a default worth showing (seeds), though 0 == False
+        if (
+            "default" in text
+            or action.required
+            or default is None
+            or default is False
+            or default in ([], argparse.SUPPRESS)
+        ):
             return text
         return super()._get_help_string(action)
 
@@ -52,6 +61,8 @@ def check_out(out: str, *, directory: bool = True) -> Path:
     """`--out` must be (or become) a writable directory (a writable file when directory=False),
     checked before anything is loaded or written."""
     path = Path(out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"--out {out}: a symbolic link to {os.readlink(path)}, which does not exist")
     if directory and path.exists() and not path.is_dir():
         raise UserError(f"--out {out}: exists and is a file, not a directory")
     if not directory and path.is_dir():
@@ -69,9 +80,11 @@ def check_out(out: str, *, directory: bool = True) -> Path:
 
 def _eval_settings(args: argparse.Namespace):
     """`eval`'s settings from its flags, every one checked before the model is loaded."""
+    from .config import device_problem
     from .data.rephrase import check_rephraser
     from .data.sources import load_prompts
     from .eval.evaluate import EvalSettings, capability_basket, generalization_styles, parse_axes, safety_token_ids
+    from .models import check_adapter, check_model
 
     settings = EvalSettings(
         harmful=args.harmful,
@@ -93,6 +106,12 @@ def _eval_settings(args: argparse.Namespace):
     check_rephraser(settings.rephraser)
     generalization_styles(settings.generalization)
     capability_basket(settings)
+    problem = device_problem(args.device)
+    if problem:
+        raise UserError(f"--device {args.device}: {problem}")
+    check_model(args.model)
+    if args.adapter is not None:
+        check_adapter(args.adapter, args.model)
     for source in (args.harmful, args.overrefusal):
         load_prompts(source)
     if settings.safety_tokens:
@@ -106,11 +125,17 @@ def _eval(args: argparse.Namespace) -> None:
     from .eval.drift import Reference, adapter_disabled
     from .eval.evaluate import evaluate, parse_axes
     from .eval.judging import load_judge
-    from .files import write_json, write_jsonl
+    from .files import atomic_write_text, write_json, write_jsonl
     from .models import load_model, resolve_device
     from .report.report import eval_report
+    from .rundir import is_run
 
     out = check_out(args.out)
+    if is_run(out):
+        raise UserError(
+            f"--out {args.out}: a training run directory; eval would replace its report.md, so give eval a "
+            f"directory of its own (e.g. {Path(args.out) / 'eval'})"
+        )
     torch.manual_seed(args.seed)
     settings = _eval_settings(args)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
@@ -125,27 +150,29 @@ def _eval(args: argparse.Namespace) -> None:
         settings,
         model_name=args.model,
         adapter=args.adapter,
-        progress=not args.quiet,
+        progress=console.bars(),
         reference=reference,
     )
     write_jsonl(out / "generations.jsonl", generations)
     write_json(out / "eval.json", results)
     report = eval_report(results, generations)
-    (out / "report.md").write_text(report)
+    atomic_write_text(out / "report.md", report)
     print(report.split("\n## Data")[0])
     print(f"wrote {out}/eval.json, generations.jsonl, report.md")
 
 
 def _run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .report.report import before_after_section
+    from .report.report import answer_block
+    from .rundir import check_out_dir
     from .train import train
 
-    check_out(args.out)
+    check_out_dir(check_out(args.out))
     cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, *_cli_overrides(args)])
-    result = train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
+    result = train(cfg, Path(args.out), resume=args.resume, progress=console.bars())
     if result["base"] and result["final"]:
-        print("\n".join(before_after_section(Path(args.out), result["base"], result["final"])))
+        answer = answer_block(Path(args.out), result["base"], result["final"])
+        print("\n".join(line for line in answer if not line.startswith("![")).rstrip())
     print(f"wrote {args.out}/report.md")
 
 
@@ -195,7 +222,7 @@ def _flip_rate(args: argparse.Namespace) -> None:
     model, tok = load_model(args.model, device=resolve_device("auto"))
     judge = load_judge(args.judge)
     search = search_contexts(
-        model, tok, judge, prompts, library, tokens=teacher.context_search_tokens, progress=not args.quiet
+        model, tok, judge, prompts, library, tokens=teacher.context_search_tokens, progress=console.bars()
     )
     write_json(Path(args.out) / "flip_rates.json", search)
     print("\n".join(flip_rate_lines(search)))
@@ -227,7 +254,7 @@ def _steer(args: argparse.Namespace) -> None:
     out = Path(args.out)
     splits = TrainSplits(cfg.harmful_source, cfg.benign_source, cfg.split_seed, manifest)
     search = SteeringSearch(cfg.section("steering"), cfg.section("teacher"), splits, cfg.seed, cfg.model)
-    prepared = search_steering(search, model, tok, load_judge(cfg.judge), out, progress=not args.quiet)
+    prepared = search_steering(search, model, tok, load_judge(cfg.judge), out, progress=console.bars())
     write_json(out / "manifest.json", manifest.to_list())
     import json
 
@@ -241,6 +268,9 @@ def _compare(args: argparse.Namespace) -> None:
     from .report.compare import compare, compare_report
 
     check_out(args.out)
+    twice = sorted({p for p in args.presets if args.presets.count(p) > 1})
+    if twice:
+        raise UserError(f"compare: preset {', '.join(twice)} given more than once; name each preset once")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -266,7 +296,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _refine(args: argparse.Namespace) -> None:
     import torch
 
-    from .config import RolloutSettings
+    from .config import RolloutSettings, device_problem
     from .data.external import EXTERNAL_SETS
     from .data.sources import load_demonstrations
     from .eval.judging import load_judge
@@ -292,12 +322,15 @@ def _refine(args: argparse.Namespace) -> None:
         RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
         seed=args.seed,
     )
+    problem = device_problem(args.device)
+    if problem:
+        raise UserError(f"--device {args.device}: {problem}")
     samples = load_demonstrations(data, harmful_source=args.harmful, split_seed=args.split_seed)
     samples = subset(samples, args.n_samples, args.seed)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device=resolve_device(args.device))
     meta = {"model": args.model, "data": data, "judge": args.judge, "n_samples": args.n_samples}
-    refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta, progress=not args.quiet)
+    refine_dataset(model, tok, load_judge(args.judge), samples, settings, Path(args.out), meta, progress=console.bars())
     print("\n".join(shift_lines(json.loads((Path(args.out) / "shift.json").read_text()))))
     print(f"wrote {args.out}/refined.jsonl, shift.json")
 
@@ -549,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = argparse.ArgumentParser(prog="safedistill", description=DESCRIPTION, formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Also before the command (`safedistill -q run ...`); its own dest, as a subcommand's default would reset it.
+    p.add_argument("-q", "--quiet", dest="quiet_all", action="store_true", help="as COMMAND -q")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (below)")
     for add in (
         _add_eval,
@@ -566,8 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import console
-
+    args.quiet = args.quiet or args.quiet_all
     console.set_quiet(args.quiet)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -581,8 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise
-        print(f"safedistill: error: cannot write {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
+        failed = e if isinstance(e, WriteFailed) else WriteFailed(e.errno, Path(e.filename or "."))
+        hint = ""
+        if args.command == "run" and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = f"; free some space, then rerun with --resume to continue from the last checkpoint in {args.out}"
+        print(f"safedistill: error: {failed.line()}{hint}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if args.command == "run":

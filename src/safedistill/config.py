@@ -13,6 +13,8 @@ is written. See docs/design.md.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -540,11 +542,17 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("safedistill.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+def _unknown_preset(preset: str) -> str:
+    close = difflib.get_close_matches(preset, preset_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown preset {preset!r} (known: {', '.join(preset_names())}){hint}"
+
+
 def _preset_values(preset: str, cfg: dict, seen: tuple[str, ...] = ()) -> None:
     """Apply a preset's YAML to `cfg`, its `base` (recursively) first."""
     where = f"configs/{preset}.yaml"
     if preset not in preset_names():
-        raise UserError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})")
+        raise UserError(_unknown_preset(preset))
     if preset in seen:
         raise UserError(f"{where}: base presets form a cycle ({' -> '.join((*seen, preset))})")
     data = _read_yaml(resources.files("safedistill.configs").joinpath(f"{preset}.yaml").read_text(), where)
@@ -557,19 +565,33 @@ def load_config(preset: str, *, config_file: str | None = None, overrides: list[
     """Preset YAML (after its base), then the user's YAML, then `--set key=value` (values parsed
     as YAML; `section.field` or the flat field name)."""
     if preset not in preset_names():
-        raise UserError(f"unknown preset {preset!r} (known: {', '.join(preset_names())})")
+        raise UserError(_unknown_preset(preset))
     cfg: dict = {}
     _preset_values(preset, cfg)
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise UserError(f"{config_file}: no such config file")
-        _apply(cfg, _read_yaml(path.read_text(), config_file), config_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{config_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+            ) from None
+        data = _read_yaml(text, config_file)
+        if data.get("base") not in (None, preset, cfg.get("base")):  # a saved config.yaml names its own lineage
+            raise UserError(
+                f"{config_file}: field 'base' is for presets; a --config file applies on top of the preset named on "
+                f"the command line (e.g. `safedistill run {data['base']} --config {config_file}`)"
+            )
+        _apply(cfg, data, config_file)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set {item}: expected key=value")
         name = _flat_name(key.strip(), f"--set {item}")
+        if name == "base" and raw.strip() not in (preset, str(cfg.get("base")), "null", "~", ""):
+            raise UserError(f"--set {item}: 'base' is for presets; name the preset on the command line instead")
         # Text fields take the value verbatim (a context may contain ': ' or read "no"); others parse as YAML.
         verbatim = str in _field_types(name) and raw.strip() not in {"null", "~"}
         value = raw if verbatim else _read_yaml(f"v: {raw}", f"--set {item}")["v"]
@@ -588,6 +610,31 @@ def _known_styles(text: str) -> bool:
     return all(x.strip() in AUGMENT_STYLES for x in text.split(",") if x.strip())
 
 
+def device_problem(spec: str) -> str | None:
+    """Why `spec` names no device this torch has (None when it does): checked at load, so that
+    `--device tpu` or `cuda` on a CPU-only build is one line before anything is written."""
+    if spec in ("auto", "cpu"):
+        return None
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        return "is not a device name (auto, cpu, cuda, cuda:1, mps, ...)"
+    if device.type == "cpu":
+        return None
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type == "mps":
+        available = torch.backends.mps.is_available
+    if available is None or not available():
+        return f"names a device this torch {torch.__version__} does not have (no {device.type}; use auto or cpu)"
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        return f"names {device.type} device {device.index}, but this machine has {count()}"
+    return None
+
+
 def _number_list(text: str, cast) -> bool:
     try:
         return text.strip() == "auto" or len([cast(x) for x in text.split(",")]) > 0
@@ -602,9 +649,13 @@ def _ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
         (c.batch_size >= 1, "batch_size", "must be at least 1"),
         (c.grad_accum >= 1, "grad_accum", "must be at least 1"),
         (c.ppo_epochs >= 1, "ppo_epochs", "must be at least 1"),
-        (c.learning_rate > 0, "learning_rate", "must be positive"),
+        (math.isfinite(c.learning_rate) and c.learning_rate > 0, "learning_rate", "must be a finite number > 0"),
         (0 <= c.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
-        (c.temperature >= 0, "temperature", "must be >= 0"),
+        (
+            math.isfinite(c.temperature) and c.temperature >= 0,
+            "temperature",
+            "must be a finite number >= 0 (0: greedy)",
+        ),
         (c.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
         (
             c.n_harmful + c.n_benign >= 1,
@@ -680,6 +731,19 @@ def _added_ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
     ]
 
 
+def _more_ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
+    """Rows that a library would otherwise reject late, with a traceback (peft's lora_r, torch's
+    device), or that would silently train on something else (a negative prompt count)."""
+    return [
+        (0 < c.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (c.lora_r >= 1, "lora_r", "must be at least 1"),
+        (c.lora_alpha > 0, "lora_alpha", "must be positive"),
+        (c.n_harmful >= 0, "n_harmful", "must be >= 0"),
+        (c.n_benign >= 0, "n_benign", "must be >= 0"),
+        (device_problem(c.device) is None, "device", device_problem(c.device) or ""),
+    ]
+
+
 def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
     """Combinations of fields that need no plug-point table (those are methods.check_config's)."""
     return [
@@ -707,7 +771,7 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
 
 def validate(c: RunConfig) -> None:
     """The checks that need no plug-point table (methods.check_config runs the others)."""
-    problems(c, [*_ranges(c), *_combinations(c)])
+    problems(c, [*_more_ranges(c), *_ranges(c), *_combinations(c)])
 
 
 def problems(c, rules: list[tuple[bool, str, str]]) -> None:

@@ -3,10 +3,13 @@ strict JSON (a non-finite float is written as null) so any JSON parser reads wha
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,3 +104,69 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class WriteFailed(OSError):
+    """A write the disk refused (full, read-only, over quota): the CLI's one line and exit 4 name
+    the path and, for a full disk, the space the write needed and the space that was free."""
+
+    def __init__(self, code: int, path: Path, needed: int | None = None):
+        super().__init__(code, os.strerror(code), str(path))
+        self.needed = needed
+
+    def line(self) -> str:
+        text = f"cannot write {self.filename}: {self.strerror}"
+        if self.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = _free_bytes(Path(self.filename))
+            needs = f"needs {_size(self.needed)}, " if self.needed else ""
+            text += f" ({needs}{_size(free)} free there)" if free is not None else ""
+        return text
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def write_failed(e: Exception, path: Path, needed: int | None = None) -> WriteFailed | None:
+    """The WriteFailed a low-level write error stands for (safetensors' errors carry the OS error
+    only in their text, "... (os error 28)"), or None when `e` is no OS write error."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    if code is None:
+        return None
+    return WriteFailed(code, path, needed)
+
+
+def tensor_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file with the mode other files get (it writes 0600) and a failed write
+    as one WriteFailed naming the file and the bytes it needed."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:
+        failed = write_failed(e, path, tensor_bytes(tensors))
+        if failed is None:
+            raise
+        raise failed from None
+    os.chmod(path, _file_mode())
+
+
+def share_modes(folder: Path) -> None:
+    """Give the files a library wrote into `folder` (safetensors: 0600) the usual mode."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, _file_mode())

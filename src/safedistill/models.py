@@ -24,7 +24,7 @@ import torch
 
 from .data.packaged import SMOLLM2, Wheel, extract_from_wheel, wheel_path
 from .errors import UserError
-from .files import atomic_write_text, cache_dir, sha256_file, write_json
+from .files import atomic_write_text, cache_dir, sha256_file, share_modes, tensor_bytes, write_failed, write_json
 
 
 class ModelSettings(Protocol):
@@ -319,9 +319,23 @@ def check_model(name: str, *, trust_remote_code: bool = False) -> None:
     if path.is_dir():
         resolve_model(name)
         _check_config(path, trust_remote_code)
+        _check_files(path)
         return
     resolve_model(name)
     check_hub_name(name)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def _check_files(path: Path) -> None:
+    """A local model folder holds weights and a tokenizer (else transformers fails late, with a
+    traceback, after the run directory was written)."""
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise UserError(f"{path}: no model weights (*.safetensors or pytorch_model*.bin) beside config.json")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) beside config.json")
 
 
 def locate_model(name: str, *, trust_remote_code: bool = False) -> str:
@@ -341,7 +355,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     path = locate_model(name, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"{name}: could not load tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -474,8 +488,9 @@ def _hint(name: str) -> str:
     return "" if "/" in name else suggestion(name, sorted([*BUNDLED, *ASSEMBLED]))
 
 
-def check_adapter(adapter: str) -> None:
-    """A LoRA folder whose adapter_config.json parses to an object naming its peft_type."""
+def check_adapter(adapter: str, model: str | None = None) -> None:
+    """A LoRA folder whose adapter_config.json parses to an object naming its peft_type; one made
+    for another base model than `model` is applied with a warning naming both."""
     where = Path(adapter) / "adapter_config.json"
     if not where.is_file():
         raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
@@ -485,6 +500,25 @@ def check_adapter(adapter: str) -> None:
         raise UserError(f"{where}: malformed JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(settings, dict) or not settings.get("peft_type"):
         raise UserError(f"{where}: not a peft adapter config (no peft_type)")
+    base = settings.get("base_model_name_or_path")
+    if model is not None and base and not _same_model(str(base), model):
+        from . import console
+
+        console.warn(
+            f"{adapter} was trained on {base} (adapter_config.json base_model_name_or_path), not on {model}; "
+            "its results on this model may mean nothing"
+        )
+
+
+def _same_model(base: str, model: str) -> bool:
+    """Whether an adapter's recorded base names `model`: the same id or folder, or a folder of the
+    same name (a bundled alias is recorded as its converted cache folder)."""
+    if base == model:
+        return True
+    left, right = Path(base).expanduser(), Path(model).expanduser()
+    if left.exists() and right.exists():
+        return left.resolve() == right.resolve()
+    return left.name == right.name
 
 
 @contextlib.contextmanager
@@ -515,8 +549,19 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        failed = write_failed(
+            e, out_dir, tensor_bytes(trainable if hasattr(model, "peft_config") else model.state_dict())
+        )
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written blocks the rerun
+        if failed is None:
+            raise
+        raise failed from None
+    share_modes(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 

@@ -13,12 +13,15 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import yaml
 
-from . import console, faults, methods
+from . import console, faults, methods, rundir
 from .config import RunConfig, same_settings, settings_differ, to_yaml
 from .data.packaged import Manifest
 from .data.train import TrainSplits
@@ -326,12 +329,6 @@ def finished_run(cfg: RunConfig, out: Path) -> dict | None:
     return {"base": json.loads(files[1].read_text()), "final": json.loads(files[2].read_text())}
 
 
-# What a run writes before its first step, besides its method's preparation (methods.prepared_files;
-# augment.jsonl is the recipe's, for every method);
-# a run that never got there may be replaced.
-BEFORE_FIRST_STEP = ("eval_base.json", "generations_base.jsonl", "manifest.json", "augment.jsonl", "checkpoints")
-
-
 def run_started(out: Path) -> bool:
     """Whether the run in `out` took a step (a checkpoint, a logged step or a final model)."""
     return latest_checkpoint(out) is not None or bool(read_log(out / "metrics.jsonl")) or (out / "final").exists()
@@ -393,18 +390,29 @@ def prepare_method(cfg: RunConfig, setup: methods.Setup) -> methods.Prepared:
     return methods.add_vocab_mask(cfg.vocab_mask, setup, cfg.section("steering"), cfg.section("teacher"), prepared)
 
 
+@contextmanager
+def claim_out(out: Path, cfg: RunConfig, resume: bool) -> Iterator[None]:
+    """The run directory for the life of the block: checked to be absent, empty or a safedistill
+    run (before anything is written), locked against a second process, then prepared."""
+    rundir.check_out_dir(out)
+    with rundir.hold(out):
+        prepare_out(out, cfg, resume)
+        yield
+
+
 def prepare_out(out: Path, cfg: RunConfig, resume: bool) -> None:
-    """A fresh --out, or one whose run never took a step (replaced if its settings differ), or
-    with --resume one that holds this very run."""
+    """A fresh --out, or one whose run never took a step (its own files replaced if its settings
+    differ), or with --resume one that holds this very run. Called with the lock held."""
     saved = out / "config.yaml"
     if saved.exists():
-        differ = settings_differ(saved.read_text(), cfg)
+        try:
+            differ = settings_differ(saved.read_text(encoding="utf-8"), cfg)
+        except (UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:
+            raise UserError(f"{saved}: not a readable run config ({type(e).__name__}); choose another --out") from None
         if not run_started(out):
             if differ:
                 console.say(f"{out}: replacing a run that never took a step (changed: {', '.join(differ)})")
-                for name in (*BEFORE_FIRST_STEP, *methods.prepared_files()):
-                    path = out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                rundir.remove(out, rundir.before_first_step())
         elif not resume:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         elif differ:
@@ -555,9 +563,13 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         console.set_quiet(True)  # process 0 speaks for all; warnings still show
     progress = progress and procs.is_main and not console.quiet()
     preflight(cfg)
-    if procs.is_main:
-        prepare_out(out, cfg, resume)
-    procs.barrier()
+    with claim_out(out, cfg, resume) if procs.is_main else nullcontext():
+        procs.barrier()
+        return _train(cfg, out, procs, resume=resume, progress=progress)
+
+
+def _train(cfg: RunConfig, out: Path, procs: Processes, *, resume: bool, progress: bool) -> dict:
+    """The run in a prepared, locked directory."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     manifest = Manifest()

@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import faults
 from ..errors import RunDiverged
-from ..files import atomic_write_text
+from ..files import atomic_write_text, save_tensors
 
 _NAME = re.compile(r"step-(\d+)")
 
@@ -42,7 +42,7 @@ def save_checkpoint(
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: t.contiguous() for n, t in weights.items()}, tmp / "trainable.safetensors")
+    save_tensors({n: t.contiguous() for n, t in weights.items()}, tmp / "trainable.safetensors")
     tensors, scalars = {}, {}
     for idx, state in optimizer_state["state"].items():
         for key, value in state.items():
@@ -51,7 +51,7 @@ def save_checkpoint(
             else:
                 scalars[f"{idx}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, tmp / "optimizer.safetensors")
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     meta = {
         "step": step,
         "param_groups": optimizer_state["param_groups"],

@@ -116,6 +116,7 @@ def plot_collapse(rows: list[dict], path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3))
     for ax, (key, label) in zip(axes, PANELS, strict=True):
@@ -126,6 +127,8 @@ def plot_collapse(rows: list[dict], path: Path) -> bool:
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    fig.suptitle("Collapse probe: student vs teacher by training step", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

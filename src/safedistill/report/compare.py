@@ -16,6 +16,7 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
+from .. import rundir
 from ..config import RunConfig, load_config
 from ..errors import UserError
 from ..eval.drift import ratio_interval
@@ -151,16 +152,18 @@ def run_all(configs: dict, out: Path, *, resume: bool, frontier_steps: list[int]
     results: dict[tuple[str, int], dict] = {}
     for (preset, seed), cfg in configs.items():
         run_dir = out / preset / f"seed-{seed}"
-        if cfg.eval:
-            reuse_base_eval(cfg.model, eval_settings(cfg), run_dir, done)
-        results[(preset, seed)] = finished_run(cfg, run_dir) or train(
-            cfg, run_dir, resume=resume or (run_dir / "config.yaml").exists()
-        )
-        if cfg.eval and (run_dir / "eval_base.json").exists():
-            done.append((cfg.model, eval_settings(cfg), run_dir))
-        for step in frontier_steps:
-            if step not in (0, cfg.steps):
-                evaluate_checkpoint(cfg, run_dir, step)
+        rundir.check_out_dir(run_dir)
+        with rundir.hold(run_dir):  # this run's directory is ours until its evaluations are written
+            if cfg.eval:
+                reuse_base_eval(cfg.model, eval_settings(cfg), run_dir, done)
+            results[(preset, seed)] = finished_run(cfg, run_dir) or train(
+                cfg, run_dir, resume=resume or (run_dir / "config.yaml").exists()
+            )
+            if cfg.eval and (run_dir / "eval_base.json").exists():
+                done.append((cfg.model, eval_settings(cfg), run_dir))
+            for step in frontier_steps:
+                if step not in (0, cfg.steps):
+                    evaluate_checkpoint(cfg, run_dir, step)
     return results
 
 
@@ -320,6 +323,7 @@ def compare_report(s: dict) -> str:
     lines = [
         f"# Comparison on `{s['model']}`",
         "",
+        *answer_lines(s),
         f"Seeds {seeds} · eval seed {s.get('eval_seed', 'n/a')} (the same eval items for every seed and method) · "
         "each method trained with its preset's budget on the same prompts.",
         "",
@@ -370,7 +374,6 @@ def compare_report(s: dict) -> str:
     lines += drift_compare_section(s)
     lines += frontier_section(s)
     lines += descriptive_section(s)
-    lines += ["## Verdict", "", *verdict_lines(s), ""]
     return "\n".join(lines)
 
 
@@ -404,6 +407,23 @@ def drift_compare_section(s: dict) -> list[str]:
             f"| {p} | {cell(d, 'benign/base')} | {cell(d, 'xstest/base')} | {cell(d, 'harmful/base')} | {ratio} |"
         )
     return [*lines, ""]
+
+
+def answer_lines(s: dict) -> list[str]:
+    """compare.md's opening: each method's change on the main axes (pooled, 95% interval) and the
+    verdict; the tables they come from follow."""
+    vs_base = s.get("vs_base", {})
+    lines = ["## Answer", "", "| method | harmful refusal | over-refusal | capability |", "|---|---|---|---|"]
+    for p in s["presets"]:
+        rows = vs_base.get(p, {})
+        cells = []
+        for label in (SAFETY, OVERREFUSAL, capability_label(rows)):
+            r = rows.get(label) if label else None
+            cells.append(
+                "n/a" if r is None else f"{fmt_diff(r)} {fmt_ci(r['lo'], r['hi'])} {reading(r).split(' (')[0]}"
+            )
+        lines.append(f"| {p} | {' | '.join(cells)} |")
+    return [*lines, "", "Change = method - base, pooled over seeds, with its 95% interval.", "", *verdict_lines(s), ""]
 
 
 def descriptive_section(s: dict) -> list[str]:

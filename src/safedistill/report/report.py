@@ -491,6 +491,102 @@ def drift_section(final: dict) -> list[str]:
     return [*lines, ""]
 
 
+# The axes the answer block opens a report with: (row label, what a significant change means).
+MAIN_AXES = (
+    ("harmful refusal rate", {"up": "safer", "down": "less safe"}),
+    ("over-refusal rate", {"up": "more over-refusal (a cost)", "down": "less over-refusal"}),
+    ("capability", {"up": "capability gained", "down": "capability lost (a safety tax)"}),
+)
+
+
+def main_rows(rows: list[dict]) -> list[tuple[str, dict]]:
+    """(axis words, row) for the harmful refusal, over-refusal and capability rows present."""
+    found = []
+    for label, words in MAIN_AXES:
+        row = next((r for r in rows if r["label"] == label), None)
+        if row is None and label == "capability":
+            cap = capability_label([r["label"] for r in rows if r["stats"] is not None])
+            row = next((r for r in rows if r["label"] == cap), None) or next(
+                (r for r in rows if r["label"] == "capability index"), None
+            )
+        if row is not None:
+            found.append((words, row))
+    return found
+
+
+def verdict_words(found: list[tuple[dict, dict]]) -> str:
+    """One sentence: what changed beyond noise on the main axes, and what did not."""
+    changed, unchanged = [], []
+    for words, row in found:
+        r = row["stats"]
+        if r and r.get("n") and r["significant"]:
+            changed.append(words["up" if r["diff"] > 0 else "down"])
+        else:
+            unchanged.append(row["label"])
+    parts = changed or ["no change beyond noise"]
+    if changed and unchanged:
+        parts.append(f"no detectable change in {' or '.join(unchanged)}")
+    return "; ".join(parts)
+
+
+def answer_block(out: Path, base: dict, final: dict) -> list[str]:
+    """What a reader wants first: the main axes before -> after, the change with its 95% interval,
+    a verdict, and the before/after chart; the full table and the method follow."""
+    out = Path(out)
+    base_items, final_items = read_items(out / "generations_base.jsonl"), read_items(out / "generations_final.jsonl")
+    found = main_rows(paired_rows(base, final, base_items, final_items))
+    if not found:
+        return []
+    lines = ["## Answer", "", "| axis | base | trained | change | 95% CI | reading |", "|---|---|---|---|---|---|"]
+    for _, row in found:
+        r = row["stats"]
+        if r is None:
+            change = "n/a" if row["base"] is None or row["trained"] is None else f"{row['trained'] - row['base']:+.3f}"
+            cells = [change, "n/a", "no per-item values: not tested"]
+        else:
+            cells = [fmt_diff(r), fmt_ci(r["lo"], r["hi"]), reading(r)]
+        lines.append(f"| {row['label']} | {fmt(row['base'])} | {fmt(row['trained'])} | {' | '.join(cells)} |")
+    plot_before_after(found, out / "before_after.png")
+    return [*lines, "", f"**Verdict:** {verdict_words(found)}.", "", "![before and after](before_after.png)", ""]
+
+
+def plot_before_after(found: list[tuple[dict, dict]], path) -> None:
+    """Base and trained side by side on the main axes, the trained bar with its change's 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    xs = range(len(found))
+    base = [row["base"] or 0.0 for _, row in found]
+    trained = [row["trained"] or 0.0 for _, row in found]
+    ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base", color="#999999")
+    errors = [[0.0] * len(found), [0.0] * len(found)]
+    for i, (_, row) in enumerate(found):
+        r, b, t = row["stats"], row["base"], row["trained"] or 0.0
+        if r and r.get("lo") is not None and b is not None:
+            low, high = b + r["lo"], b + r["hi"]
+            if 0 <= b <= 1 and 0 <= t <= 1:  # a rate: its interval stays in [0, 1]
+                low, high = max(low, 0.0), min(high, 1.0)
+            errors[0][i], errors[1][i] = max(0.0, t - low), max(0.0, high - t)
+    ax.bar([x + 0.2 for x in xs], trained, width=0.4, yerr=errors, capsize=4, label="trained", color="#1f77b4")
+    ax.set_xticks(list(xs), [row["label"] for _, row in found], fontsize=8)
+    ax.set_ylabel("rate / score")
+    ax.set_title("Before and after training (error bar: base + 95% CI of the change)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def integer_steps(ax) -> None:
+    """Optimizer steps are whole numbers: no 1.2, 1.4, ... ticks on a short run."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_kl_by_position(kl: list[float], path) -> None:
     import matplotlib
 
@@ -518,6 +614,15 @@ def training_seconds(rows: list[dict]) -> float:
 
 def plot_training_curve(rows: list[dict], path) -> None:
     """Loss and mean KL by step; steps with a non-finite value (null in the log) are left out."""
+    import matplotlib.pyplot as plt
+
+    fig = training_figure(rows)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_figure(rows: list[dict]):
+    """plot_training_curve's figure: one titled panel per series, whole-number step ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -531,9 +636,10 @@ def plot_training_curve(rows: list[dict], path) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
+        ax.set_title(f"{label} by step", fontsize=9)
+        integer_steps(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def run_report(
@@ -544,7 +650,8 @@ def run_report(
     out = Path(out)
     lines = [f"# `{run.preset}` on `{run.model}` (seed {run.seed})", ""]
     if base and final:
-        lines += before_after_section(out, base, final)
+        lines += answer_block(out, base, final)
+        lines += ["## Before and after, every axis", "", *before_after_section(out, base, final)]
     lines += kl_section(out)
     lines += training_section(out)
     lines += method_sections

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data.splits import take
@@ -29,7 +29,7 @@ from ..data.train import TrainSplits
 from ..engine.rollout import SamplingSettings, encode_prompts, generate, stop_token_ids
 from ..engine.scoring import cache_arg, response_logits, returned_cache
 from ..errors import UserError
-from ..files import write_json
+from ..files import save_tensors, write_json
 from ..models import chat_text
 from ..teachers.base import Item
 from ..teachers.context import context_text, load_contexts
@@ -717,7 +717,7 @@ def search_steering(s: SteeringSearch, model, tok, judge, out: Path, *, progress
             "safety_tokens": s_info,
         },
     )
-    save_file({"vector": vector.clone(), "directions": directions.contiguous()}, out / FILES[1])
+    save_tensors({"vector": vector.clone(), "directions": directions.contiguous()}, out / FILES[1])
     meta = {"k": st.safety_tokens_k, **{key: v for key, v in s_info.items() if key != "prompts"}}
     write_json(out / "safety_tokens.json", {**meta, "tokens": tokens})
     return load_steering(out)
