@@ -380,9 +380,20 @@ def test_eval_refuses_a_run_directory(tmp_path, capsys, marker):
     (run / "eval_base.json").write_text("{}")
     if marker:
         (run / ".safedistill-run").write_text("{}")
+    before = tree(run)
     assert main(["eval", "--out", str(run), "--limit", "1"]) == 2
-    assert "a training run directory; eval would replace its report.md" in cli_error(capsys)
-    assert (run / "report.md").read_text() == "# the run's before/after report\n"
+    assert cli_error(capsys) == (
+        f"safedistill: error: --out {run}: a training run directory; eval would replace its report.md, so give "
+        f"eval a directory of its own (e.g. {run / 'eval'})"
+    )
+    for command, writes in (
+        ("flip-rate", "flip_rates.json"),
+        ("steer", "steering.json and manifest.json"),
+        ("refine", "refined.jsonl and shift.json"),
+    ):
+        assert main([command, "--out", str(run)]) == 2
+        assert f"a training run directory; {command} would replace its {writes}" in cli_error(capsys)
+    assert tree(run) == before
 
 
 def test_eval_out_a_dangling_symlink(tmp_path, capsys):

@@ -78,6 +78,20 @@ def check_out(out: str, *, directory: bool = True) -> Path:
     return path
 
 
+def check_out_not_run(out: str, command: str, writes: str) -> Path:
+    """check_out for a command whose files share names with a training run's: a run directory is
+    refused, so that nothing of the run is written over."""
+    from .rundir import is_run
+
+    path = check_out(out)
+    if is_run(path):
+        raise UserError(
+            f"--out {out}: a training run directory; {command} would replace its {writes}, so give {command} a "
+            f"directory of its own (e.g. {Path(out) / command})"
+        )
+    return path
+
+
 def _eval_settings(args: argparse.Namespace):
     """`eval`'s settings from its flags, every one checked before the model is loaded."""
     from .config import device_problem
@@ -128,14 +142,8 @@ def _eval(args: argparse.Namespace) -> None:
     from .files import atomic_write_text, write_json, write_jsonl
     from .models import load_model, resolve_device
     from .report.report import eval_report
-    from .rundir import is_run
 
-    out = check_out(args.out)
-    if is_run(out):
-        raise UserError(
-            f"--out {args.out}: a training run directory; eval would replace its report.md, so give eval a "
-            f"directory of its own (e.g. {Path(args.out) / 'eval'})"
-        )
+    out = check_out_not_run(args.out, "eval", "report.md")
     torch.manual_seed(args.seed)
     settings = _eval_settings(args)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
@@ -205,7 +213,7 @@ def _flip_rate(args: argparse.Namespace) -> None:
     from .searches.context import flip_rate_lines, search_contexts, search_prompts
     from .teachers.context import load_contexts
 
-    check_out(args.out)
+    check_out_not_run(args.out, "flip-rate", "flip_rates.json")
     cfg = load_config(
         "opsa",
         overrides=[
@@ -238,7 +246,7 @@ def _steer(args: argparse.Namespace) -> None:
     from .models import load_model, resolve_device
     from .searches.steering import SteeringSearch, describe_choice, search_steering
 
-    check_out(args.out)
+    check_out_not_run(args.out, "steer", "steering.json and manifest.json")
     sets = [f"steer_direction={args.direction}", f"seed={args.seed}"]
     for name, value in (
         ("model", args.model),
@@ -304,7 +312,7 @@ def _refine(args: argparse.Namespace) -> None:
     from .methods.sft import subset
     from .models import load_model, resolve_device
 
-    check_out(args.out)
+    check_out_not_run(args.out, "refine", "refined.jsonl and shift.json")
     for name in ("n_samples", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
