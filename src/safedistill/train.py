@@ -621,15 +621,17 @@ def frozen_teacher(cfg: RunConfig, procs: Processes):
 
 def final_model(cfg: RunConfig, student, procs: Processes):
     """The trained model as one plain module on process 0 (every process calls this): the
-    unwrapped student, or under FSDP2 a fresh copy holding the gathered full weights."""
+    unwrapped student, or under FSDP2 a fresh copy, loaded and prepared as the student was,
+    holding the gathered full weights."""
     if procs.mode != "fsdp2":
         return unwrap(student)
     full = procs.full_state(student, trainable_only=False)
     if not procs.is_main:
         return None
-    model, _ = load_model(cfg.model, device=procs.device)
+    model, _ = load_model(cfg.model, device=procs.device, **load_options(cfg.section("model"), procs.device))
     if cfg.lora:
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+    model = prepare_student(model, cfg.section("model"))  # the dtypes the student trained in
     missing, unexpected = model.load_state_dict(full, strict=False)
     params = {n for n, _ in model.named_parameters()}
     assert not unexpected and not params & set(missing), (unexpected, missing)
