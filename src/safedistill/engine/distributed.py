@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -185,9 +186,12 @@ class Processes:
         broadcasts process 0's at construction anyway)."""
         if self.mode == "ddp":
             ids = [torch.device(self.device).index] if torch.device(self.device).type == "cuda" else None
-            # No buffer broadcast: it is a collective in every forward, and processes run
+            # No buffer sync in forward: it is a collective in every forward, and processes run
             # different numbers of forwards (the shared prompt prefix depends on the shard).
-            return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            ddp = torch.nn.parallel.DistributedDataParallel
+            newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters  # torch >= 2.13
+            no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+            return ddp(model, device_ids=ids, **no_sync)
         if self.mode == "fsdp2":
             return self.shard_model(model)
         return model
