@@ -340,3 +340,19 @@ def test_share_of_drift_carried_by_s_is_a_share(tiny_llama_dir):
     assert all(k > 0 for k in kl) and all(0 <= s <= 1 for s in share)
     _, everything = answer_kl(moved, ref, tok, records, answers, safety_ids=list(range(vocab)))
     assert everything == pytest.approx([0.0, 0.0], abs=1e-5)  # S = the whole vocabulary carries no split
+
+
+def test_shipped_rewrites_are_used_without_a_model_and_carry_provenance(isolated_cache):
+    from safedistill.data.rephrase import is_example_copy, model_rephrase, shipped_rewrites
+    from safedistill.data.schema import PromptRecord
+
+    shipped, provenance = shipped_rewrites()
+    assert provenance["model"] == "qwen2.5-coder-0.5b-instruct" and provenance["seed"] == 0 and provenance["date"]
+    kept_rows = [r for (style, _), r in shipped.items() if style == "past_tense" and r["rewrite"]]
+    assert len(kept_rows) >= 10 and all(0 < r["overlap"] < 0.95 for r in kept_rows)
+    records = [PromptRecord(f"x{i}", r["original"]) for i, r in enumerate(kept_rows)]
+    kept, summary = model_rephrase(records, "past_tense", model_name="unused", rewrite=None)
+    assert [k.prompt for k in kept] == [r["rewrite"] for r in kept_rows]  # no model was needed
+    assert all(k.meta["rephrased_by"].startswith("shipped") and k.id.endswith("+past") for k in kept)
+    assert summary["kept"] == len(kept_rows) and summary["mean_overlap"] < 0.9
+    assert is_example_copy("How were bombs created in the 2020s?") and not is_example_copy(kept_rows[0]["rewrite"])

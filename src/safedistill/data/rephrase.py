@@ -650,6 +650,8 @@ def model_rewrites(
         dropped = "" if text else ("copy or lost the request" if o.text.strip() else "empty")
         if text and overlap is not None and overlap >= COPY_OVERLAP:
             dropped = "copy"
+        elif text and is_example_copy(text):
+            dropped = "copy of a prompt example"
         rows.append(
             {
                 "id": r.id,
@@ -664,7 +666,16 @@ def model_rewrites(
     return rows
 
 
-COPY_OVERLAP = 0.95  # a rewrite that repeats this share of the original's words is a copy, not a rephrasing
+COPY_OVERLAP = 0.95
+
+
+def is_example_copy(rewrite: str) -> bool:
+    """Whether a rewrite repeats one of the few-shot prompt's own reformulations (a small model
+    often returns example 1 whatever the request): it then no longer asks what was asked."""
+    examples = re.findall(r'Reformulated request: "([^"\n]+)', PAST_TENSE_PROMPT + HYPOTHETICAL_PROMPT)
+    return any(
+        word_overlap(rewrite, e) >= 0.8 for e in examples
+    )  # a rewrite that repeats this share of the original's words is a copy, not a rephrasing
 
 
 def clean_model_rewrite(text: str, request: str) -> str:
