@@ -356,3 +356,14 @@ def test_shipped_rewrites_are_used_without_a_model_and_carry_provenance(isolated
     assert all(k.meta["rephrased_by"].startswith("shipped") and k.id.endswith("+past") for k in kept)
     assert summary["kept"] == len(kept_rows) and summary["mean_overlap"] < 0.9
     assert is_example_copy("How were bombs created in the 2020s?") and not is_example_copy(kept_rows[0]["rewrite"])
+
+
+def test_paired_changes_for_eval_json(two_evals):
+    from safedistill.report.report import paired_changes
+
+    _, base_items, _, _, trained, trained_items = two_evals
+    changes = paired_changes(base_items, trained_items, trained)
+    for label in ("capability index", GOLD_INDEX, "continuous: hellaswag (gold-option probability)"):
+        r = changes[label]
+        assert r["n"] > 0 and r["lo"] <= r["diff"] <= r["hi"] and r["mde"] > 0, label
+    assert "capability: hellaswag (acc_norm)" in changes and json.dumps(changes)

@@ -103,6 +103,12 @@ def run_eval(
         progress=progress,
         reference=reference,
     )
+    if name != "base":  # the paired changes from the base, so eval.json holds them beside the figures
+        from .report.report import paired_changes, read_items
+
+        base_items = read_items(out / "generations_base.jsonl")
+        if base_items:
+            results["paired"] = paired_changes(base_items, generations, results)
     write_jsonl(out / f"generations_{name}.jsonl", generations)
     faults.point(f"{name}-eval")
     write_json(path, results)

@@ -298,6 +298,13 @@ def gold_index_values(groups: dict[tuple[str, str | None], dict[str, float]], re
     return {f"{t}/{i}": v * total / (len(tasks) * len(vs)) for t, vs in tasks.items() for i, v in vs.items()}
 
 
+def paired_changes(base_items: list[dict], items: list[dict], results: dict | None) -> dict[str, dict]:
+    """{row label: paired difference (trained - base) with its interval, p and MDE} for every row
+    the two evaluations share: eval.json's `paired` block (capability per task and as an index,
+    0/1 and continuous, beside the safety axes)."""
+    return {label: paired_difference(a, b) for label, (a, b) in paired_groups(base_items, items, results).items()}
+
+
 def capability_label(labels) -> str | None:
     """The row that measures capability: the index when there is one, else the single task's accuracy."""
     labels = list(labels)
