@@ -9,7 +9,7 @@ ctx-h04 / ctx-b01 on 4 + 4 advbench / benign train prompts) and takes two optimi
 allocates AdamW's state; step 2 is measured: its peak above the memory held when it started is the
 step's transient (activations, logits, gradients, rollout KV cache).
 
-    flock /tmp/safedistill-cpu.lock python bench/memory.py            # 8 settings, ~10 min on 2 busy cores
+    flock /tmp/safedistill-cpu.lock python bench/memory.py            # 8 settings, one process each
     python bench/memory.py --one fp32,lora,0                           # one setting (what each child runs)
 
 Writes bench/results/memory-<device>.json; docs/performance.md ("Memory") has the table.
