@@ -582,6 +582,26 @@ def _add_judge_check(sub, common: argparse.ArgumentParser) -> None:
     j.set_defaults(func=_judge_check)
 
 
+def _cache_clear(args: argparse.Namespace) -> None:
+    from .eval import base_cache
+
+    n = base_cache.clear()
+    print(f"removed {n} cached base evaluation{'s' * (n != 1)} from {base_cache.entries_dir()}")
+
+
+def _add_cache(sub, common: argparse.ArgumentParser) -> None:
+    """`safedistill cache clear`."""
+    c = _command(
+        sub,
+        common,
+        "cache",
+        "the cache of base evaluations (every run on the same model and eval settings reuses one)",
+    )
+    what = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    clear = what.add_parser("clear", help="remove every cached base evaluation (models and data wheels stay)")
+    clear.set_defaults(func=_cache_clear)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser, then one small function per subcommand, in --help order."""
     common = argparse.ArgumentParser(add_help=False)
@@ -602,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_steer,
         _add_compare,
         _add_judge_check,
+        _add_cache,
     ):
         add(sub, common)
     return p

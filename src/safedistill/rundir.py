@@ -27,7 +27,14 @@ MARKER = ".safedistill-run"
 # What a run writes before its first step, besides its method's preparation (the METHODS rows'
 # files, methods.prepared_files; augment.jsonl is the recipe's, for every method); a run that
 # never got there may be replaced (these, and only these, are deleted then).
-BEFORE_FIRST_STEP = ("eval_base.json", "generations_base.jsonl", "manifest.json", "augment.jsonl", "checkpoints")
+BEFORE_FIRST_STEP = (
+    "eval_base.json",
+    "generations_base.jsonl",
+    "eval_base_reused.json",  # eval/base_cache.REUSED: where a reused base evaluation came from
+    "manifest.json",
+    "augment.jsonl",
+    "checkpoints",
+)
 # Everything else a run (or `compare` in a run) writes: the step log, the trained model and
 # what is measured and reported after; patterns in fnmatch form.
 AFTER_FIRST_STEP = (

@@ -35,6 +35,7 @@ from .engine.rollout import SamplingSettings, item_seed, stop_token_ids
 from .engine.scoring import response_logits
 from .engine.sft import SFTStep
 from .errors import RunDiverged, UserError
+from .eval import base_cache
 from .eval.diagnostics import CollapseProbe, text_stats
 from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base
 from .eval.evaluate import EvalSettings, evaluate, parse_axes
@@ -93,16 +94,24 @@ def run_eval(
         f"evaluating the {'base' if name == 'base' else 'trained'} model: {limit} items per axis "
         f"({cfg.harmful_source} held-out, {cfg.eval_overrefusal}, capability {cfg.capability}), judge {cfg.judge}"
     )
-    results, generations = evaluate(
-        model,
-        tok,
-        load_judge(cfg.judge),
-        eval_settings(cfg),
-        model_name=cfg.model,
-        adapter=adapter_note,
-        progress=progress,
-        reference=reference,
-    )
+    judge, settings = load_judge(cfg.judge), eval_settings(cfg)
+
+    def compute() -> tuple[dict, list[dict]]:
+        return evaluate(
+            model,
+            tok,
+            judge,
+            settings,
+            model_name=cfg.model,
+            adapter=adapter_note,
+            progress=progress,
+            reference=reference,
+        )
+
+    if name == "base" and reference is None:  # the same for every run, seed and compare: computed once
+        results, generations = base_cache.evaluate_base(compute, model, cfg.model, judge, cfg.judge, settings, out)
+    else:
+        results, generations = compute()
     if name != "base":  # the paired changes from the base, so eval.json holds them beside the figures
         from .report.report import paired_changes, read_items
 

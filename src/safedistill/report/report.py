@@ -441,6 +441,7 @@ def before_after_section(out: Path, base: dict, final: dict) -> list[str]:
         "",
         judge_line(final),
         "",
+        *reused_base(out),
         (
             "Change = trained - base, paired item by item: Newcombe's interval and its p-value for 0/1 outcomes, a "
             "paired bootstrap (interval and p from the same resamples) otherwise. MDE: the smallest change this n detects with 80% power. A change "
@@ -592,6 +593,14 @@ def integer_steps(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def reused_base(out: Path) -> list[str]:
+    """A line saying where the base evaluation was reused from, when it was."""
+    from ..eval.base_cache import reuse_line
+
+    line = reuse_line(out)
+    return [line, ""] if line else []
 
 
 def plot_kl_by_position(kl: list[float], path) -> None:

@@ -1,0 +1,289 @@
+"""The base model evaluated once: a finished evaluation kept under the cache directory, keyed by
+everything that determines it, and reused by every run, seed and compare that would write the
+same file.
+
+The key hashes the model's files (weights, config, tokenizer; an adapter's files too), the eval
+settings, the items themselves (every prompt and capability item as loaded, the S ids, the data
+files' sha256), the judge (its name and, for a model judge, its files), the code (package version
+plus the source files the evaluation runs, listed in CODE) and where it runs (torch and
+transformers versions, device, dtype, CPU threads). An input that cannot be hashed (a hub model
+not in the local cache) turns the cache off for that call: a reuse is never a guess.
+
+Entries live in `<cache dir>/evals/<key>/` (eval.json, generations.jsonl, inputs.json: what was
+hashed and which run first wrote it); `safedistill cache clear` removes them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..files import cache_dir, dumps, read_log, sha256_file, write_json, write_jsonl
+
+# Sources whose code decides what an evaluation writes (relative to the package). A test checks
+# that importing the evaluation loads no other safedistill module.
+CODE = (
+    "__init__.py",
+    "errors.py",
+    "files.py",
+    "console.py",
+    "models.py",
+    "eval",
+    "data",
+    "engine/__init__.py",
+    "engine/rollout.py",
+    "engine/scoring.py",
+)
+
+
+def entries_dir() -> Path:
+    """Where cached evaluations live."""
+    return cache_dir() / "evals"
+
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) within the process (a compare run
+    hashes the same 500 MB of weights once)."""
+    real = path.resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key not in _file_hashes:
+        _file_hashes[key] = sha256_file(real)
+    return _file_hashes[key]
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and contents of a model folder's top-level files (what the loaders
+    read: weights, config, tokenizer, adapter)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{path.name}\0{file_digest(path)}\n".encode())
+    return h.hexdigest()
+
+
+def model_digest(name: str) -> str | None:
+    """The digest of a model's files by name (bundled alias, local folder or cached hub id), or
+    None when its files cannot be found locally."""
+    from ..models import resolve_model
+
+    try:
+        path = Path(resolve_model(name))
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure to find the files means: do not cache
+        return None
+    return folder_digest(path)
+
+
+def judge_digest(spec: str) -> str | None:
+    """The judge's name, and for a model judge the digest of its files."""
+    from .judging import OFFLINE_JUDGES
+
+    if spec in OFFLINE_JUDGES:
+        return spec
+    _, sep, target = spec.partition(":")
+    digest = model_digest(target if sep else spec)
+    return None if digest is None else f"{spec}@{digest}"
+
+
+def code_digest() -> str:
+    """Package version plus the sha256 of every source file in CODE."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(__version__.encode())
+    for entry in CODE:
+        files = sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]
+        for path in files:
+            h.update(f"{path.relative_to(root)}\0{file_digest(path)}\n".encode())
+    return h.hexdigest()
+
+
+def items_digest(judge, settings) -> str:
+    """sha256 of every item the evaluation will answer, as loaded (prompts, jailbreak templates,
+    rephrasings, capability items, S), and the data files they came from."""
+    from .capability import load_task_items
+    from .evaluate import load_items
+
+    items = load_items(judge, settings)
+    payload = {
+        "harmful": [asdict(r) for r in items.harmful],
+        "overrefusal": [asdict(r) for r in items.overrefusal],
+        "benign": [asdict(r) for r in items.benign],
+        "rephrased": {k: [asdict(r) for r in v] for k, v in items.rephrased.items()},
+        "jailbreak": [asdict(r) for r in items.jailbreak],
+        "basket": items.basket,
+        "capability": {name: repr(load_task_items(name, n, settings.seed, None)) for name, n in items.basket},
+        "safety_ids": items.safety_ids,
+        "manifest": items.manifest.to_list(),
+        "agreement": items.agreement,
+    }
+    return hashlib.sha256(dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def runtime() -> dict:
+    """Where the evaluation runs: results can differ in the last bits across these."""
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What determines an evaluation's files."""
+
+    model: str  # the name, for the reader; the digest below is what counts
+    model_digest: str
+    adapter_digest: str | None
+    device: str
+    dtype: str
+    judge: str
+    settings: dict
+    items: str
+    code: str
+    runtime: dict
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def eval_inputs(model, model_name: str, adapter: str | None, judge, judge_spec: str, settings) -> EvalInputs | None:
+    """The inputs of evaluating `model` (loaded from `model_name`, with `adapter` if any), or None
+    when one of them cannot be hashed."""
+    weights = model_digest(model_name)
+    adapter_hash = folder_digest(Path(adapter)) if adapter and Path(adapter).is_dir() else None
+    judge_hash = judge_digest(judge_spec)
+    if weights is None or judge_hash is None or (adapter and adapter_hash is None):
+        return None
+    param = next(model.parameters())
+    device = str(param.device.type) + (f":{torch.cuda.get_device_name(param.device)}" if param.is_cuda else "")
+    return EvalInputs(
+        model=model_name,
+        model_digest=weights,
+        adapter_digest=adapter_hash,
+        device=device,
+        dtype=str(param.dtype),
+        judge=judge_hash,
+        settings=asdict(settings),
+        items=items_digest(judge, settings),
+        code=code_digest(),
+        runtime=runtime(),
+    )
+
+
+@dataclass
+class Cached:
+    """A cached evaluation: its results, generations and where it was first computed."""
+
+    results: dict
+    generations: list[dict]
+    folder: Path
+    origin: str | None
+
+
+def lookup(inputs: EvalInputs) -> Cached | None:
+    folder = entries_dir() / inputs.key
+    try:
+        meta = json.loads((folder / "inputs.json").read_text())
+        if meta.get("inputs") != json.loads(dumps(asdict(inputs))):
+            return None  # a key collision or a hand-edited entry: never reuse on a mismatch
+        results = json.loads((folder / "eval.json").read_text())
+        generations = read_log(folder / "generations.jsonl")
+    except (OSError, ValueError):
+        return None
+    return Cached(results, generations, folder, meta.get("origin"))
+
+
+def store(inputs: EvalInputs, results: dict, generations: list[dict], origin: str) -> Path:
+    """Write an entry whole or not at all: built in a temporary folder, then renamed into place
+    (a concurrent writer of the same key loses the race harmlessly)."""
+    root = entries_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / inputs.key
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{inputs.key}."))
+    try:
+        write_jsonl(tmp / "generations.jsonl", generations)
+        write_json(tmp / "eval.json", results)
+        write_json(tmp / "inputs.json", {"inputs": asdict(inputs), "origin": origin})
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def clear() -> int:
+    """Remove every cached evaluation; returns how many there were."""
+    root = entries_dir()
+    n = sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
+    shutil.rmtree(root, ignore_errors=True)
+    return n
+
+
+def evaluate_once(
+    compute: Callable[[], tuple[dict, list[dict]]], inputs: EvalInputs | None, origin: str
+) -> tuple[dict, list[dict], Cached | None]:
+    """(results, generations, the cache entry reused or None): the cached evaluation for these
+    inputs when there is one, else `compute()`, stored for the next caller."""
+    if inputs is not None:
+        hit = lookup(inputs)
+        if hit is not None:
+            return hit.results, hit.generations, hit
+    results, generations = compute()
+    if inputs is not None:
+        store(inputs, results, generations, origin)
+    return results, generations, None
+
+
+REUSED = "eval_base_reused.json"  # in a run directory: where its base evaluation was reused from
+
+
+def evaluate_base(
+    compute: Callable[[], tuple[dict, list[dict]]], model, model_name: str, judge, judge_spec: str, settings, out: Path
+) -> tuple[dict, list[dict]]:
+    """A run's base evaluation, reused from the cache when one with the same inputs exists; the
+    run directory then holds REUSED naming the entry and the run that first computed it (the
+    report quotes it), and the console says so."""
+    from .. import console
+
+    inputs = eval_inputs(model, model_name, None, judge, judge_spec, settings)
+    results, generations, hit = evaluate_once(compute, inputs, origin=str(Path(out).resolve()))
+    note = Path(out) / REUSED
+    if hit is None:
+        note.unlink(missing_ok=True)
+        return results, generations
+    write_json(note, {"cache": str(hit.folder), "origin": hit.origin, "key": inputs.key if inputs else None})
+    console.say(f"reused the base evaluation from {hit.folder} (first computed by {hit.origin or 'an earlier run'})")
+    return results, generations
+
+
+def reuse_line(out: Path) -> str | None:
+    """The report's sentence on a reused base evaluation, or None when it was computed here."""
+    path = Path(out) / REUSED
+    if not path.is_file():
+        return None
+    note = json.loads(path.read_text())
+    return (
+        f"The base evaluation was reused from the cache (`{note['cache']}`), first computed by "
+        f"`{note.get('origin') or 'an earlier run'}`: same model files, eval settings and items, judge and code."
+    )

@@ -1,0 +1,155 @@
+"""The base model evaluated once (issue 26): a second run on the same model, settings, items,
+judge and code reuses the first run's base evaluation and says so; any change of those inputs
+misses; `safedistill cache clear` empties the cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import save_compact
+from helpers import run_settings, write_jsonl, write_sources
+from safedistill.cli import main
+from safedistill.config import load_config
+from safedistill.eval import base_cache
+from safedistill.eval.evaluate import EvalSettings
+from safedistill.eval.judging import load_judge
+from safedistill.models import load_model
+from safedistill.train import train
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return write_sources(tmp_path / "data")
+
+
+def run_cfg(model: str, sources, **overrides):
+    settings = run_settings(model, sources, steps=1, eval=True, eval_limit=2, capability="arithmetic:2", **overrides)
+    return load_config("opsa", overrides=settings)
+
+
+def test_second_run_reuses_the_base_evaluation_and_trains_the_same(isolated_cache, tiny_dir, sources, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(run_cfg(tiny_dir, sources), first, progress=False)
+    assert not (first / base_cache.REUSED).exists()
+    assert len(list(base_cache.entries_dir().iterdir())) == 1
+    train(run_cfg(tiny_dir, sources), second, progress=False)
+
+    note = json.loads((second / base_cache.REUSED).read_text())
+    assert Path(note["cache"]).parent == base_cache.entries_dir()
+    assert note["origin"] == str(first.resolve())
+    assert "reused from the cache" in (second / "report.md").read_text()
+    assert "reused from the cache" not in (first / "report.md").read_text()
+    for name in ("eval_base.json", "generations_base.jsonl"):
+        assert (second / name).read_text() == (first / name).read_text(), name
+    # Skipping the evaluation leaves the training untouched (the evaluation draws no random numbers).
+    ours, theirs = (load_file(d / "final" / "adapter_model.safetensors") for d in (first, second))
+    assert all(ours[k].equal(theirs[k]) for k in ours)
+
+
+def key_of(model_dir: str, settings: EvalSettings, judge: str = "heuristic", adapter: str | None = None) -> str:
+    model, _ = load_model(model_dir)
+    inputs = base_cache.eval_inputs(model, model_dir, adapter, load_judge(judge), judge, settings)
+    assert inputs is not None
+    return inputs.key
+
+
+def test_every_input_changes_the_key(isolated_cache, tmp_path, sources, monkeypatch):
+    harmful, benign = sources
+    model_dir = str(save_compact(tmp_path / "model"))
+    settings = EvalSettings(harmful=harmful, benign=benign, limit=2, capability="arithmetic:2")
+    base = key_of(model_dir, settings)
+    assert key_of(model_dir, settings) == base  # deterministic
+    copy = str(save_compact(tmp_path / "copy"))
+    before = key_of(copy, settings)
+    weights = Path(copy) / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    keys = {"weights": key_of(copy, settings)}  # same folder, other weights
+    assert keys["weights"] != before
+
+    a, b = tmp_path / "adapter-a", tmp_path / "adapter-b"
+    for folder, value in ((a, 0.0), (b, 1.0)):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        save_file({"w": torch.full((2,), value)}, folder / "adapter_model.safetensors")
+    keys["adapter"] = key_of(model_dir, settings, adapter=str(a))
+    keys["other adapter"] = key_of(model_dir, settings, adapter=str(b))
+    keys["settings"] = key_of(model_dir, replace(settings, max_new_tokens=settings.max_new_tokens + 1))
+    keys["eval seed"] = key_of(model_dir, replace(settings, seed=1))
+    keys["judge"] = key_of(model_dir, settings, judge="keyword")
+    rows = [json.loads(line) for line in Path(harmful).read_text().splitlines()]
+    original = [dict(r) for r in rows]
+    rows[0]["prompt"] += " Now."
+    write_jsonl(Path(harmful), rows)  # same file name, other items
+    keys["items"] = key_of(model_dir, settings)
+    write_jsonl(Path(harmful), original)
+    monkeypatch.setattr(base_cache, "__version__", "99.0")
+    keys["code version"] = key_of(model_dir, settings)
+    assert base not in keys.values(), keys
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_a_changed_input_misses_and_clear_empties_the_cache(isolated_cache, tmp_path, sources, capsys):
+    harmful, benign = sources
+    model_dir = str(save_compact(tmp_path / "model"))
+    model, _ = load_model(model_dir)
+    judge = load_judge("heuristic")
+    settings = EvalSettings(harmful=harmful, benign=benign, limit=2, capability="arithmetic:2")
+    computed: list[str] = []
+
+    def compute():
+        computed.append("x")
+        return {"n": len(computed)}, [{"axis": "safety", "id": "h0"}]
+
+    def once(s: EvalSettings):
+        inputs = base_cache.eval_inputs(model, model_dir, None, judge, "heuristic", s)
+        return base_cache.evaluate_once(compute, inputs, origin="run-a")
+
+    results, generations, hit = once(settings)
+    assert hit is None and results == {"n": 1}
+    results, generations, hit = once(settings)
+    assert hit is not None and hit.origin == "run-a" and results == {"n": 1}
+    assert generations == [{"axis": "safety", "id": "h0"}]
+    assert once(replace(settings, judge="keyword"))[2] is None and len(computed) == 2
+
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 cached base evaluations" in capsys.readouterr().out
+    assert not base_cache.entries_dir().exists()
+    assert once(settings)[2] is None and len(computed) == 3
+
+
+def test_the_code_hash_covers_every_module_an_evaluation_runs(tiny_dir, sources, tmp_path):
+    """Importing and running an evaluation loads only safedistill modules listed in CODE."""
+    harmful, benign = sources
+    script = f"""
+import sys
+from safedistill.eval.evaluate import EvalSettings, evaluate
+from safedistill.eval.judging import load_judge
+from safedistill.models import load_model
+model, tok = load_model({tiny_dir!r})
+settings = EvalSettings(harmful={harmful!r}, benign={benign!r}, limit=1, capability="arithmetic:1")
+evaluate(model, tok, load_judge("heuristic"), settings, model_name="tiny", progress=False)
+print("\\n".join(m.__file__ for n, m in sys.modules.items() if n.startswith("safedistill") and m.__file__))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    root = Path(base_cache.__file__).resolve().parent.parent
+    loaded = [Path(line) for line in done.stdout.splitlines() if line.endswith(".py") and Path(line).is_file()]
+    assert any(p.name == "evaluate.py" for p in loaded)
+    covered = [root / entry for entry in base_cache.CODE]
+    missing = [
+        str(p.relative_to(root))
+        for p in loaded
+        if p.is_relative_to(root) and not any(p == c or p.is_relative_to(c) for c in covered)
+    ]
+    assert not missing, f"modules an evaluation runs but the cache key does not hash: {missing}"
