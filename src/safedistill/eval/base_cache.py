@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -263,11 +264,15 @@ def evaluate_base(
 ) -> tuple[dict, list[dict]]:
     """A run's base evaluation, reused from the cache when one with the same inputs exists; the
     run directory then holds REUSED naming the entry and the run that first computed it (the
-    report quotes it), and the console says so."""
+    report quotes it), and the console says so. Either way the random streams the training
+    draws from are left as they were (greedy evaluation draws none; this makes sure)."""
     from .. import console
 
     inputs = eval_inputs(model, model_name, None, judge, judge_spec, settings)
-    results, generations, hit = evaluate_once(compute, inputs, origin=str(Path(out).resolve()))
+    state = random.getstate()
+    with torch.random.fork_rng():  # a hit and a miss leave the run's random streams alike
+        results, generations, hit = evaluate_once(compute, inputs, origin=str(Path(out).resolve()))
+    random.setstate(state)
     note = Path(out) / REUSED
     if hit is None:
         note.unlink(missing_ok=True)
