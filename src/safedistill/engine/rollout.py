@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..models import context_window
+from .decode import FastDecoder
 from .scoring import accepts_logits_to_keep, cache_arg, expand_cache, prefix_kv, returned_cache, shared_prefix_length
 
 if TYPE_CHECKING:
@@ -172,27 +173,36 @@ def decode(
 ) -> torch.Tensor:
     """New tokens [B, <= max_new_tokens] for left-padded `input_ids`, whose first `cached`
     columns are already in `cache`. Rows that hit a stop token are padded afterwards; decoding
-    ends when every row has stopped. A plain loop over the model's forward with a KV cache:
-    what `model.generate` does for this case, without its per-step processor machinery. `draws`
-    [B, max_new_tokens]: each row's uniforms (`uniforms`), column t for new token t."""
+    ends when every row has stopped. A plain loop with a KV cache: what `model.generate` does for
+    this case, without its per-step processor machinery; the prompt runs through the model's
+    forward, each new token through FastDecoder's step (the same arithmetic, engine/decode.py)
+    where the architecture has one. `draws` [B, max_new_tokens]: each row's uniforms
+    (`uniforms`), column t for new token t."""
     positions = (attention.cumsum(-1) - 1).clamp_(min=0)
     stop_ids = torch.tensor(list(stops), device=input_ids.device)
     done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     step_ids, step_pos = input_ids[:, cached:], positions[:, cached:]
+    fast = FastDecoder.of(model)
     out_tokens = []
     for t in range(settings.max_new_tokens):
-        out = model(
-            input_ids=step_ids,
-            attention_mask=attention,
-            position_ids=step_pos,
-            use_cache=True,
-            **cache_arg(model, cache),
-            **keep,
-        )
-        cache = returned_cache(out)
+        if fast is not None and t > 0:
+            logits = fast.step(step_ids, step_pos, attention)
+        else:
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=step_pos,
+                use_cache=True,
+                **cache_arg(model, cache),
+                **keep,
+            )
+            logits = out.logits[:, -1]
+            if fast is not None:
+                fast.start(returned_cache(out), settings.max_new_tokens)
+            cache = returned_cache(out)
         u = None if draws is None else draws[:, t : t + 1]
-        token = next_tokens(out.logits[:, -1], settings.temperature, settings.top_p, u)
+        token = next_tokens(logits, settings.temperature, settings.top_p, u)
         token = token.masked_fill(done, pad)
         out_tokens.append(token)
         done |= torch.isin(token, stop_ids)

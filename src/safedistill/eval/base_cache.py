@@ -42,6 +42,7 @@ CODE = (
     "eval",
     "data",
     "engine/__init__.py",
+    "engine/decode.py",
     "engine/rollout.py",
     "engine/scoring.py",
 )
