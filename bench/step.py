@@ -58,6 +58,9 @@ from safedistill.teachers import ContextTeacher, FrozenBase, Item  # noqa: E402
 from safedistill.teachers.context import context_text, load_contexts  # noqa: E402
 from safedistill.train import OnPolicyStep  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from peak import measure_peaks  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 TEMPLATE = "{privileged_context}\n\n{prompt}"
 
@@ -165,6 +168,26 @@ def summarize(steps: list[dict]) -> dict:
     timed = steps[1:] or steps  # the first step is a warm-up
     keys = [k for k in timed[0] if isinstance(timed[0][k], int | float)]
     return {k: statistics.mean(s[k] for s in timed) for k in keys}
+
+
+def phase_floors(run: dict, settings: dict, peaks: dict) -> dict:
+    """The least time each phase of `run` could take on this machine (bench/peak.py's measured
+    peaks): the rollout reads every weight once per decode step (max_new_tokens steps x the
+    weights' bytes / the rate a batch-8 matmul streams them); the teacher and student phases do
+    2N and 4N FLOPs per token they compute (N matmul parameters; LoRA leaves the frozen weights
+    without weight gradients) at the matmul peak. Fractions are floor / measured time."""
+    p, n = run["phases"], settings["matmul_params"]
+    peak = peaks[run["precision"]]
+    nbytes = n * (2 if run["precision"] == "bf16" else 4)
+    floors = {
+        "rollout": settings["max_new_tokens"] * nbytes / peak["weight_bytes_per_s"],
+        "teacher": 2 * n * p.get("tokens_teacher", 0) / peak["peak_flops"],
+        "student": 4 * n * p.get("tokens_student", 0) / peak["peak_flops"],
+    }
+    return {
+        phase: {"floor_s": f, "of_floor": f / p[f"t_{phase}"] if p.get(f"t_{phase}") else None}
+        for phase, f in floors.items()
+    }
 
 
 # --------------------------------------------------------------------------- safedistill
@@ -701,6 +724,10 @@ def main(argv=None) -> dict:
     num = numerics(setup, args, rollouts) if "bf16" in precisions else None
 
     model, _ = load_student(setup, args)
+    settings = {"max_new_tokens": args.max_new_tokens, "matmul_params": matmul_params(model)}
+    peaks = measure_peaks(device, seconds=0.5 if args.tiny else 1.0)
+    for run in runs:
+        run["floors"] = phase_floors(run, settings, peaks)
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "settings": {
@@ -721,6 +748,7 @@ def main(argv=None) -> dict:
         "runs": runs,
         "ablations": ablation_rows,
         "bf16_numerics": num,
+        "peaks": peaks,
     }
     print_table(result)
     name = f"step-{device}{'-tiny' if args.tiny else ''}.json"
@@ -742,14 +770,26 @@ def print_table(result: dict) -> None:
             f"TRL's per-sequence mean {c['trl_sdft_loss_sequence_mean']:.6f}; same prompt ids: {c['same_prompt_ids']})"
         )
     print(line)
-    head = f"{'trainer':<34}{'s/step':>8}{'rollout':>9}{'teacher':>9}{'student':>9}   tok/s: {'rollout':>8}{'teacher':>9}{'student':>9}"
+    print("each phase: seconds (share of its floor reached: floor / time; bench/peak.py's measured peaks)")
+    head = f"{'trainer':<34}{'s/step':>8}{'rollout':>17}{'teacher':>17}{'student':>17}   tok/s: {'rollout':>8}{'teacher':>9}{'student':>9}"
     print(head)
     for run in result["runs"]:
-        p = run["phases"]
+        p, floors = run["phases"], run.get("floors", {})
         tps = [p.get("response_tokens", 0) / p[k] if p.get(k) else 0.0 for k in ("t_rollout", "t_teacher", "t_student")]
+        cells = ""
+        for phase in ("rollout", "teacher", "student"):
+            share = floors.get(phase, {}).get("of_floor")
+            cells += f"{p.get(f't_{phase}', 0):>9.2f}" + (f" ({share:>5.1%})" if share is not None else " " * 8)
+        print(f"{run['name']:<34}{p['step_seconds']:>8.2f}{cells}          {tps[0]:>8.1f}{tps[1]:>9.1f}{tps[2]:>9.1f}")
+    if result.get("peaks"):
+        pk = result["peaks"]
         print(
-            f"{run['name']:<34}{p['step_seconds']:>8.2f}{p.get('t_rollout', 0):>9.2f}{p.get('t_teacher', 0):>9.2f}"
-            f"{p.get('t_student', 0):>9.2f}          {tps[0]:>8.1f}{tps[1]:>9.1f}{tps[2]:>9.1f}"
+            "floors from: "
+            + "; ".join(
+                f"{k} matmul peak {v['peak_flops'] / 1e9:.1f} GFLOP/s, weight stream {v['weight_bytes_per_s'] / 1e9:.1f} GB/s"
+                for k, v in pk.items()
+            )
+            + f"; N = {result['settings']['matmul_params'] / 1e6:.1f}M matmul parameters"
         )
     by_prec: dict = {}
     for run in result["runs"]:
