@@ -580,6 +580,29 @@ def ablations(setup, args, rollouts, precisions) -> list[dict]:
         model.eval()
         return timed(lambda: model.generate(**enc, **kw, eos_token_id=stops, pad_token_id=tok.pad_token_id), 1)
 
+    def full_length(fn, fast: bool):
+        """`fn` with no stop tokens (every row decodes max_new_tokens), with the decode step of
+        engine/decode.py or (fast=False) the transformers forward at every step."""
+        stops, of = rollout_mod.stop_token_ids, rollout_mod.FastDecoder.of
+        rollout_mod.stop_token_ids = lambda tok, model=None: [-1]
+        if not fast:
+            rollout_mod.FastDecoder.of = staticmethod(lambda model: None)
+        try:
+            return fn()
+        finally:
+            rollout_mod.stop_token_ids, rollout_mod.FastDecoder.of = stops, of
+
+    for name, fn in [("LoRA student", lambda: rollout(args.batch))] + [
+        (f"merged {p} copy", lambda p=p: merged(p)) for p in precisions
+    ]:
+        rows.append(
+            {
+                "phase": "rollout",
+                "setting": f"decode step, not the transformers forward ({name})",
+                "before_s": full_length(fn, fast=False),
+                "after_s": full_length(fn, fast=True),
+            }
+        )
     batched = rollout(args.batch)
     rows.append(
         {
