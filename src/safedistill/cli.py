@@ -597,7 +597,7 @@ def _add_cache(sub, common: argparse.ArgumentParser) -> None:
         "cache",
         "the cache of base evaluations (every run on the same model and eval settings reuses one)",
     )
-    what = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    what = c.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do with it")
     clear = what.add_parser("clear", help="remove every cached base evaluation (models and data wheels stay)")
     clear.set_defaults(func=_cache_clear)
 
