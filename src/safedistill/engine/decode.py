@@ -205,9 +205,11 @@ class FastDecoder:
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         padded = not bool(attention.all())
         mask = None
-        if padded:  # the additive form SDPA makes of a boolean mask in every layer, made once
+        if padded and h.device.type == "cpu":  # the additive form SDPA makes of a boolean mask, made once
             mask = torch.zeros(attention.shape, dtype=h.dtype, device=h.device)
             mask = mask.masked_fill_(attention == 0, float("-inf"))[:, None, None, :]
+        elif padded:  # elsewhere the boolean mask transformers passes (kernel choice may depend on it)
+            mask = attention.bool()[:, None, None, :]
         h = h[:, 0]
         b = h.shape[0]
         first = self.keys[0]
