@@ -72,16 +72,18 @@ def test_every_step_equals_the_transformers_forward(name, padded, tiny_tokenizer
 
 def test_lora_layers_run_inline_and_follow_a_disabled_adapter(tiny_tokenizer):
     """The LoRA student's projections are computed inline (base + B(A(x)) * scaling, not through
-    the peft module), and with the adapter disabled (the frozen-base teacher) as the base alone:
-    both give the transformers forward's logits."""
+    the peft module); with the adapter disabled (the frozen-base teacher) or merged into the base
+    weights (the final evaluation) as the base alone: all give the transformers forward's logits."""
     tok = tiny_tokenizer
     model = lora_student(tok)
     ids = torch.tensor([tok(chat_text(tok, USERS[0]), add_special_tokens=False)["input_ids"]])
-    for disabled in (False, True):
-        with model.disable_adapter() if disabled else torch.no_grad(), torch.no_grad():
+    for state in ("on", "disabled", "merged"):
+        if state == "merged":
+            model.merge_adapter()
+        with model.disable_adapter() if state == "disabled" else torch.no_grad(), torch.no_grad():
             fast = FastDecoder.of(model)
             assert fast is not None and fast.layers[0].q.weight_t is not None
-            assert (fast.layers[0].q.a_t is None) == disabled
+            assert (fast.layers[0].q.a_t is None) == (state != "on")
             out = model(input_ids=ids, use_cache=True)
             cache = returned_cache(out)
             fast.start(cache, 2)

@@ -55,12 +55,15 @@ def _plain(module) -> bool:
 def _lora_parts(module) -> tuple[torch.nn.Linear, torch.nn.Linear | None, torch.nn.Linear | None, float]:
     """(base, A, B, scaling) of a peft LoRA Linear whose forward is base(x) + B(A(x)) * scaling
     (one plain adapter, no dropout at work, no variant); (base, None, None, 0) when its adapters
-    are disabled; a ValueError for anything else (the module is then called as it is)."""
+    are disabled or merged into the base weights; a ValueError for anything else (the module is
+    then called as it is)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(module) is not LoraLinear or not _plain(module.base_layer) or module.merged:
+    if type(module) is not LoraLinear or not _plain(module.base_layer):
         raise ValueError
-    if module.disable_adapters:
+    if module.disable_adapters and module.merged:  # peft would unmerge the weights first
+        raise ValueError
+    if module.disable_adapters or module.merged:  # merged: the base weights hold the adapter
         return module.base_layer, None, None, 0.0
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) != 1 or active[0] in module.lora_variant:
