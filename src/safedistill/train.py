@@ -578,9 +578,15 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
         console.set_quiet(True)  # process 0 speaks for all; warnings still show
     progress = progress and procs.is_main and not console.quiet()
     preflight(cfg)
-    with claim_out(out, cfg, resume) if procs.is_main else nullcontext():
-        procs.barrier()
-        return _train(cfg, out, procs, resume=resume, progress=progress)
+    try:
+        with claim_out(out, cfg, resume) if procs.is_main else nullcontext():
+            procs.barrier()
+            return _train(cfg, out, procs, resume=resume, progress=progress)
+    except RunDiverged:
+        # Every process raises at the same collective, so all end the group here; left to the
+        # interpreter's teardown, gloo's worker threads can abort the process (SIGABRT, not exit 3).
+        procs.close()
+        raise
 
 
 def _train(cfg: RunConfig, out: Path, procs: Processes, *, resume: bool, progress: bool) -> dict:
