@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from safedistill.data.packaged import Manifest
-from safedistill.data.rephrase import MODEL_PROMPT_SHA, STYLES, model_rewrites
+from safedistill.data.rephrase import MODEL_PROMPT_SHA, STYLES
 from safedistill.data.sources import load_prompts
 from safedistill.data.splits import split_records, take
+from safedistill.eval.rewrite import model_rewrites
 from safedistill.models import load_model
 
 MODEL = "qwen2.5-coder-0.5b-instruct"

@@ -285,8 +285,9 @@ def test_word_overlap_and_rephraser_specs():
 
 
 def test_model_rephrasings_are_cached_and_drop_lost_requests(tiny_llama_dir, isolated_cache):
-    from safedistill.data.rephrase import model_rephrase, model_rewrites
+    from safedistill.data.rephrase import model_rephrase
     from safedistill.data.schema import PromptRecord
+    from safedistill.eval.rewrite import model_rewrites
 
     model, tok = load_model(str(tiny_llama_dir))
     records = [PromptRecord(h["id"], h["prompt"]) for h in HARMFUL]

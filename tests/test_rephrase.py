@@ -14,11 +14,11 @@ from safedistill.data.rephrase import (
     clean_model_rewrite,
     rephrase,
     rephrase_text,
-    rephrase_with_model,
 )
 from safedistill.data.schema import PromptRecord
 from safedistill.data.sources import load_prompts
 from safedistill.errors import UserError
+from safedistill.eval.rewrite import rephrase_with_model
 
 HARMFUL = ("advbench", "harmbench", "strongreject", "xstest-unsafe", "uncensorbench")
 MARKER = {

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.packaged import Manifest
-from ..data.rephrase import STYLES, check_rephraser, model_rephrase, model_rewrites, rephrase, rule_summary
+from ..data.rephrase import STYLES, check_rephraser, model_rephrase, rephrase, rule_summary
 from ..data.schema import PromptRecord
 from ..data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
 from ..data.splits import split_records, take
@@ -27,6 +27,7 @@ from .capability import DEFAULT_BASKET, DEMO_BASKET, load_task_items, parse_bask
 from .drift import SETS as DRIFT_SETS
 from .drift import Reference, answer_kl, summarise
 from .judge_check import agreement
+from .rewrite import model_rewrites
 from .stats import rate_interval
 
 

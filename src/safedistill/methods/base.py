@@ -20,13 +20,14 @@ from ..config import AugmentSettings, DataSettings, SteeringSettings, TeacherSet
 from ..data.augment import FRAMES, SHOTS, evaluation_items, parse_styles, rewrites, rewritten
 from ..data.packaged import Manifest
 from ..data.rephrase import STYLES as REPHRASE_STYLES
-from ..data.rephrase import clean_model_rewrite, rephrase_with_model
+from ..data.rephrase import clean_model_rewrite
 from ..data.schema import Demonstration, PromptRecord
 from ..data.sources import check_trainable
 from ..data.splits import take
 from ..data.train import TrainSplits
 from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
+from ..eval.rewrite import rephrase_with_model
 from ..losses.masks import VOCAB_MASKS
 from ..models import chat_text, load_model
 from ..searches.steering import SteeringSearch, prepare_steering

@@ -1,0 +1,103 @@
+"""Harmful requests rewritten by a model, with the paper's few-shot prompts (data/rephrase.py).
+
+The prompts, the cleaning of an answer and the checks that drop a copy live in data/rephrase.py,
+which imports no model code; generating with a model is this layer's: the eval's model-written
+generalisation axis (`model_rewrites`, cached by data/rephrase.model_rephrase) and the training
+augment (`rephrase_with_model`, falling back to the rule) both ask through here."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from ..data.rephrase import (
+    ANSWER_OPENING,
+    COPY_OVERLAP,
+    MODEL_PROMPTS,
+    STYLES,
+    clean_model_rewrite,
+    is_example_copy,
+    rephrase_text,
+    rephrased_record,
+    word_overlap,
+)
+from ..data.schema import PromptRecord
+from ..engine.rollout import SamplingSettings, generate
+from ..errors import UserError
+from ..models import chat_text
+
+
+def rephrase_with_model(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    style: str,
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[PromptRecord]:
+    """Rewrites by `model` (greedy) with the paper's few-shot prompt. An output that is empty, only
+    repeats the request, or keeps under half of the request's content words (a small model often
+    answers "What's the request?") falls back to the rule. `meta["rephrased_by"]` says which made
+    each."""
+    if style not in STYLES:
+        raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
+    records = list(records)
+    texts = [chat_text(tokenizer, MODEL_PROMPTS[style].format(request=r.prompt)) for r in records]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
+    result = []
+    for r, o in zip(records, outs, strict=True):
+        text, by = clean_model_rewrite(o.text, r.prompt), "model"
+        if not text:
+            text, by = rephrase_text(r.prompt, style), "rule"
+        new = rephrased_record(r, text, style)
+        result.append(dataclasses.replace(new, meta={**new.meta, "rephrased_by": by}))
+    return result
+
+
+def model_rewrites(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    style: str,
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Per record {id, original, style, rewrite (None when dropped), overlap, dropped}: the model's
+    greedy rewrite with the paper's few-shot prompt, cleaned by `clean_model_rewrite`; a copy of the
+    request or a rewrite that lost it (under half its content words) is dropped, never replaced by
+    the rule, so the model-written axis holds only model-written items."""
+    if style not in STYLES:
+        raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
+    records = list(records)
+    # The answer is opened with the examples' own label, so a small model continues the pattern
+    # instead of repeating the request (Qwen2.5-0.5B copied every request without it).
+    texts = [chat_text(tokenizer, MODEL_PROMPTS[style].format(request=r.prompt)) + ANSWER_OPENING for r in records]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
+    outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
+    rows = []
+    for r, o in zip(records, outs, strict=True):
+        text = clean_model_rewrite(o.text, r.prompt)
+        overlap = word_overlap(text, r.prompt) if text else None
+        dropped = "" if text else ("copy or lost the request" if o.text.strip() else "empty")
+        if text and overlap is not None and overlap >= COPY_OVERLAP:
+            dropped = "copy"
+        elif text and is_example_copy(text):
+            dropped = "copy of a prompt example"
+        rows.append(
+            {
+                "id": r.id,
+                "original": r.prompt,
+                "style": style,
+                "rewrite": None if dropped else text,
+                "raw": o.text,
+                "overlap": overlap,
+                "dropped": dropped,
+            }
+        )
+    return rows
