@@ -35,6 +35,7 @@ COPSD = {"rollouts_per_prompt": 2, "cross_sft_steps": 1, "cross_sft_batch_size":
 PRESETS: dict[str, dict] = {
     "opsa": {**SEARCH, "context": "auto", "diagnostics_every": 1, "diagnostics_prompts": 1},
     "sampled-opsa": {},
+    "opsa-robust": {"n_borderline": 2},  # the augment's rewrites by the tiny model itself
     "safesteer": {**STEER, "rollouts_per_prompt": 2},
     "safesteer-context": {**STEER, "rollouts_per_prompt": 2},
     "safesteer-fkl": {**STEER, "rollouts_per_prompt": 2},

@@ -107,9 +107,7 @@ def test_a_method_refuses_a_teacher_it_does_not_prepare_for():
 def test_adding_a_teacher_is_a_class_and_a_table_row(tiny_dir, tmp_path, monkeypatch):
     """A newcomer's teacher (here: the context teacher reading only the harmful context, also on
     benign prompts) is one class and one TEACHERS row; OPSA prepares its contexts and the recipe
-    builds it by name. (The config's TeacherName Literal is the third line a real one adds.)"""
-    from dataclasses import replace
-
+    builds it by name from `teacher:` (config.py is not touched: 2 files, and this test)."""
     from safedistill import train as recipe
     from safedistill.teachers import TEACHERS, ContextTeacher, TeacherKind
 
@@ -129,7 +127,7 @@ def test_adding_a_teacher_is_a_class_and_a_table_row(tiny_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(recipe.OnPolicyStep, "__init__", spy)
     sources = write_sources(tmp_path / "data")
-    cfg = replace(load_config("opsa", overrides=run_settings(tiny_dir, sources, steps=1)), teacher="everywhere")
+    cfg = load_config("opsa", overrides=[*run_settings(tiny_dir, sources, steps=1), "teacher=everywhere"])
     train(cfg, tmp_path / "run", progress=False)
     (teacher,) = built
     assert type(teacher) is HarmfulContextEverywhere
@@ -160,10 +158,8 @@ def test_a_run_dir_saved_before_method_existed_resumes(tiny_dir, tmp_path, monke
 def test_adding_a_method_with_its_own_step_is_a_module_and_a_row(tiny_dir, tmp_path, monkeypatch):
     """A newcomer's method (here: SFT on one fixed refusal per harmful training prompt, its own
     step writing refusals.json) is a prepare function and a METHODS row naming its sections, its
-    files and its report section; train.py and report.py are not touched. (A real one adds its
-    name to config.MethodName and a preset.)"""
-    from dataclasses import replace
-
+    files and its report section; train.py, report.py and config.py are not touched. (A real
+    one adds a preset naming it.)"""
     from safedistill.data.schema import Demonstration
     from safedistill.files import write_json
     from safedistill.methods import Method, Prepared, prepared_files
@@ -184,7 +180,7 @@ def test_adding_a_method_with_its_own_step_is_a_module_and_a_row(tiny_dir, tmp_p
     monkeypatch.setitem(METHODS, "refuse", row)
     assert "refusals.json" in prepared_files()
     sources = write_sources(tmp_path / "data")
-    cfg = replace(load_config("sft", overrides=run_settings(tiny_dir, sources, steps=1)), method="refuse")
+    cfg = load_config("sft", overrides=[*run_settings(tiny_dir, sources, steps=1), "method=refuse"])
     train(cfg, tmp_path / "run", progress=False)
     assert json.loads((tmp_path / "run" / "refusals.json").read_text())  # its own step ran
     assert "## Fixed refusals: 4" in (tmp_path / "run" / "report.md").read_text()

@@ -192,14 +192,14 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
 
 def _config_show(args: argparse.Namespace) -> None:
     from .config import load_config, show
-    from .methods import check_config
+    from .methods import PLUG_TABLES, check_config
 
     cfg = load_config(args.preset, config_file=args.config, overrides=[*args.set, *_cli_overrides(args)])
     check_config(cfg)
     print(f"# safedistill {__version__}: resolved config of preset {args.preset}", end="")
     print(f" + {args.config}" if args.config else "", end="")
     print(f" + --set {' '.join(args.set)}" if args.set else "")
-    print(show(cfg), end="")
+    print(show(cfg, PLUG_TABLES), end="")
 
 
 def _flip_rate(args: argparse.Namespace) -> None:

@@ -5,9 +5,11 @@ and then `--set key=value` override it. Fields live in sections (run, data, teac
 copsd, dgr, rollout, loss, optim, eval, scale) and are addressed as `section.field` or by their flat
 name, which is also how config.yaml stores them, so old run directories still load. This module is
 the ground floor: it imports nothing of the package but errors. A field that names a plug point is
-a Literal of that table's keys (tests/test_config.py holds them equal); the combinations the
-tables rule out are checked by the layer that owns them (methods.check_config), before anything
-is written. See docs/design.md.
+a Literal of that table's keys (tests/test_config.py holds them equal), except `method` and
+`teacher`, whose rows carry code of their own: those are plain names, so a new method or teacher
+is its module and its row only. Their names and the combinations the tables rule out are checked
+by the layer that owns the tables (methods.check_config), once, before anything is written. See
+docs/design.md.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ import yaml
 
 from .errors import UserError
 
-MethodName = Literal["opsa", "safesteer", "copsd", "sft", "dgr", "offpolicy-sd", "external-kd"]
 Trainer = Literal["onpolicy", "sft"]
-TeacherName = Literal["context", "constitution", "steering", "none"]
 Targets = Literal["demonstrations", "teacher", "external", "refined"]
 DivergenceName = Literal["reverse_kl", "forward_kl", "jsd", "mixture", "sampled"]
 TokenMaskName = Literal["all", "first_k", "top_fraction", "threshold"]
@@ -53,7 +53,8 @@ class RunSettings:
 
     preset: str = opt("opsa", "a name from configs/ (`safedistill run --help` lists them)")
     base: str | None = opt(None, "the preset this one inherits from (set by presets; informational)")
-    method: MethodName = opt("opsa", "what the run prepares before training and reports after (METHODS)")
+    # a METHODS key (methods.check_config checks it; config.py reads no table)
+    method: str = opt("opsa", "what the run prepares before training and reports after (METHODS)")
     trainer: Trainer = opt("onpolicy", "onpolicy (distillation on rollouts) or sft (fixed targets)")
     model: str = opt("smollm2-135m-instruct", "HF id, local directory or bundled alias")
     device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
@@ -129,7 +130,8 @@ class AugmentSettings:
 class TeacherSettings:
     """Which teacher, and the context teacher's privileged contexts."""
 
-    teacher: TeacherName = opt("context", "who scores the rollouts or writes the targets (TEACHERS)")
+    # a TEACHERS key (methods.check_config checks it; config.py reads no table)
+    teacher: str = opt("context", "who scores the rollouts or writes the targets (TEACHERS)")
     context: str = opt("auto", "harmful-side context: a built-in id, literal text, or auto (best flip rate)")
     benign_context: str | None = opt("ctx-b01", "teacher context on benign prompts (None: no context)")
     contexts: str = opt("builtin", "candidate library for auto: builtin or a JSONL file (id, text, side)")
@@ -392,7 +394,8 @@ class RunConfig(
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 # Fields whose values are the keys of a plug-point table (methods.PLUG_TABLES holds the tables;
-# tests/test_config.py holds each Literal equal to its table's keys).
+# tests/test_config.py holds each Literal equal to its table's keys; method and teacher are plain
+# names, checked against their tables by methods.check_config).
 PLUG_FIELDS = (
     "method",
     "teacher",
@@ -814,9 +817,11 @@ def same_settings(saved_yaml: str, c: RunConfig) -> bool:
     return not settings_differ(saved_yaml, c)
 
 
-def show(c: RunConfig) -> str:
+def show(c: RunConfig, tables: dict[str, dict] | None = None) -> str:
     """The resolved config as flat YAML (the form config.yaml stores), grouped by section, every
-    field with its help; `safedistill config show`."""
+    field with its help and, for a plug point, its choices: its Literal's, or the keys of its
+    table in `tables` (methods.PLUG_TABLES, which the CLI passes: this module reads no table);
+    `safedistill config show`."""
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"# --- {name}: {cls.__doc__.strip()}")
@@ -825,7 +830,7 @@ def show(c: RunConfig) -> str:
                 {f.name: getattr(c, f.name)}, default_flow_style=True, width=10**6, allow_unicode=True
             )
             value = value.strip().removeprefix("{").removesuffix("}")
-            allowed = choices(f.name)
+            allowed = tuple((tables or {}).get(f.name, ())) or choices(f.name)
             note = f.metadata["help"] + (
                 f" [{' | '.join(map(str, allowed))}]" if allowed and f.name in PLUG_FIELDS else ""
             )
