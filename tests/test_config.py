@@ -227,9 +227,7 @@ def test_method_and_teacher_are_checked_against_their_tables(name, monkeypatch):
     cfg = load_config("opsa", overrides=[f"{name}=newcomer"])  # reading a YAML loads no table
     with pytest.raises(UserError) as e:
         check_config(cfg)
-    assert str(e.value) == (
-        f"config field '{name}' must be one of {sorted(PLUG_TABLES[name])}, got 'newcomer'"
-    )
+    assert str(e.value) == (f"config field '{name}' must be one of {sorted(PLUG_TABLES[name])}, got 'newcomer'")
     monkeypatch.setitem(PLUG_TABLES[name], "newcomer", PLUG_TABLES[name]["opsa" if name == "method" else "context"])
     check_config(cfg)  # a row in its table is all the name needs
 
