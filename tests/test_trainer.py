@@ -321,6 +321,45 @@ def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources
     assert items(eval_seed=1) != items(eval_seed=0)
 
 
+def test_a_runs_eval_settings_are_its_config_fields(tiny_dir, sources):
+    """EvalSettings.of_run reads every run setting the evaluator takes from the config field its
+    metadata names (no copy filled by hand): each such field follows its config field, and the
+    others keep the evaluator's own values."""
+    import dataclasses
+
+    from safedistill.config import SECTION_OF
+    from safedistill.eval.evaluate import EVAL_SECTIONS, EvalSettings
+
+    named = {f.name: f.metadata["run"] for f in dataclasses.fields(EvalSettings) if "run" in f.metadata}
+    assert named == {
+        "harmful": "harmful_source",
+        "benign": "benign_source",
+        "overrefusal": "eval_overrefusal",
+        "generalization": "eval_generalization",
+        "capability": "capability",
+        "limit": "eval_limit",
+        "seed": "eval_seed",
+        "split_seed": "split_seed",
+        "judge": "judge",
+        "safety_tokens": "steer_from",
+        "axes": "eval_axes",
+        "rephraser": "eval_rephraser",
+    }
+    assert {SECTION_OF[name] for name in named.values()} == set(EVAL_SECTIONS)
+    overrides = {"eval_limit": 7, "eval_seed": 3, "split_seed": 2, "capability": "arithmetic:4", "eval_axes": "safety"}
+    overrides |= {"eval_overrefusal": "overrefusal", "eval_generalization": "past_tense", "judge": "keyword"}
+    overrides |= {"eval_rephraser": "model", "steer_from": "runs/steer"}
+    cfg = make_cfg(tiny_dir, sources, **overrides)
+    settings = trainer_mod.eval_settings(cfg)
+    for name, config_field in named.items():
+        assert getattr(settings, name) == getattr(cfg, config_field), name
+    assert (settings.harmful, settings.benign) == (cfg.harmful_source, cfg.benign_source)
+    own = {f.name for f in dataclasses.fields(EvalSettings)} - set(named)
+    assert own == {"eval_fraction", "max_new_tokens", "expressiveness_max_new_tokens", "batch_size"}
+    assert all(getattr(settings, n) == getattr(EvalSettings(), n) for n in own)
+    assert cfg.batch_size == 3 and settings.batch_size == 32  # the eval's batch is not the training batch
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("capability", "hellaswag:10,nonsense"), ("capability", "piqa:0"), ("eval_generalization", "future_tense")],

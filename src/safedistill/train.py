@@ -38,7 +38,7 @@ from .errors import RunDiverged, UserError
 from .eval import base_cache
 from .eval.diagnostics import CollapseProbe, text_stats
 from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base
-from .eval.evaluate import EvalSettings, evaluate, parse_axes
+from .eval.evaluate import EVAL_SECTIONS, EvalSettings, evaluate, parse_axes
 from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
 from .losses.divergence import masked_mean, token_stats
@@ -59,20 +59,8 @@ from .teachers.base import FrozenBase, Item, Teacher
 
 
 def eval_settings(cfg: RunConfig) -> EvalSettings:
-    return EvalSettings(
-        harmful=cfg.harmful_source,
-        benign=cfg.benign_source,
-        overrefusal=cfg.eval_overrefusal,
-        generalization=cfg.eval_generalization,
-        capability=cfg.capability,
-        limit=cfg.eval_limit,
-        seed=cfg.eval_seed,
-        split_seed=cfg.split_seed,
-        judge=cfg.judge,
-        safety_tokens=cfg.steer_from,
-        axes=cfg.eval_axes,
-        rephraser=cfg.eval_rephraser,
-    )
+    """The run's evaluation: its eval section, with the data and steering fields the evaluator names."""
+    return EvalSettings.of_run(*map(cfg.section, EVAL_SECTIONS))
 
 
 def run_eval(

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -30,34 +30,59 @@ from .judge_check import agreement
 from .rewrite import model_rewrites
 from .stats import rate_interval
 
+# The config sections a run's evaluation reads (EvalSettings.of_run): its own, and the sources,
+# split and S it is held out from.
+EVAL_SECTIONS = ("eval", "data", "steering")
+
+
+def _run(name: str) -> dict:
+    """A field's metadata naming the run-config field it is (EvalSettings.of_run reads it there)."""
+    return {"run": name}
+
 
 @dataclass
 class EvalSettings:
     """What the evaluation runs on. Named sources are split by `split_seed` and only their
     held-out side is used (eval-only benchmarks such as XSTest are taken whole); a JSONL or hf:
     source is taken whole, as the user's own eval set. Which items are taken depends on `seed`,
-    the eval seed, alone: every model evaluated with the same settings answers the same items."""
+    the eval seed, alone: every model evaluated with the same settings answers the same items.
 
-    harmful: str = "advbench"  # harmful prompts (held-out split of a named source, or a file)
-    overrefusal: str = "xstest-safe"  # safe prompts that look harmful (XSTest); "overrefusal" is the built-in set
-    benign: str = "benign"  # ordinary prompts, for expressiveness and drift
-    generalization: str = "past_tense,hypothetical"  # rephrasings of the harmful prompts ("" for none)
-    capability: str = "default"  # default | demo (eval/capability.py DEFAULT_BASKET, DEMO_BASKET) | TASK[:N],...
-    limit: int | None = None  # at most this many items per axis and per capability task (None: all)
-    seed: int = 0  # the eval seed: which items are taken; never the training seed, so runs pair item by item
-    split_seed: int = 0  # train/eval split of named sources; keep it fixed across a comparison
+    A run's evaluation is its config's eval section (and the data and steering fields named here):
+    each field that is a run setting names that config field in its metadata, and `of_run` reads
+    them from the sections, so no list of fields is copied by hand. The defaults are the `eval`
+    command's (the whole default basket, every item), not a run's."""
+
+    # harmful prompts: the held-out split of a named source, or a file
+    harmful: str = field(default="advbench", metadata=_run("harmful_source"))
+    overrefusal: str = field(default="xstest-safe", metadata=_run("eval_overrefusal"))  # safe prompts that look harmful
+    # ordinary prompts, for expressiveness and drift
+    benign: str = field(default="benign", metadata=_run("benign_source"))
+    generalization: str = field(default="past_tense,hypothetical", metadata=_run("eval_generalization"))  # "" for none
+    # default | demo (eval/capability.py DEFAULT_BASKET, DEMO_BASKET) | TASK[:N],...
+    capability: str = field(default="default", metadata=_run("capability"))
+    limit: int | None = field(default=None, metadata=_run("eval_limit"))  # items per axis and per task (None: all)
+    # the eval seed: which items are taken; never the training seed, so runs pair item by item
+    seed: int = field(default=0, metadata=_run("eval_seed"))
+    split_seed: int = field(default=0, metadata=_run("split_seed"))  # keep it fixed across a comparison
     eval_fraction: float = 0.2
-    judge: str = "heuristic"
+    judge: str = field(default="heuristic", metadata=_run("judge"))
     max_new_tokens: int = 64  # safety, jailbreak, over-refusal: refusals show in the first tokens
     expressiveness_max_new_tokens: int = 96
     batch_size: int = 32
     # A `safedistill steer` output (or its safety_tokens.json): also report each model's probability mass
     # on that S along its own answers to the harmful prompts, SafeSteer's figure of whether S grew or shrank.
-    safety_tokens: str | None = None
-    axes: str = "all"  # comma-separated subset of AXES, or "all"
+    safety_tokens: str | None = field(default=None, metadata=_run("steer_from"))
+    axes: str = field(default="all", metadata=_run("eval_axes"))  # comma-separated subset of AXES, or "all"
     # Who writes the generalisation axis's rephrasings: "rule" (data/rephrase.py's rules), "model" (the
     # shipped model rewrites of AdvBench's held-out split, then the model under test, cached), "model:NAME".
-    rephraser: str = "rule"
+    rephraser: str = field(default="rule", metadata=_run("eval_rephraser"))
+
+    @classmethod
+    def of_run(cls, *sections) -> EvalSettings:
+        """A run's evaluation settings from its config sections (eval, data, steering): every
+        field that names a run setting takes that setting's value; the rest keep their defaults."""
+        values = {k: v for section in sections for k, v in asdict(section).items()}
+        return cls(**{f.name: values[f.metadata["run"]] for f in fields(cls) if "run" in f.metadata})
 
 
 # Every axis `evaluate` can run, in the order it runs them. Drift needs the base model beside the
