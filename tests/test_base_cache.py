@@ -153,3 +153,45 @@ print("\\n".join(m.__file__ for n, m in sys.modules.items() if n.startswith("saf
         if p.is_relative_to(root) and not any(p == c or p.is_relative_to(c) for c in covered)
     ]
     assert not missing, f"modules an evaluation runs but the cache key does not hash: {missing}"
+
+
+def test_eval_command_reuses_its_evaluation_and_a_changed_setting_misses(
+    isolated_cache, tiny_dir, sources, tmp_path, monkeypatch, capsys
+):
+    harmful, benign = sources
+    argv = ["eval", "--model", tiny_dir, "--harmful", harmful, "--overrefusal", benign, "--limit", "2"]
+    argv += ["--axes", "safety,overrefusal,capability", "--capability", "arithmetic:2"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([*argv, "--out", str(first)]) == 0
+    assert not (first / base_cache.EVAL_REUSED).exists()
+    capsys.readouterr()
+
+    from safedistill.eval import evaluate as evaluate_mod
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("a cached evaluation was computed again")
+
+    real = evaluate_mod.evaluate
+    monkeypatch.setattr(evaluate_mod, "evaluate", must_not_run)
+    assert main([*argv, "--out", str(second)]) == 0
+    assert "reused the evaluation from" in capsys.readouterr().err
+    note = json.loads((second / base_cache.EVAL_REUSED).read_text())
+    assert note["origin"] == str(first.resolve()) and Path(note["cache"]).parent == base_cache.entries_dir()
+    for name in ("eval.json", "generations.jsonl"):
+        assert (second / name).read_text() == (first / name).read_text(), name
+    assert "reused from the cache" in (second / "report.md").read_text()
+    assert "reused from the cache" not in (first / "report.md").read_text()
+
+    # A changed setting, or --no-cache, evaluates again (a stale note in the directory goes).
+    calls: list[int] = []
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", counted)
+    assert main([*argv, "--batch-size", "3", "--out", str(second)]) == 0
+    assert len(calls) == 1 and not (second / base_cache.EVAL_REUSED).exists()
+    assert "reused from the cache" not in (second / "report.md").read_text()
+    assert main([*argv, "--no-cache", "--out", str(tmp_path / "third")]) == 0
+    assert len(calls) == 2 and not (tmp_path / "third" / base_cache.EVAL_REUSED).exists()

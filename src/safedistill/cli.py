@@ -136,6 +136,7 @@ def _eval_settings(args: argparse.Namespace):
 def _eval(args: argparse.Namespace) -> None:
     import torch
 
+    from .eval import base_cache
     from .eval.drift import Reference, adapter_disabled
     from .eval.evaluate import evaluate, parse_axes
     from .eval.judging import load_judge
@@ -151,19 +152,30 @@ def _eval(args: argparse.Namespace) -> None:
     # Drift compares the adapter's model with the base: the same model with the adapter disabled.
     drift = args.adapter and "drift" in parse_axes(settings.axes)
     reference = Reference(lambda: adapter_disabled(model)) if drift else None
-    results, generations = evaluate(
-        model,
-        tok,
-        judge,
-        settings,
-        model_name=args.model,
-        adapter=args.adapter,
-        progress=console.bars(),
-        reference=reference,
+
+    def compute() -> tuple[dict, list[dict]]:
+        return evaluate(
+            model,
+            tok,
+            judge,
+            settings,
+            model_name=args.model,
+            adapter=args.adapter,
+            progress=console.bars(),
+            reference=reference,
+        )
+
+    # The same model files, adapter, settings, items, judge and code as an earlier eval or a run's
+    # base evaluation: the same files, copied from the cache (eval/base_cache.py).
+    inputs = (
+        None if args.no_cache else base_cache.eval_inputs(model, args.model, args.adapter, judge, args.judge, settings)
     )
+    results, generations, hit = base_cache.evaluate_cached(compute, inputs, out, base_cache.EVAL_REUSED, "evaluation")
+    if hit is not None:
+        results = {**results, "adapter": args.adapter}  # the key has the adapter's files, not its path
     write_jsonl(out / "generations.jsonl", generations)
     write_json(out / "eval.json", results)
-    report = eval_report(results, generations)
+    report = eval_report(results, generations, note=base_cache.reuse_line(out, base_cache.EVAL_REUSED, "evaluation"))
     atomic_write_text(out / "report.md", report)
     print(report.split("\n## Data")[0])
     print(f"wrote {out}/eval.json, generations.jsonl, report.md")
@@ -438,6 +450,12 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
         "answers to the harmful prompts",
     )
     e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    e.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="evaluate even when the cache holds this evaluation (same model files, adapter, settings, items, "
+        "judge and code; `safedistill cache clear` empties it), and do not store it",
+    )
     e.set_defaults(func=_eval)
 
 

@@ -258,38 +258,48 @@ def evaluate_once(
 
 
 REUSED = "eval_base_reused.json"  # in a run directory: where its base evaluation was reused from
+EVAL_REUSED = "eval_reused.json"  # in a `safedistill eval` directory: the same note
+
+
+def evaluate_cached(
+    compute: Callable[[], tuple[dict, list[dict]]], inputs: EvalInputs | None, out: Path, note: str, what: str
+) -> tuple[dict, list[dict], Cached | None]:
+    """`evaluate_once` for a command writing into `out`: on a hit `out/note` names the entry and
+    the directory that first computed it (the report quotes it) and the console says so; on a
+    miss a stale note from an earlier call into the same directory is removed."""
+    from .. import console
+
+    results, generations, hit = evaluate_once(compute, inputs, origin=str(Path(out).resolve()))
+    path = Path(out) / note
+    if hit is None:
+        path.unlink(missing_ok=True)
+        return results, generations, None
+    write_json(path, {"cache": str(hit.folder), "origin": hit.origin, "key": inputs.key if inputs else None})
+    console.say(f"reused the {what} from {hit.folder} (first computed by {hit.origin or 'an earlier run'})")
+    return results, generations, hit
 
 
 def evaluate_base(
     compute: Callable[[], tuple[dict, list[dict]]], model, model_name: str, judge, judge_spec: str, settings, out: Path
 ) -> tuple[dict, list[dict]]:
-    """A run's base evaluation, reused from the cache when one with the same inputs exists; the
-    run directory then holds REUSED naming the entry and the run that first computed it (the
-    report quotes it), and the console says so. Either way the random streams the training
-    draws from are left as they were (greedy evaluation draws none; this makes sure)."""
-    from .. import console
-
+    """A run's base evaluation, reused from the cache when one with the same inputs exists (the
+    run directory then holds REUSED). Either way the random streams the training draws from are
+    left as they were (greedy evaluation draws none; this makes sure)."""
     inputs = eval_inputs(model, model_name, None, judge, judge_spec, settings)
     state = random.getstate()
     with torch.random.fork_rng():  # a hit and a miss leave the run's random streams alike
-        results, generations, hit = evaluate_once(compute, inputs, origin=str(Path(out).resolve()))
+        results, generations, _ = evaluate_cached(compute, inputs, out, REUSED, "base evaluation")
     random.setstate(state)
-    note = Path(out) / REUSED
-    if hit is None:
-        note.unlink(missing_ok=True)
-        return results, generations
-    write_json(note, {"cache": str(hit.folder), "origin": hit.origin, "key": inputs.key if inputs else None})
-    console.say(f"reused the base evaluation from {hit.folder} (first computed by {hit.origin or 'an earlier run'})")
     return results, generations
 
 
-def reuse_line(out: Path) -> str | None:
-    """The report's sentence on a reused base evaluation, or None when it was computed here."""
-    path = Path(out) / REUSED
+def reuse_line(out: Path, note: str = REUSED, what: str = "base evaluation") -> str | None:
+    """The report's sentence on a reused evaluation, or None when it was computed here."""
+    path = Path(out) / note
     if not path.is_file():
         return None
-    note = json.loads(path.read_text())
+    note_data = json.loads(path.read_text())
     return (
-        f"The base evaluation was reused from the cache (`{note['cache']}`), first computed by "
-        f"`{note.get('origin') or 'an earlier run'}`: same model files, eval settings and items, judge and code."
+        f"The {what} was reused from the cache (`{note_data['cache']}`), first computed by "
+        f"`{note_data.get('origin') or 'an earlier run'}`: same model files, eval settings and items, judge and code."
     )

@@ -135,7 +135,8 @@ def eval_rows(results: dict, items: list[dict] | None = None) -> list[tuple[str,
     return rows
 
 
-def eval_report(results: dict, items: list[dict] | None = None) -> str:
+def eval_report(results: dict, items: list[dict] | None = None, note: str | None = None) -> str:
+    """`safedistill eval`'s report; `note` (a reused evaluation's origin) goes under the title line."""
     s = results.get("settings", {})
     timing = results.get("timing", {})
     adapter = results.get("adapter")
@@ -147,6 +148,7 @@ def eval_report(results: dict, items: list[dict] | None = None) -> str:
         f"`{s.get('overrefusal', 'n/a')}` · run time {fmt(timing.get('seconds'), 0)} s "
         f"({fmt(timing.get('tokens_per_s'), 0)} new tokens/s)",
         "",
+        *([note, ""] if note else []),
         judge_line(results),
         "",
         "| metric | value | 95% interval | n |",
