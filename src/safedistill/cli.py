@@ -410,6 +410,19 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--out", required=True, help="directory for eval.json, generations.jsonl, report.md (overwrites them)"
     )
+    _add_eval_items(e)
+    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    e.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="evaluate even when the cache holds this evaluation (same model files, adapter, settings, items, "
+        "judge and code; `safedistill cache clear` empties it), and do not store it",
+    )
+    e.set_defaults(func=_eval)
+
+
+def _add_eval_items(e: argparse.ArgumentParser) -> None:
+    """`safedistill eval`'s flags that choose what is asked and how it is judged."""
     e.add_argument(
         "--limit",
         type=int,
@@ -449,14 +462,6 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
         help="a `safedistill steer` output dir: also report the model's probability mass on its S along the "
         "answers to the harmful prompts",
     )
-    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    e.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="evaluate even when the cache holds this evaluation (same model files, adapter, settings, items, "
-        "judge and code; `safedistill cache clear` empties it), and do not store it",
-    )
-    e.set_defaults(func=_eval)
 
 
 def _add_run(sub, common: argparse.ArgumentParser) -> None:
