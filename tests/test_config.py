@@ -232,6 +232,17 @@ def test_method_and_teacher_are_checked_against_their_tables(name, monkeypatch):
     check_config(cfg)  # a row in its table is all the name needs
 
 
+@pytest.mark.parametrize("name", NAMED_BY_TABLE)
+def test_an_unknown_method_or_teacher_stops_a_run_in_one_line_before_anything_is_written(name, tmp_path, capsys):
+    from safedistill.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "opsa", "--set", f"{name}=newcomer", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"safedistill: error: config field '{name}' must be one of [")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "preset, item, field",
     [
