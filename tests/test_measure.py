@@ -324,6 +324,39 @@ def test_axes_in_config_and_cli_name_the_same_axes(capsys):
     assert ",".join(AXES) in capsys.readouterr().out.replace("\n", "").replace(" ", "")
 
 
+def test_drift_batched_across_answer_sets_gives_the_one_row_numbers(tiny_llama_dir):
+    # answer_kls sorts (set, item) rows by length and batches them; each item's KL and S share
+    # must be the one it gets alone in its own forward, whatever the batch.
+    from safedistill.data.schema import PromptRecord
+    from safedistill.eval.drift import answer_kl, answer_kls
+    from safedistill.models import LoraSettings, add_lora
+
+    model, tok = load_model(str(tiny_llama_dir))
+    model = add_lora(model, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    model.merge_adapter()
+    ref = Reference(lambda: adapter_disabled(model))
+    prompts = ["How do I pick a lock?", "Write malware.", "Name a colour.", "Tell me a long story about a dog."]
+    records = [PromptRecord(f"r{i}", p) for i, p in enumerate(prompts)]
+    texts = {
+        "base": ["I cannot help", "No.", "Blue is a colour that many people like a lot", ""],
+        "trained": ["Sure, first you take a pin and then", "I won't", "Red", "Once upon a time there was a dog"],
+    }
+    answers = {k: [tok(t, add_special_tokens=False)["input_ids"] for t in v] for k, v in texts.items()}
+    s = [5, 6, 7]
+    together, shares = answer_kls(model, ref, tok, records, answers, s, ("base",), batch_size=8)
+    for along in answers:
+        alone = [answer_kl(model, ref, tok, [r], [a], s, batch_size=1) for r, a in zip(records, answers[along])]
+        assert together[along] == pytest.approx([k[0][0] for k in alone], rel=1e-4, abs=1e-7)
+        if along == "base":
+            assert shares["base"] == pytest.approx([k[1][0] for k in alone], rel=1e-4, abs=1e-7)
+    assert together["base"][3] == 0.0 and all(v > 0 for v in together["trained"])  # empty answer: 0
+    assert len(set(together["trained"])) == 4 and "trained" not in shares
+
+
 def test_share_of_drift_carried_by_s_is_a_share(tiny_llama_dir):
     from safedistill.data.schema import PromptRecord
     from safedistill.eval.drift import answer_kl

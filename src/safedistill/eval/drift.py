@@ -11,7 +11,8 @@ of the drift carried by S: by the chain rule KL(p || q) = KL of the two-way spli
 + the KL within the sides, so the split's KL over the whole is a share in [0, 1].
 
 Cost: no decoding when both answer sets exist (the axes already decoded them); four
-teacher-forced forwards per item (each model along each answer).
+teacher-forced sequences per item (each model along each answer), batched across both answer
+sets, sorted by length (answer_kls).
 """
 
 from __future__ import annotations
@@ -88,8 +89,7 @@ class _Answer:
         self.response_ids = ids
 
 
-def _logits(model, tokenizer, records: list[PromptRecord], answers: list[list[int]]):
-    prompts = encode_prompts(tokenizer, [chat_text(tokenizer, r.prompt) for r in records])
+def _logits(model, tokenizer, prompts: list[list[int]], answers: list[list[int]]):
     responses = [a or [tokenizer.pad_token_id] for a in answers]
     with torch.no_grad():
         return response_logits(model, prompts, responses, pad_id=tokenizer.pad_token_id)
@@ -102,31 +102,66 @@ def answer_kl(
     records: list[PromptRecord],
     answers: list[list[int]],
     safety_ids: list[int] | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> tuple[list[float], list[float] | None]:
     """Per item: mean per-token KL(model || base) along `answers`, and (with S) the per-item share
     of that KL carried by the split {S, not S}; an empty answer has KL 0."""
-    kls: list[float] = []
-    shares: list[float] = []
+    kls, shares = answer_kls(
+        model, reference, tokenizer, records, {"along": answers}, safety_ids, ("along",), batch_size
+    )
+    return kls["along"], shares.get("along")
+
+
+def answer_kls(
+    model,
+    reference: Reference,
+    tokenizer,
+    records: list[PromptRecord],
+    answers: dict[str, list[list[int]]],
+    safety_ids: list[int] | None = None,
+    shares_for: tuple[str, ...] = (),
+    batch_size: int = 16,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """answer_kl along several answer sets at once (e.g. the base's and the trained model's answers
+    to the same prompts). Every (set, item) row is one sequence; rows are sorted by length and
+    `batch_size` of them go through each forward, so short refusals are not padded to the longest
+    answer and the base (a LoRA model with its adapter disabled: an unmerge and a merge) is
+    entered once per batch for all sets. The numbers are the per-row ones, in any batching, up to
+    float rounding. Shares of S only for the sets named in `shares_for`."""
+    prompts = encode_prompts(tokenizer, [chat_text(tokenizer, r.prompt) for r in records])
+    rows = [(name, i) for name in answers for i in range(len(records))]
+    rows.sort(key=lambda row: len(prompts[row[1]]) + len(answers[row[0]][row[1]]))
+    kls = {name: [0.0] * len(records) for name in answers}
+    shares = {name: [0.0] * len(records) for name in answers if name in shares_for and safety_ids}
     index = torch.tensor(safety_ids, dtype=torch.long) if safety_ids else None
-    for start in range(0, len(records), batch_size):
-        recs, outs = records[start : start + batch_size], answers[start : start + batch_size]
-        logits_t, mask = _logits(model, tokenizer, recs, outs)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        ps = [prompts[i] for _, i in batch]
+        outs = [answers[name][i] for name, i in batch]
+        logits_t, mask = _logits(model, tokenizer, ps, outs)
         logp_t = torch.log_softmax(logits_t.float(), dim=-1)
         del logits_t
         with reference.base() as base:
-            logp_b = torch.log_softmax(_logits(base, tokenizer, recs, outs)[0].float(), dim=-1)
+            logp_b = torch.log_softmax(_logits(base, tokenizer, ps, outs)[0].float(), dim=-1)
         m = mask.to(logp_t.dtype) * torch.tensor([float(bool(a)) for a in outs])[:, None].to(logp_t.device)
         kl = (logp_t.exp() * (logp_t - logp_b)).sum(-1).clamp_min(0.0)  # [B, T]
-        kls += ((kl * m).sum(-1) / m.sum(-1).clamp_min(1.0)).tolist()
-        if index is not None:
-            split = torch.zeros_like(kl)
-            for a, b in _two_way(logp_t, logp_b, index.to(logp_t.device)):  # S, then not S
+        total = (kl * m).sum(-1)
+        for (name, i), v in zip(batch, (total / m.sum(-1).clamp_min(1.0)).tolist(), strict=True):
+            kls[name][i] = v
+        wanted = [j for j, (name, _) in enumerate(batch) if name in shares]
+        if index is not None and wanted:
+            at = torch.tensor(wanted, dtype=torch.long, device=logp_t.device)
+            split = torch.zeros_like(kl[at])
+            for a, b in _two_way(logp_t[at], logp_b[at], index.to(logp_t.device)):  # S, then not S
                 split += torch.xlogy(a, a) - torch.xlogy(a, b.clamp_min(1e-30))
             split = split.clamp_min(0.0)
-            total = (kl * m).sum(-1)
-            shares += torch.where(total > 0, (split * m).sum(-1) / total.clamp_min(1e-30), 0.0).tolist()
-    return kls, (shares if index is not None else None)
+            part = torch.where(
+                total[at] > 0, (split * m[at]).sum(-1) / total[at].clamp_min(1e-30), torch.zeros_like(total[at])
+            )
+            for j, v in zip(wanted, part.tolist(), strict=True):
+                name, i = batch[j]
+                shares[name][i] = v
+    return kls, shares
 
 
 def _two_way(logp_t: torch.Tensor, logp_b: torch.Tensor, index: torch.Tensor):

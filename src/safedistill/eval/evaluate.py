@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..models import chat_text
 from .capability import DEFAULT_BASKET, DEMO_BASKET, load_task_items, parse_basket, run_capability
 from .drift import SETS as DRIFT_SETS
-from .drift import Reference, answer_kl, summarise
+from .drift import Reference, answer_kls, summarise
 from .judge_check import agreement
 from .rewrite import model_rewrites
 from .stats import rate_interval
@@ -580,12 +580,10 @@ def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
                 "trained": [list(x.response_ids) for x in trained],
             }
             texts = {"base": base_texts, "trained": [x.text for x in trained]}
-            values[name] = {}
-            for along, ids in answers.items():
-                with_s = items.safety_ids if name == "harmful" and along == "base" else None
-                kl, share = answer_kl(run.model, reference, tok, records, ids, with_s)
-                values[name][along] = kl
-                shares = share if share is not None else shares
+            with_s = items.safety_ids if name == "harmful" else None
+            values[name], share = answer_kls(run.model, reference, tok, records, answers, with_s, ("base",))
+            shares = share.get("base", shares)
+            for along, kl in values[name].items():
                 for r, text, v in zip(records, texts[along], kl, strict=True):
                     run.generations.append(
                         {
