@@ -349,7 +349,8 @@ def test_drift_batched_across_answer_sets_gives_the_one_row_numbers(tiny_llama_d
     s = [5, 6, 7]
     together, shares = answer_kls(model, ref, tok, records, answers, s, ("base",), batch_size=8)
     for along in answers:
-        alone = [answer_kl(model, ref, tok, [r], [a], s, batch_size=1) for r, a in zip(records, answers[along])]
+        pairs = zip(records, answers[along], strict=True)
+        alone = [answer_kl(model, ref, tok, [r], [a], s, batch_size=1) for r, a in pairs]
         assert together[along] == pytest.approx([k[0][0] for k in alone], rel=1e-4, abs=1e-7)
         if along == "base":
             assert shares["base"] == pytest.approx([k[1][0] for k in alone], rel=1e-4, abs=1e-7)
