@@ -273,6 +273,28 @@ def test_offpolicy_sd_writes_its_targets(tiny_dir, sources, tmp_path, keep_only_
     assert len(metrics(out)) == 1
 
 
+def test_offpolicy_sd_targets_cut_at_the_token_limit_get_no_stop_token(tiny_dir, sources, tmp_path):
+    """A teacher answer cut by max_new_tokens did not end there: training it with a stop token
+    would teach the student to stop mid-sentence (as Cross-SFT, which already left it out)."""
+    from safedistill.data.schema import Demonstration
+    from safedistill.engine.sft import SFTStep
+
+    cfg = make_cfg(
+        tiny_dir, sources, preset="offpolicy-sd", steps=1, batch_size=2, keep_only_safe="false", max_new_tokens=3
+    )
+    out = tmp_path / "offpolicy-cut"
+    train(cfg, out, progress=False)
+    targets = [Demonstration(**json.loads(line)) for line in (out / "targets.jsonl").read_text().splitlines()]
+    _, tok = load_model(tiny_dir)
+    step = SFTStep(tok)
+    # A random model almost never emits its stop token within 3 tokens: the targets are cut.
+    assert any(t.truncated for t in targets)
+    for t in targets:
+        ids = step.target_ids(t)
+        assert (ids[-1] == step.stop) == (not t.truncated)
+        assert len(ids) == len(tok(t.response, add_special_tokens=False)["input_ids"]) + (not t.truncated)
+
+
 def test_full_parameter_training_keeps_a_frozen_teacher_copy(
     tiny_dir,
     sources,

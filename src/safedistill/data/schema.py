@@ -32,6 +32,9 @@ class Demonstration:
     reasoning: str | None = None
     source: str = ""
     category: str = ""  # "benign" marks a benign demonstration (augment rewrites the others)
+    # A generated target cut at the token limit: trained without a stop token, so SFT does not
+    # teach the student to end its answers where the generator's budget ran out.
+    truncated: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,9 +16,10 @@ from .scoring import response_logits
 
 
 def target_ids(tok, d: Demonstration, stop: int) -> list[int]:
-    """What an SFT target is: reasoning (if any), a blank line, the response, then the stop token."""
+    """What an SFT target is: reasoning (if any), a blank line, the response, then the stop token
+    (none after a target cut at its generator's token limit: the answer did not end there)."""
     text = (f"{d.reasoning}\n\n" if d.reasoning else "") + d.response
-    return tok(text, add_special_tokens=False)["input_ids"] + [stop]
+    return tok(text, add_special_tokens=False)["input_ids"] + ([] if d.truncated else [stop])
 
 
 class SFTStep:

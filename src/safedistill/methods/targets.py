@@ -1,7 +1,9 @@
 """SFT targets a model writes instead of scoring rollouts: another model (`external-kd`,
 SafeChain-style) or the context-conditioned base model itself (`offpolicy-sd`, ThinkSafe-style),
 generating on the training prompts; on harmful prompts only answers the judge calls safe are kept
-(keep_only_safe). The SFT step then trains on them.
+(keep_only_safe). The SFT step then trains on them; a target cut at max_new_tokens is marked
+`truncated` and gets no stop token (as Cross-SFT's answers), else SFT would teach the student to stop
+mid-sentence where the generator's budget ran out.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def generated_targets(
     for it, r, v in zip(items, rollouts, verdicts, strict=True):
         keep = not data.keep_only_safe or it.group != "harmful" or v.safe_target
         if keep and r.text.strip():
-            targets.append(Demonstration(it.prompt, r.text, it.id, None, source, it.group))
+            targets.append(Demonstration(it.prompt, r.text, it.id, None, source, it.group, truncated=not r.finished))
     if not targets:
         raise UserError("no generated target survived the judge; try another context or keep_only_safe=false")
     write_jsonl(path, [t.to_dict() for t in targets])
