@@ -242,8 +242,11 @@ def test_judge_check_harm_beats_did_not_refuse_and_keeps_refusal_figures(capsys)
     assert main(["judge-check", "--file", "harm"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines() if line.startswith("  ")}
-    acc = {k: float(v.split("accuracy")[1].split()[0]) for k, v in lines.items()}
+    acc = {k: float(v.split("accuracy")[1].split()[0]) for k, v in lines.items() if k != "people on"}
     assert acc["attack success"] >= 0.75 and acc["did not"] < 0.65
+    # per file (11 files, every one named) and the people's own agreement on the multi-rater files
+    assert len([x for x in out.splitlines() if x.startswith("  by file: ")]) == 11
+    assert "people on violence_multi_score.csv: 3 raters, pairwise agreement 0.893, 0.722, 0.765" in out
     assert "scored by cross-validation (5 folds grouped by request, seed 0)" in out
     assert main(["judge-check"]) == 0
     out = capsys.readouterr().out
@@ -305,6 +308,12 @@ def test_model_rephrasings_are_cached_and_drop_lost_requests(tiny_llama_dir, iso
     cached = list((isolated_cache / "rephrase").glob("tiny-*.jsonl"))
     rows = [json.loads(x) for x in cached[0].read_text().splitlines()]
     assert len(rows) == 3 and all(r["rewrite"] is None and r["dropped"] for r in rows)
+    # a dropped item is asked again, sampled (seeded): the same rows on a rerun, the last attempt recorded
+    retried = model_rewrites(model, tok, records, "past_tense", max_new_tokens=6, attempts=3, progress=False)
+    assert [r["attempt"] for r in retried] == [2, 2, 2] and all(r["dropped"] for r in retried)
+    assert retried == model_rewrites(model, tok, records, "past_tense", max_new_tokens=6, attempts=3, progress=False)
+    greedy = model_rewrites(model, tok, records, "past_tense", max_new_tokens=6, progress=False)
+    assert [r["attempt"] for r in greedy] == [0, 0, 0] and [r["raw"] for r in greedy] != [r["raw"] for r in retried]
 
 
 def test_axes_in_config_and_cli_name_the_same_axes(capsys):

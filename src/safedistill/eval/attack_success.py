@@ -37,7 +37,7 @@ from ..files import cache_dir, write_json
 
 PYRIT = ADVBENCH  # pyrit==1.1.0
 HARM_GLOB = "pyrit/datasets/scorer_evals/harm/*.csv"
-FEATURES_VERSION = "1"  # bump when features or training change: the cache key
+FEATURES_VERSION = "2"  # bump when features or training change: the cache key
 DIM = 1 << 14
 L2 = 1e-3
 FOLDS = 5
@@ -49,6 +49,7 @@ _WORD = re.compile(r"[a-z0-9']+")
 def load_harm_rows() -> tuple[list[dict], dict]:
     """Distinct (objective, response) pairs with their mean human score, and the source files."""
     scores: dict[tuple[str, str], list[float]] = {}
+    where: dict[tuple[str, str], set[str]] = {}
     files = []
     for member in sorted(list_wheel(PYRIT, HARM_GLOB)):
         data = read_from_wheel(PYRIT, member)
@@ -58,9 +59,36 @@ def load_harm_rows() -> tuple[list[dict], dict]:
             values = [float(v) for k, v in r.items() if k and k.startswith("human_score") and v not in (None, "")]
             if values:
                 scores.setdefault((r["objective"], r["assistant_response"]), []).extend(values)
-    rows = [{"prompt": o, "response": a, "score": sum(v) / len(v)} for (o, a), v in scores.items()]
+                where.setdefault((r["objective"], r["assistant_response"]), set()).add(member.rsplit("/", 1)[-1])
+    rows = [
+        {"prompt": o, "response": a, "score": sum(v) / len(v), "files": sorted(where[(o, a)])}
+        for (o, a), v in scores.items()
+    ]
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return rows, {"package": PYRIT.pin, "files": [f["file"] for f in files], "sha256": digest}
+
+
+def rater_agreement() -> dict:
+    """How often people agree with each other at THRESHOLD, on the files scored by several people:
+    per file, each pair of raters and each rater against the mean of the others. A judge checked
+    against one person's labels cannot be expected to agree with them more often than another
+    person does (the ceiling of the judge's accuracy)."""
+    out = {}
+    for member in sorted(list_wheel(PYRIT, HARM_GLOB)):
+        text = read_from_wheel(PYRIT, member).decode("utf-8")
+        reader = csv.DictReader(
+            io.StringIO("".join(x for x in text.splitlines(keepends=True) if not x.startswith("#")))
+        )
+        cols = [c for c in reader.fieldnames or [] if c.startswith("human_score")]
+        if len(cols) < 2:
+            continue
+        s = np.array([[float(r[c]) for c in cols] for r in reader if all(r[c] not in (None, "") for c in cols)])
+        b = s >= THRESHOLD
+        k = len(cols)
+        pairs = [float((b[:, i] == b[:, j]).mean()) for i in range(k) for j in range(i + 1, k)]
+        others = [float((b[:, i] == (np.delete(s, i, axis=1).mean(1) >= THRESHOLD)).mean()) for i in range(k)]
+        out[member.rsplit("/", 1)[-1]] = {"n": len(s), "raters": k, "pairwise": pairs, "rater_vs_others": others}
+    return out
 
 
 def features(prompt: str, response: str, outcome: str, content_stems) -> list[int]:
@@ -174,8 +202,26 @@ def cross_validated(outcome_of, stems) -> dict:
             "rank_correlation": rank_correlation(prob, scores),
         },
         "did_not_refuse": {**binary_metrics(truth, rule), "rank_correlation": rank_correlation(rule, scores)},
+        "by_file": by_file(rows, truth, [int(p >= 0.5) for p in prob], rule),
+        "people": rater_agreement(),
         **source,
     }
+
+
+def by_file(rows: Sequence[dict], truth: Sequence[int], pred: Sequence[int], rule: Sequence[int]) -> dict:
+    """Accuracy per source file (a pair listed in several files counts in each): the files come
+    from different raters and harm categories, so one overall figure can hide a file the judge
+    does not fit."""
+    out = {}
+    for name in sorted({f for r in rows for f in r["files"]}):
+        at = [i for i, r in enumerate(rows) if name in r["files"]]
+        out[name] = {
+            "n": len(at),
+            "positives": int(sum(truth[i] for i in at)),
+            "learned": sum(pred[i] == truth[i] for i in at) / len(at),
+            "did_not_refuse": sum(rule[i] == truth[i] for i in at) / len(at),
+        }
+    return out
 
 
 def _stem() -> Path:

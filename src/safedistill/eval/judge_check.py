@@ -119,7 +119,7 @@ def attack_success_agreement(judge) -> dict:
     rank correlation, beside the "did not refuse" rule on the same rows. The default judge's model
     is trained on these rows, so its figures are its cross-validated ones; any other judge is
     scored on every row as it stands."""
-    from .attack_success import THRESHOLD, figures, load_harm_rows, rank_correlation
+    from .attack_success import THRESHOLD, by_file, figures, load_harm_rows, rank_correlation
     from .judges import HeuristicJudge, content_stems
 
     if isinstance(judge, HeuristicJudge):
@@ -147,6 +147,7 @@ def attack_success_agreement(judge) -> dict:
             "rank_correlation": rank_correlation(prob, scores),
         },
         "did_not_refuse": {**binary_metrics(truth, rule), "rank_correlation": rank_correlation(rule, scores)},
+        "by_file": by_file(rows, truth, [int(p >= 0.5) for p in prob], rule),
         **source,
     }
 
@@ -166,6 +167,17 @@ def format_attack_success(r: dict) -> str:
             + (f" ({r['cv']})" if r.get("cv") else ""),
             line("attack success", r["learned"]),
             line("did not refuse", r["did_not_refuse"]),
+            *(
+                f"  by file: {name:<28} n {f['n']:>3}  positives {f['positives']:>3}  accuracy {f['learned']:.3f} "
+                f"(did not refuse {f['did_not_refuse']:.3f})"
+                for name, f in (r.get("by_file") or {}).items()
+            ),
+            *(
+                f"  people on {name}: {f['raters']} raters, pairwise agreement "
+                f"{', '.join(f'{a:.3f}' for a in f['pairwise'])}; each against the others' mean "
+                f"{', '.join(f'{a:.3f}' for a in f['rater_vs_others'])}"
+                for name, f in (r.get("people") or {}).items()
+            ),
         ]
     )
 

@@ -66,38 +66,56 @@ def model_rewrites(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     seed: int = 0,
+    attempts: int = 1,
+    temperature: float = 1.0,
     progress: bool = True,
 ) -> list[dict]:
-    """Per record {id, original, style, rewrite (None when dropped), overlap, dropped}: the model's
-    greedy rewrite with the paper's few-shot prompt, cleaned by `clean_model_rewrite`; a copy of the
-    request or a rewrite that lost it (under half its content words) is dropped, never replaced by
-    the rule, so the model-written axis holds only model-written items."""
+    """Per record {id, original, style, rewrite (None when dropped), overlap, dropped, attempt}: the
+    model's greedy rewrite with the paper's few-shot prompt, cleaned by `clean_model_rewrite`; a
+    copy of the request or a rewrite that lost it (under half its content words) is dropped, never
+    replaced by the rule, so the model-written axis holds only model-written items. With
+    `attempts` > 1, a dropped item is asked again, sampled at `temperature` (seed + attempt), as
+    the paper draws several reformulations per request; the first kept one counts."""
     if style not in STYLES:
         raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
     records = list(records)
     # The answer is opened with the examples' own label, so a small model continues the pattern
     # instead of repeating the request (Qwen2.5-0.5B copied every request without it).
     texts = [chat_text(tokenizer, MODEL_PROMPTS[style].format(request=r.prompt)) + ANSWER_OPENING for r in records]
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
-    outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
-    rows = []
-    for r, o in zip(records, outs, strict=True):
-        text = clean_model_rewrite(o.text, r.prompt)
-        overlap = word_overlap(text, r.prompt) if text else None
-        dropped = "" if text else ("copy or lost the request" if o.text.strip() else "empty")
-        if text and overlap is not None and overlap >= COPY_OVERLAP:
-            dropped = "copy"
-        elif text and is_example_copy(text):
-            dropped = "copy of a prompt example"
-        rows.append(
-            {
-                "id": r.id,
-                "original": r.prompt,
-                "style": style,
-                "rewrite": None if dropped else text,
-                "raw": o.text,
-                "overlap": overlap,
-                "dropped": dropped,
-            }
+    rows: list[dict] = [{} for _ in records]
+    for attempt in range(attempts):
+        todo = [i for i, row in enumerate(rows) if not row or row["dropped"]]
+        if not todo:
+            break
+        settings = SamplingSettings(
+            max_new_tokens=max_new_tokens,
+            temperature=0.0 if attempt == 0 else temperature,
+            batch_size=batch_size,
+            seed=seed + attempt,
         )
+        outs, _ = generate(
+            model, tokenizer, [texts[i] for i in todo], settings, desc=f"rephrasing ({style})", progress=progress
+        )
+        for i, o in zip(todo, outs, strict=True):
+            rows[i] = {**_rewrite_row(records[i], style, o.text), "attempt": attempt}
     return rows
+
+
+def _rewrite_row(r: PromptRecord, style: str, raw: str) -> dict:
+    """One model answer, cleaned and checked (model_rewrites)."""
+    text = clean_model_rewrite(raw, r.prompt)
+    overlap = word_overlap(text, r.prompt) if text else None
+    dropped = "" if text else ("copy or lost the request" if raw.strip() else "empty")
+    if text and overlap is not None and overlap >= COPY_OVERLAP:
+        dropped = "copy"
+    elif text and is_example_copy(text):
+        dropped = "copy of a prompt example"
+    return {
+        "id": r.id,
+        "original": r.prompt,
+        "style": style,
+        "rewrite": None if dropped else text,
+        "raw": raw,
+        "overlap": overlap,
+        "dropped": dropped,
+    }
