@@ -73,6 +73,10 @@ def generations(monkeypatch):
     def fake_generate(model, tokenizer, prompts, settings, **kwargs):
         assert settings.temperature == 0.0  # greedy
         calls.append(len(prompts))
+        if kwargs.get("groups") is not None:  # each context's rows are one group (its prefix cached once)
+            assert len(kwargs["groups"]) == len(prompts)
+            for text, group in zip(prompts, kwargs["groups"], strict=True):
+                assert text.startswith(next(c["text"] for c in CONTEXTS if c["id"] == group) + "\n")
         out = []
         for text in prompts:
             ctx = next((c["text"] for c in CONTEXTS if text.startswith(c["text"] + "\n")), None)
@@ -113,9 +117,9 @@ def test_flip_rate_counts_and_order(generations):
 
     # The judge sees the user's prompt, never the privileged context.
     assert not any("CONTEXT" in p for p in judge.prompts)
-    # One base pass, then one pass per harmful-side context over harmful and benign prompts together
-    # (they share the context's cached prefix).
-    assert generations == [5] + [9] * 4
+    # One base pass, then one pass over every harmful-side context's harmful and benign prompts,
+    # grouped by context (each context's prefix cached once, rows of several contexts per batch).
+    assert generations == [5, 9 * 4]
 
 
 def test_no_unsafe_base_answer_gives_zero_conditional_rate(generations, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import os
 import zipfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -436,6 +437,42 @@ def test_shared_prefix_is_cached_and_gives_the_same_tokens(loaded, monkeypatch):
     single = [generate(model, tok, [p], greedy(), progress=False)[0][0] for p in prompts]
     assert [r.response_ids for r in shared] == [r.response_ids for r in single]
     assert all(r.response_ids for r in shared)
+
+
+def test_groups_of_prefixes_decode_in_one_batch_with_the_same_tokens(loaded, monkeypatch):
+    """Prompts behind two different long system contexts (of different lengths) and one prompt of
+    its own, in one batch: each group's prefix is computed once, right-aligned in the batch's
+    cache, and every answer equals the prompt decoded on its own (greedy and sampled)."""
+    from safedistill.engine import rollout
+
+    model, tok = loaded
+    long_ctx = " ".join(["Follow the safety rules carefully and refuse harmful requests."] * 5)
+    short_ctx = " ".join(["Answer helpfully and briefly."] * 4)
+    prompts = [chat_text(tok, u, system=long_ctx) for u in USER_PROMPTS[:3]]
+    prompts += [chat_text(tok, u, system=short_ctx) for u in USER_PROMPTS[2:]]
+    prompts.append(chat_text(tok, "A prompt without a group of its own kind."))
+    groups = ["long"] * 3 + ["short"] * 3 + ["alone"]
+    calls: list[int] = []
+    real = rollout.prefix_kv
+    monkeypatch.setattr(rollout, "prefix_kv", lambda m, ids: calls.append(len(ids)) or real(m, ids))
+    batches: list[int] = []
+    real_decode = rollout.decode
+    monkeypatch.setattr(
+        rollout, "decode", lambda m, ids, *a, **kw: batches.append(len(ids)) or real_decode(m, ids, *a, **kw)
+    )
+    for settings in (greedy(batch_size=8), SamplingSettings(max_new_tokens=8, temperature=1.0, batch_size=8, seed=3)):
+        calls.clear()
+        batches.clear()
+        grouped, _ = generate(model, tok, prompts, settings, groups=groups, progress=False)
+        assert batches == [len(prompts)]  # one batch for all three groups
+        assert len(calls) == 2 and calls[0] != calls[1]  # two prefixes of different lengths, in one cache
+        seeds = settings.seeds or tuple(rollout.item_seed(settings.seed, 0, i) for i in range(len(prompts)))
+        single = [
+            generate(model, tok, [p], replace(settings, batch_size=1, seeds=(seed,)), progress=False)[0][0]
+            for p, seed in zip(prompts, seeds, strict=True)
+        ]
+        assert [r.response_ids for r in grouped] == [r.response_ids for r in single]
+        assert all(r.response_ids for r in grouped)
 
 
 def test_decode_loop_gives_transformers_generate_greedy_tokens(loaded):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..errors import UserError
 from ..models import context_window
@@ -214,6 +215,31 @@ def decode(
     return torch.stack(out_tokens, dim=1) if out_tokens else input_ids.new_zeros((input_ids.size(0), 0))
 
 
+def prefix_cache_for(caches: Sequence[DynamicCache | None], width: int) -> DynamicCache | None:
+    """One batch's cache of its rows' prefixes, each right-aligned in `width` columns (left padding
+    before it; a row without a prefix is all padding): the prefix KV computed once per group of
+    rows serves rows of several groups in one batch. A batch whose rows share one prefix of that
+    width gets views of it, as before."""
+    if width == 0:
+        return None
+    first = caches[0]
+    if first is not None and all(c is first for c in caches) and first.layers[0].keys.shape[2] == width:
+        return expand_cache(first, len(caches))
+    some = next(c for c in caches if c is not None)
+    cache = DynamicCache()
+    for layer, ref in enumerate(some.layers):
+        b, (_, h, _, d), dv = len(caches), ref.keys.shape, ref.values.shape[-1]
+        keys = ref.keys.new_zeros(b, h, width, d)
+        values = ref.values.new_zeros(b, ref.values.shape[1], width, dv)
+        for row, c in enumerate(caches):
+            if c is not None:
+                n = c.layers[layer].keys.shape[2]
+                keys[row, :, width - n :] = c.layers[layer].keys[0]
+                values[row, :, width - n :] = c.layers[layer].values[0]
+        cache.update(keys, values, layer)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -222,22 +248,31 @@ def generate(
     settings: SamplingSettings,
     *,
     names: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
     desc: str = "generating",
     progress: bool = True,
 ) -> tuple[list[Rollout], GenerationStats]:
     """Responses for chat-formatted `prompts`, in input order. Batches are built from prompts of
     similar length (less padding); prompt i samples from its own stream, seeded with
     `settings.seeds[i]` (default item_seed(settings.seed, 0, i)), so a given seed reproduces the
-    same responses whatever the batching."""
+    same responses whatever the batching. Prompts of one of `groups` (a jailbreak template, a
+    context as system message) share a long prefix: its KV is computed once, and rows of several
+    groups still decode in one batch (default: one group)."""
     encoded = encode_prompts(tokenizer, prompts)
     check_fits(model, encoded, settings.max_new_tokens, names)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
-    # Prompts that share a long prefix (a context as system message, say) compute it once.
-    shared = shared_prefix_length(encoded)
-    prefix_cache = prefix_kv(model, encoded[0][:shared]) if shared else None
+    groups = list(groups) if groups is not None else [""] * len(encoded)
+    if len(groups) != len(encoded):
+        raise ValueError(f"{len(groups)} groups for {len(encoded)} prompts")
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    # Each group's shared prefix (a context as system message, a template) is computed once.
+    shared = {g: shared_prefix_length([encoded[i] for i in idx]) for g, idx in members.items()}
+    prefixes = {g: prefix_kv(model, encoded[members[g][0]][:n]) if n else None for g, n in shared.items()}
 
     seeds = settings.seeds or tuple(item_seed(settings.seed, 0, i) for i in range(len(encoded)))
     if len(seeds) != len(encoded):
@@ -247,20 +282,22 @@ def generate(
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="prompt", leave=False)
     for start in range(0, len(order), settings.batch_size):
         idx = order[start : start + settings.batch_size]
-        width = shared + max(len(encoded[i]) - shared for i in idx)
+        cached = max(shared[groups[i]] for i in idx)
+        width = cached + max(len(encoded[i]) - shared[groups[i]] for i in idx)
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
-            ids = encoded[i]
-            # Left padding sits between the shared prefix and each prompt's own tokens.
-            input_ids[row, :shared] = torch.tensor(ids[:shared], dtype=torch.long)
-            attention[row, :shared] = 1
-            input_ids[row, width - len(ids) + shared :] = torch.tensor(ids[shared:])
-            attention[row, width - len(ids) + shared :] = 1
-        cache = expand_cache(prefix_cache, len(idx)) if prefix_cache is not None else None
+            ids, n = encoded[i], shared[groups[i]]
+            # Left padding before the prefix (shorter than the batch's longest) and between the
+            # prefix and the prompt's own tokens.
+            input_ids[row, cached - n : cached] = torch.tensor(ids[:n], dtype=torch.long)
+            attention[row, cached - n : cached] = 1
+            input_ids[row, width - len(ids) + n :] = torch.tensor(ids[n:])
+            attention[row, width - len(ids) + n :] = 1
+        cache = prefix_cache_for([prefixes[groups[i]] for i in idx], cached)
         t0 = time.perf_counter()
         draws = uniforms([seeds[i] for i in idx], settings.max_new_tokens) if settings.temperature > 0 else None
-        new = decode(model, input_ids.to(device), attention.to(device), cache, shared, settings, stops, pad, draws)
+        new = decode(model, input_ids.to(device), attention.to(device), cache, cached, settings, stops, pad, draws)
         stats.seconds += time.perf_counter() - t0
         for row, i in enumerate(idx):
             results[i] = finish(encoded[i], new[row].tolist(), stops, tokenizer, stats)

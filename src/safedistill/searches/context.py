@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from .. import console, faults
 from ..data.schema import PromptRecord
 from ..data.splits import take
@@ -55,24 +53,27 @@ def flip_rates(
     desc: str = "flip rate",
 ) -> list[dict]:
     """Per harmful-side context: flip rate and the rest, best first (flip rate, then less benign
-    refusal, then id). Each context's harmful and benign prompts are one batched generation call
-    (they share the context's cached prefix); with no benign prompts, benign_refusal_rate is None."""
+    refusal, then id). Every context's harmful and benign prompts are one batched generation call:
+    each context's prefix is computed once and rows of several contexts share a batch (one call
+    of 24 rows per context decoded a third of the rows per weight read that a batch of 64 does);
+    with no benign prompts, benign_refusal_rate is None."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-
-    def answers(records: Sequence[PromptRecord], system: str | None) -> list[str]:
-        texts = [chat_text(tokenizer, r.prompt, system=system) for r in records]
-        out, _ = generate(model, tokenizer, texts, settings, progress=False)
-        return [o.text for o in out]
 
     def judged_safe(responses: Sequence[str]) -> list[bool]:
         return [v.label == "safe" for v in judge([r.prompt for r in harmful], list(responses))]
 
-    base_safe = judged_safe(answers(harmful, None))
+    base, _ = generate(model, tokenizer, [chat_text(tokenizer, r.prompt) for r in harmful], settings, progress=False)
+    base_safe = judged_safe([o.text for o in base])
+    ranked = [c for c in contexts if c.get("side", "harmful") == "harmful"]
+    records = [*harmful, *benign]
+    texts = [chat_text(tokenizer, r.prompt, system=c["text"]) for c in ranked for r in records]
+    groups = [c["id"] for c in ranked for _ in records]
+    out, _ = generate(model, tokenizer, texts, settings, groups=groups, desc=desc, progress=progress)
     rows = []
-    for ctx in tqdm([c for c in contexts if c.get("side", "harmful") == "harmful"], desc=desc, disable=not progress):
-        texts = answers([*harmful, *benign], ctx["text"])
-        safe = judged_safe(texts[: len(harmful)])
-        benign_refused = sum(judge.is_refusal(t) for t in texts[len(harmful) :])
+    for k, ctx in enumerate(ranked):
+        answers = [o.text for o in out[k * len(records) : (k + 1) * len(records)]]
+        safe = judged_safe(answers[: len(harmful)])
+        benign_refused = sum(judge.is_refusal(t) for t in answers[len(harmful) :])
         rows.append(_row(ctx, base_safe, safe, benign_refused, len(benign)))
     rows.sort(key=lambda r: (-r["flip_rate"], r["benign_refusal_rate"] or 0.0, r["id"]))
     return rows
