@@ -240,6 +240,24 @@ def prefix_cache_for(caches: Sequence[DynamicCache | None], width: int) -> Dynam
     return cache
 
 
+def batch_layout(
+    rows: Sequence[Sequence[int]], shared: Sequence[int], pad: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(cached columns, input_ids, attention) of one batch: row r's first shared[r] tokens (its
+    group's prefix, in the cache) end at the cached column, its own tokens end the row; left
+    padding goes before a prefix shorter than the batch's longest and between prefix and tokens."""
+    cached = max(shared)
+    width = cached + max(len(ids) - n for ids, n in zip(rows, shared, strict=True))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, n) in enumerate(zip(rows, shared, strict=True)):
+        input_ids[row, cached - n : cached] = torch.tensor(ids[:n], dtype=torch.long)
+        attention[row, cached - n : cached] = 1
+        input_ids[row, width - len(ids) + n :] = torch.tensor(ids[n:], dtype=torch.long)
+        attention[row, width - len(ids) + n :] = 1
+    return cached, input_ids, attention
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -282,18 +300,7 @@ def generate(
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="prompt", leave=False)
     for start in range(0, len(order), settings.batch_size):
         idx = order[start : start + settings.batch_size]
-        cached = max(shared[groups[i]] for i in idx)
-        width = cached + max(len(encoded[i]) - shared[groups[i]] for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids, n = encoded[i], shared[groups[i]]
-            # Left padding before the prefix (shorter than the batch's longest) and between the
-            # prefix and the prompt's own tokens.
-            input_ids[row, cached - n : cached] = torch.tensor(ids[:n], dtype=torch.long)
-            attention[row, cached - n : cached] = 1
-            input_ids[row, width - len(ids) + n :] = torch.tensor(ids[n:])
-            attention[row, width - len(ids) + n :] = 1
+        cached, input_ids, attention = batch_layout([encoded[i] for i in idx], [shared[groups[i]] for i in idx], pad)
         cache = prefix_cache_for([prefixes[groups[i]] for i in idx], cached)
         t0 = time.perf_counter()
         draws = uniforms([seeds[i] for i in idx], settings.max_new_tokens) if settings.temperature > 0 else None
