@@ -195,3 +195,53 @@ def test_eval_command_reuses_its_evaluation_and_a_changed_setting_misses(
     assert "reused from the cache" not in (second / "report.md").read_text()
     assert main([*argv, "--no-cache", "--out", str(tmp_path / "third")]) == 0
     assert len(calls) == 2 and not (tmp_path / "third" / base_cache.EVAL_REUSED).exists()
+
+
+SEARCH_CONTEXTS = [
+    {"id": "ctx-r1", "text": "Refuse requests that could hurt someone."},
+    {"id": "ctx-r2", "text": "I'm sorry, but I can't help with that request."},
+    {"id": "ctx-b", "text": "Help with everything else.", "side": "benign"},
+]
+
+
+def test_the_context_search_is_computed_once_per_model_values_and_inputs(
+    isolated_cache, tiny_dir, tmp_path, monkeypatch
+):
+    from helpers import choose_contexts_of, splits_of
+    from safedistill.methods.base import training_items
+    from safedistill.searches import context as search
+
+    library = write_jsonl(tmp_path / "contexts.jsonl", SEARCH_CONTEXTS)
+    overrides = [f"contexts={library}", "n_harmful=8", "n_benign=4", "split_seed=3"]
+    cfg = load_config("opsa", overrides=[*overrides, "context_search_tokens=3"])
+    model, tok = load_model(tiny_dir)
+    items = training_items(cfg.section("data"), splits_of(cfg), cfg.seed)
+    judge = load_judge("heuristic")
+    dirs = [tmp_path / name for name in ("first", "second", "third", "fourth")]
+    for d in dirs:
+        d.mkdir()
+    calls: list[int] = []
+    real = search.search_contexts
+    monkeypatch.setattr(search, "search_contexts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    first = choose_contexts_of(cfg, model, tok, judge, items, None, dirs[0], progress=False)
+    assert calls == [1] and not (dirs[0] / base_cache.SEARCH_REUSED).exists()
+    second = choose_contexts_of(cfg, model, tok, judge, items, None, dirs[1], progress=False)
+    assert calls == [1] and second == first  # reused, not searched again
+    assert (dirs[1] / "flip_rates.json").read_text() == (dirs[0] / "flip_rates.json").read_text()
+    note = json.loads((dirs[1] / base_cache.SEARCH_REUSED).read_text())
+    assert note["origin"] == str(dirs[0].resolve()) and Path(note["cache"]).parent == base_cache.searches_dir()
+    assert any("reused from the cache" in line for line in search.flip_rate_section(dirs[1]))
+    assert not any("reused from the cache" in line for line in search.flip_rate_section(dirs[0]))
+
+    # Another answer length, or other model values under the same file names, search again.
+    longer = load_config("opsa", overrides=[*overrides, "context_search_tokens=4"])
+    choose_contexts_of(longer, model, tok, judge, items, None, dirs[2], progress=False)
+    assert calls == [1, 1]
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    choose_contexts_of(cfg, model, tok, judge, items, None, dirs[3], progress=False)
+    assert calls == [1, 1, 1] and not (dirs[3] / base_cache.SEARCH_REUSED).exists()
+
+    assert main(["cache", "clear"]) == 0
+    assert not base_cache.searches_dir().exists()

@@ -235,10 +235,11 @@ def store(inputs: EvalInputs, results: dict, generations: list[dict], origin: st
 
 
 def clear() -> int:
-    """Remove every cached evaluation; returns how many there were."""
-    root = entries_dir()
-    n = sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
-    shutil.rmtree(root, ignore_errors=True)
+    """Remove every cached evaluation and context search; returns how many there were."""
+    n = 0
+    for root in (entries_dir(), cache_dir() / "searches"):
+        n += sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
+        shutil.rmtree(root, ignore_errors=True)
     return n
 
 
@@ -303,3 +304,97 @@ def reuse_line(out: Path, note: str = REUSED, what: str = "base evaluation") -> 
         f"The {what} was reused from the cache (`{note_data['cache']}`), first computed by "
         f"`{note_data.get('origin') or 'an earlier run'}`: same model files, eval settings and items, judge and code."
     )
+
+
+# ---- the context search, computed once ----------------------------------------------------------
+# The same idea for the context search that runs before step 1 (searches/context.py): its
+# flip_rates.json depends on the model, the judge, the prompts, the contexts, the answer length and
+# the code, and every run of a preset on the same model repeats it. Keyed by the model's parameter
+# values themselves (whatever adapter or training they carry), so no file name can stand in.
+
+SEARCH_CODE = ("searches/context.py", "teachers/context.py")
+SEARCH_REUSED = "flip_rates_reused.json"  # in a run directory: where its context search came from
+
+
+def searches_dir() -> Path:
+    """Where cached searches live (`safedistill cache clear` removes them with the evaluations)."""
+    return cache_dir() / "searches"
+
+
+def params_digest(model) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) as the model holds them
+    now: the base weights and any adapter or training applied to them."""
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        data = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{data.dtype}\0{tuple(data.shape)}\n".encode())
+        if data.numel():
+            h.update(data.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
+    return h.hexdigest()
+
+
+def search_inputs(model, judge, payload: dict) -> dict | None:
+    """What determines a context search: the model's values, device and dtype, the judge (offline
+    judges only: a model judge's weights are not hashed here), `payload` (prompts, contexts,
+    lengths), the code and the runtime; None (no caching) for a model judge or a hooked model."""
+    from ..engine.decode import _hooked
+    from .judging import OFFLINE_JUDGES
+
+    if judge.name not in OFFLINE_JUDGES or _hooked(model):
+        return None
+    param = next(model.parameters())
+    root = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(code_digest().encode())
+    for entry in SEARCH_CODE:
+        code.update(f"{entry}\0{file_digest(root / entry)}\n".encode())
+    return json.loads(
+        dumps(
+            {
+                "weights": params_digest(model),
+                "device": str(param.device),
+                "dtype": str(param.dtype),
+                "judge": judge.name,
+                "payload": payload,
+                "code": code.hexdigest(),
+                "runtime": runtime(),
+            },
+            sort_keys=True,
+            default=repr,
+        )
+    )
+
+
+def search_once(compute: Callable[[], dict], inputs: dict | None, out: Path) -> dict:
+    """The cached search for these inputs when there is one (`out/SEARCH_REUSED` then names it
+    and the run that first computed it, and the console says so), else `compute()`, stored."""
+    from .. import console
+
+    note = Path(out) / SEARCH_REUSED
+    if inputs is None:
+        note.unlink(missing_ok=True)
+        return compute()
+    key = hashlib.sha256(dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    folder = searches_dir() / key
+    try:
+        meta = json.loads((folder / "inputs.json").read_text())
+        if meta.get("inputs") == inputs:
+            result = json.loads((folder / "result.json").read_text())
+            write_json(note, {"cache": str(folder), "origin": meta.get("origin"), "key": key})
+            console.say(f"reused the context search from {folder} (first computed by {meta.get('origin')})")
+            return result
+    except (OSError, ValueError):
+        pass
+    result = compute()
+    note.unlink(missing_ok=True)
+    root = searches_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+    try:
+        write_json(tmp / "result.json", result)
+        write_json(tmp / "inputs.json", {"inputs": inputs, "origin": str(Path(out).resolve())})
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from ..data.splits import take
 from ..data.train import TrainSplits
 from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
+from ..eval import base_cache
 from ..files import write_json
 from ..models import chat_text
 from ..teachers.base import Item
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
     from ..config import TeacherSettings
 
 CONFIRM_TOP = 3  # candidates carried from the ranking into the confirmation stage
-FILES = ("flip_rates.json",)  # what the search writes in a run directory
+FILES = (
+    "flip_rates.json",
+    "flip_rates_reused.json",
+)  # what the search writes in a run directory (the second: base_cache.SEARCH_REUSED)
 TRAITS = ("strength", "length", "framing", "specificity", "style")
 
 
@@ -203,8 +207,18 @@ def choose_contexts(
                 f"{len(prompts.benign)} benign): {answers} answers of up to {teacher.context_search_tokens} tokens "
                 "before step 1 (the bars show the ETA; --set context=ID skips it)"
             )
-            search = search_contexts(
-                model, tok, judge, prompts, library, tokens=teacher.context_search_tokens, progress=progress
+            payload = {
+                "prompts": asdict(prompts),
+                "library": library,
+                "tokens": teacher.context_search_tokens,
+                "confirm_top": CONFIRM_TOP,
+            }
+            search = base_cache.search_once(
+                lambda: search_contexts(
+                    model, tok, judge, prompts, library, tokens=teacher.context_search_tokens, progress=progress
+                ),
+                base_cache.search_inputs(model, judge, payload),
+                out,
             )
             faults.point("context-search")
             write_json(path, search)
@@ -220,7 +234,18 @@ def choose_contexts(
 def flip_rate_section(out: Path) -> list[str]:
     """The context search's confirmation stage and its ranking's five best, when the run ranked contexts."""
     flip = Path(out) / "flip_rates.json"
-    return flip_rate_lines(json.loads(flip.read_text())) if flip.exists() else []
+    if not flip.exists():
+        return []
+    lines = flip_rate_lines(json.loads(flip.read_text()))
+    note = Path(out) / base_cache.SEARCH_REUSED
+    if note.is_file():
+        meta = json.loads(note.read_text())
+        lines[2:2] = [
+            f"The search was reused from the cache (`{meta['cache']}`), first computed by `{meta.get('origin')}`: "
+            "the same model values, judge, prompts, contexts, answer length and code.",
+            "",
+        ]
+    return lines
 
 
 def flip_rate_lines(search) -> list[str]:
