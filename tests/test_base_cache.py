@@ -205,7 +205,7 @@ SEARCH_CONTEXTS = [
 
 
 def test_the_context_search_is_computed_once_per_model_values_and_inputs(
-    isolated_cache, tiny_dir, tmp_path, monkeypatch
+    isolated_cache, tiny_dir, tmp_path, monkeypatch, capsys
 ):
     from helpers import choose_contexts_of, splits_of
     from safedistill.methods.base import training_items
@@ -243,5 +243,7 @@ def test_the_context_search_is_computed_once_per_model_values_and_inputs(
     choose_contexts_of(cfg, model, tok, judge, items, None, dirs[3], progress=False)
     assert calls == [1, 1, 1] and not (dirs[3] / base_cache.SEARCH_REUSED).exists()
 
+    capsys.readouterr()
     assert main(["cache", "clear"]) == 0
+    assert "removed 0 cached base evaluations and 3 context searches" in capsys.readouterr().out
     assert not base_cache.searches_dir().exists()

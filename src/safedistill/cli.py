@@ -608,8 +608,11 @@ def _add_judge_check(sub, common: argparse.ArgumentParser) -> None:
 def _cache_clear(args: argparse.Namespace) -> None:
     from .eval import base_cache
 
-    n = base_cache.clear()
-    print(f"removed {n} cached base evaluation{'s' * (n != 1)} from {base_cache.entries_dir()}")
+    n, searches = base_cache.clear()
+    print(
+        f"removed {n} cached base evaluation{'s' * (n != 1)} and {searches} context search{'es' * (searches != 1)} "
+        f"from {base_cache.entries_dir().parent}"
+    )
 
 
 def _add_cache(sub, common: argparse.ArgumentParser) -> None:
@@ -618,10 +621,12 @@ def _add_cache(sub, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "cache",
-        "the cache of base evaluations (every run on the same model and eval settings reuses one)",
+        "the cache of base evaluations and context searches (every run on the same model and settings reuses one)",
     )
     what = c.add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do with it")
-    clear = what.add_parser("clear", help="remove every cached base evaluation (models and data wheels stay)")
+    clear = what.add_parser(
+        "clear", help="remove every cached base evaluation and context search (models and data wheels stay)"
+    )
     clear.set_defaults(func=_cache_clear)
 
 

@@ -234,13 +234,15 @@ def store(inputs: EvalInputs, results: dict, generations: list[dict], origin: st
     return folder
 
 
-def clear() -> int:
-    """Remove every cached evaluation and context search; returns how many there were."""
-    n = 0
+def clear() -> tuple[int, int]:
+    """Remove every cached evaluation and context search; returns how many of each there were."""
+    counts = []
     for root in (entries_dir(), cache_dir() / "searches"):
-        n += sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
+        counts.append(
+            sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
+        )
         shutil.rmtree(root, ignore_errors=True)
-    return n
+    return counts[0], counts[1]
 
 
 def evaluate_once(
