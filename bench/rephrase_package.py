@@ -15,13 +15,19 @@ import time
 from pathlib import Path
 
 from safedistill.data.packaged import Manifest
-from safedistill.data.rephrase import MODEL_PROMPT_SHA, STYLES
+from safedistill.data.rephrase import MODEL_PROMPT_SHA, STYLES, in_style
 from safedistill.data.sources import load_prompts
 from safedistill.data.splits import split_records, take
 from safedistill.eval.rewrite import model_rewrites
 from safedistill.models import load_model
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
+FILTERS = (
+    "model_rewrites' filters (eval/rewrite.py, data/rephrase.py): a copy (word overlap >= 0.95), a rewrite that "
+    "lost the request (under half its content words), one that repeats a prompt example or one not framed in the "
+    "style (data/rephrase.in_style) is dropped and asked again; rows of the first "
+    "piece were written before the style check existed and were checked afterwards, without a new attempt"
+)
 OUT = Path(__file__).resolve().parents[1] / "src/safedistill/data/builtin/rephrasings-advbench.jsonl"
 
 
@@ -31,18 +37,20 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=30)
     ap.add_argument("--minutes", type=float, default=None, help="start no new chunk after this many minutes")
     ap.add_argument("--attempts", type=int, default=3, help="greedy, then sampled retries of dropped items")
+    ap.add_argument("--out", type=Path, default=OUT, help="the file written (default: the package's)")
     ap.add_argument("--raw", type=Path, default=None, help="also append each model answer, uncleaned, here")
     args = ap.parse_args()
+    out = args.out
     began = time.perf_counter()
     held = split_records(load_prompts("advbench", Manifest()), seed=0, eval_fraction=0.2)[1]
     ordered = take(held, args.limit, seed=0)  # the eval seed 0 order: the demo's 30 come first
     done = set()
-    if OUT.exists():
-        done = {(r["style"], r["original"]) for r in map(json.loads, OUT.read_text().splitlines()[1:])}
+    if out.exists():
+        done = {(r["style"], r["original"]) for r in map(json.loads, out.read_text().splitlines()[1:])}
     else:
-        OUT.write_text("")
+        out.write_text("")
     model, tok = load_model(MODEL)
-    if OUT.stat().st_size == 0:
+    if out.stat().st_size == 0:
         header = {
             "provenance": {
                 "model": MODEL,
@@ -53,14 +61,12 @@ def main() -> None:
                 f"dropped by the filters asked again up to {args.attempts - 1} times, sampled at temperature 1.0 "
                 "(seed 0 + attempt), the first kept rewrite counts (the paper samples several per request)",
                 "seed": 0,
-                "filters": "model_rewrites' filters (eval/rewrite.py, data/rephrase.py): a copy (word overlap >= 0.95), "
-                "a rewrite that lost the request (under half its content words) or one that repeats a prompt example "
-                "is dropped",
+                "filters": FILTERS,
                 "source": "advbench held-out split (split seed 0, eval fraction 0.2), eval-seed-0 order",
                 "date": time.strftime("%Y-%m-%d"),
             }
         }
-        OUT.write_text(json.dumps(header) + "\n")
+        out.write_text(json.dumps(header) + "\n")
     for start in range(0, len(ordered), args.chunk):
         if args.minutes is not None and time.perf_counter() - began > 60 * args.minutes:
             print(f"stopped after {(time.perf_counter() - began) / 60:.1f} min; rerun to continue", flush=True)
@@ -72,7 +78,7 @@ def main() -> None:
                 continue
             t = time.perf_counter()
             rows = model_rewrites(model, tok, todo, style, attempts=args.attempts, progress=False)
-            with OUT.open("a") as f:
+            with out.open("a") as f:
                 for row in rows:
                     f.write(
                         json.dumps(
@@ -89,13 +95,19 @@ def main() -> None:
                 f"{style} items {start}-{start + len(chunk)}: {kept}/{len(rows)} kept, {time.perf_counter() - t:.0f} s",
                 flush=True,
             )
-    _cover(ordered)
+    _cover(ordered, out)
 
 
-def _cover(ordered) -> None:
-    """The provenance line's "covered": which held-out items the file now has, per style."""
-    lines = OUT.read_text().splitlines()
+def _cover(ordered, out: Path) -> None:
+    """The provenance line's "covered": which held-out items the file now has, per style. Rows
+    written before model_rewrites checked the style (data/rephrase.in_style) are checked here."""
+    lines = out.read_text().splitlines()
     header, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    for r in rows:
+        if r["rewrite"] and not in_style(r["rewrite"], r["style"]):
+            r["rewrite"], r["dropped"] = None, "not in the style"
+    lines = lines[:1] + [json.dumps(r) for r in rows]
+    header["provenance"]["filters"] = FILTERS
     position = {r.prompt: i for i, r in enumerate(ordered)}
     parts = []
     for style in STYLES:
@@ -106,7 +118,7 @@ def _cover(ordered) -> None:
     header["provenance"]["covered"] = (
         "; ".join(parts) + " (eval-seed-0 order; make demo's 30 first); items not covered are written on first use"
     )
-    OUT.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    out.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
 
 
 if __name__ == "__main__":

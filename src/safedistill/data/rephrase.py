@@ -597,6 +597,28 @@ def is_example_copy(rewrite: str) -> bool:
     )  # a rewrite that repeats this share of the original's words is a copy, not a rephrasing
 
 
+# What makes a rewrite past tense or hypothetical: one of these words. A rewrite without one (a
+# small model sometimes only swaps "Create" for "Write") keeps the request in its original frame
+# and so is no rephrasing in that style.
+_STYLE_MARKERS = {
+    "past_tense": re.compile(
+        r"\b(did|was|were|had|used to|past|ago|histor\w*|previously|formerly|once|earlier|\d{4}s"
+        r"|\d+(?:st|nd|rd|th) century)\b",
+        re.I,
+    ),
+    "hypothetical": re.compile(
+        r"\b(hypothetic\w*|imagin\w*|novels?|story|stories|fiction\w*|characters?|scenarios?|suppos\w*|pretend\w*"
+        r"|what if|would|world|game|film|movie|screenplay|role-?play\w*|fantasy|dream\w*)\b",
+        re.I,
+    ),
+}
+
+
+def in_style(rewrite: str, style: str) -> bool:
+    """Whether a rewrite is framed in `style` at all (_STYLE_MARKERS): past tense or hypothetical."""
+    return bool(_STYLE_MARKERS[style].search(rewrite))
+
+
 def clean_model_rewrite(text: str, request: str) -> str:
     """The reformulated request out of a model's answer: its first line that keeps at least half of
     the request's content words and is not the request itself, without a "Reformulated request:"

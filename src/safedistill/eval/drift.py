@@ -102,7 +102,7 @@ def answer_kl(
     records: list[PromptRecord],
     answers: list[list[int]],
     safety_ids: list[int] | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
 ) -> tuple[list[float], list[float] | None]:
     """Per item: mean per-token KL(model || base) along `answers`, and (with S) the per-item share
     of that KL carried by the split {S, not S}; an empty answer has KL 0."""
@@ -120,7 +120,7 @@ def answer_kls(
     answers: dict[str, list[list[int]]],
     safety_ids: list[int] | None = None,
     shares_for: tuple[str, ...] = (),
-    batch_size: int = 16,
+    batch_size: int = 8,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """answer_kl along several answer sets at once (e.g. the base's and the trained model's answers
     to the same prompts). Every (set, item) row is one sequence; rows are sorted by length and
@@ -139,22 +139,32 @@ def answer_kls(
         ps = [prompts[i] for _, i in batch]
         outs = [answers[name][i] for name, i in batch]
         logits_t, mask = _logits(model, tokenizer, ps, outs)
-        logp_t = torch.log_softmax(logits_t.float(), dim=-1)
-        del logits_t
+        logits_t = logits_t.float()
         with reference.base() as base:
-            logp_b = torch.log_softmax(_logits(base, tokenizer, ps, outs)[0].float(), dim=-1)
-        m = mask.to(logp_t.dtype) * torch.tensor([float(bool(a)) for a in outs])[:, None].to(logp_t.device)
-        kl = (logp_t.exp() * (logp_t - logp_b)).sum(-1).clamp_min(0.0)  # [B, T]
+            logits_b = _logits(base, tokenizer, ps, outs)[0].float()
+        m = mask.to(logits_t.dtype) * torch.tensor([float(bool(a)) for a in outs])[:, None].to(logits_t.device)
+        lse_t, lse_b = torch.logsumexp(logits_t, -1), torch.logsumexp(logits_b, -1)
+        wanted = [j for j, (name, _) in enumerate(batch) if name in shares]
+        split = None
+        if index is not None and wanted:  # before the in-place steps below
+            at = torch.tensor(wanted, dtype=torch.long, device=logits_t.device)
+            logp_t, logp_b = logits_t[at] - lse_t[at, :, None], logits_b[at] - lse_b[at, :, None]
+            split = torch.zeros_like(lse_t[at])
+            for a, b in _two_way(logp_t, logp_b, index.to(logits_t.device)):  # S, then not S
+                split += torch.xlogy(a, a) - torch.xlogy(a, b.clamp_min(1e-30))
+            split = split.clamp_min(0.0)
+            del logp_t, logp_b
+        # KL(t || b) = sum p_t (z_t - z_b) - lse_t + lse_b (z: logits, sum p_t = 1), in place: one
+        # vocabulary-wide temporary (p_t) where log-probabilities took five (on the CPU this part is
+        # memory traffic, not arithmetic).
+        diff = logits_b.neg_().add_(logits_t)  # z_t - z_b, in logits_b's storage
+        cross = torch.softmax(logits_t, -1).mul_(diff).sum(-1)
+        del logits_t, logits_b, diff
+        kl = (cross - lse_t + lse_b).clamp_min(0.0)  # [B, T]
         total = (kl * m).sum(-1)
         for (name, i), v in zip(batch, (total / m.sum(-1).clamp_min(1.0)).tolist(), strict=True):
             kls[name][i] = v
-        wanted = [j for j, (name, _) in enumerate(batch) if name in shares]
-        if index is not None and wanted:
-            at = torch.tensor(wanted, dtype=torch.long, device=logp_t.device)
-            split = torch.zeros_like(kl[at])
-            for a, b in _two_way(logp_t[at], logp_b[at], index.to(logp_t.device)):  # S, then not S
-                split += torch.xlogy(a, a) - torch.xlogy(a, b.clamp_min(1e-30))
-            split = split.clamp_min(0.0)
+        if split is not None:
             part = torch.where(
                 total[at] > 0, (split * m[at]).sum(-1) / total[at].clamp_min(1e-30), torch.zeros_like(total[at])
             )

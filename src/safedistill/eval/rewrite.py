@@ -16,6 +16,7 @@ from ..data.rephrase import (
     MODEL_PROMPTS,
     STYLES,
     clean_model_rewrite,
+    in_style,
     is_example_copy,
     rephrase_text,
     rephrased_record,
@@ -72,7 +73,8 @@ def model_rewrites(
 ) -> list[dict]:
     """Per record {id, original, style, rewrite (None when dropped), overlap, dropped, attempt}: the
     model's greedy rewrite with the paper's few-shot prompt, cleaned by `clean_model_rewrite`; a
-    copy of the request or a rewrite that lost it (under half its content words) is dropped, never
+    copy of the request, a rewrite that lost it (under half its content words) or one not framed
+    in the style (data/rephrase.in_style) is dropped, never
     replaced by the rule, so the model-written axis holds only model-written items. With
     `attempts` > 1, a dropped item is asked again, sampled at `temperature` (seed + attempt), as
     the paper draws several reformulations per request; the first kept one counts."""
@@ -110,6 +112,8 @@ def _rewrite_row(r: PromptRecord, style: str, raw: str) -> dict:
         dropped = "copy"
     elif text and is_example_copy(text):
         dropped = "copy of a prompt example"
+    elif text and not in_style(text, style):
+        dropped = "not in the style"
     return {
         "id": r.id,
         "original": r.prompt,
