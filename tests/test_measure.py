@@ -156,6 +156,7 @@ def test_null_check_the_base_against_itself_on_the_new_axes(two_evals):
     for name, by in d["sets"].items():
         for along, v in by.items():
             assert v["mean"] == 0 and not v["significant"] and v["p"] == 1.0, (name, along)
+            assert v["ci"] == [0.0, 0.0], (name, along)  # a bootstrap of zeros; Wilson's 0/n gave [0, 0.5+]
     assert d["harmful_over_benign_base"]["ratio"] is None  # 0 / 0: no localisation to speak of
     rows = [r for r in again_items if r["axis"] == "drift"]
     assert len(rows) == 2 * (3 + 2 + 3) and all(r["value"] == 0 for r in rows)

@@ -28,7 +28,7 @@ from ..data.schema import PromptRecord
 from ..engine.rollout import encode_prompts
 from ..engine.scoring import response_logits
 from ..models import chat_text
-from .stats import ALPHA, paired_difference, rate_interval
+from .stats import ALPHA, mean_interval, paired_difference
 
 # Drift set -> (the evaluation axis whose prompts and answers it reuses)
 SETS = {"benign": "expressiveness", "xstest": "overrefusal", "harmful": "safety"}
@@ -204,7 +204,7 @@ def summarise(values: dict[str, dict[str, list[float]]], shares: list[float] | N
     for name, by in values.items():
         out["sets"][name] = {}
         for along, v in by.items():
-            lo, hi = rate_interval(v)
+            lo, hi = mean_interval(v)
             test = paired_difference(dict.fromkeys(map(str, range(len(v))), 0.0), dict(enumerate(v)))
             out["sets"][name][along] = {
                 "mean": sum(v) / len(v) if v else None,
@@ -219,6 +219,6 @@ def summarise(values: dict[str, dict[str, list[float]]], shares: list[float] | N
         if "xstest" in values and "benign" in values:
             out[f"xstest_over_benign_{along}"] = ratio_interval(values["xstest"][along], values["benign"][along])
     if shares is not None:
-        lo, hi = rate_interval(shares)
+        lo, hi = mean_interval(shares)
         out["s_share"] = {"mean": sum(shares) / len(shares) if shares else None, "ci": [lo, hi], "n": len(shares)}
     return out

@@ -142,6 +142,15 @@ def rate_interval(values: Sequence[float], *, seed: int = 0, n_boot: int = 10000
         return None, None
     if is_binary(x):
         return wilson(float(x.sum()), len(x))
+    return mean_interval(x, seed=seed, n_boot=n_boot)
+
+
+def mean_interval(values: Sequence[float], *, seed: int = 0, n_boot: int = 10000) -> tuple[float | None, float | None]:
+    """95% percentile-bootstrap interval for the mean of a continuous score (a KL, a share): never
+    Wilson, even when every value happens to be 0 or 1 (a drift of exactly 0 is no rate of 0/n)."""
+    x = np.asarray([float(v) for v in values if v is not None], dtype=float)
+    if len(x) == 0:
+        return None, None
     rng = np.random.default_rng(seed)
     means = np.concatenate(
         [x[idx].mean(axis=1) for idx in _index_chunks(rng, len(x), n_boot)],
