@@ -406,6 +406,14 @@ def test_shipped_rewrites_are_used_without_a_model_and_carry_provenance(isolated
     assert provenance["model"] == "qwen2.5-coder-0.5b-instruct" and provenance["seed"] == 0 and provenance["date"]
     kept_rows = [r for (style, _), r in shipped.items() if style == "past_tense" and r["rewrite"]]
     assert len(kept_rows) >= 10 and all(0 < r["overlap"] < 0.95 for r in kept_rows)
+    # beyond make demo's 30 items, both styles, every kept rewrite framed in its style
+    from safedistill.data.rephrase import in_style
+
+    for style in ("past_tense", "hypothetical"):
+        rows = [r for (s, _), r in shipped.items() if s == style]
+        assert len(rows) >= 64 and sum(1 for r in rows if r["rewrite"]) >= 20, style
+        assert all(in_style(r["rewrite"], style) for r in rows if r["rewrite"]), style
+    assert "held-out items written" in provenance["covered"]
     records = [PromptRecord(f"x{i}", r["original"]) for i, r in enumerate(kept_rows)]
     kept, summary = model_rephrase(records, "past_tense", model_name="unused", rewrite=None)
     assert [k.prompt for k in kept] == [r["rewrite"] for r in kept_rows]  # no model was needed
