@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from safedistill.data.packaged import Manifest  # noqa: E402
 from safedistill.engine import rollout  # noqa: E402
 from safedistill.engine.rollout import SamplingSettings, generate, stop_token_ids  # noqa: E402
-from safedistill.eval.evaluate import EvalSettings, held_out  # noqa: E402
+from safedistill.eval.evaluate import held_out  # noqa: E402
 from safedistill.models import chat_text, load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,8 +45,8 @@ def transformers_loop():
 
 def eval_prompts(tok, n: int) -> list[str]:
     """Held-out AdvBench and the benign set, as the evaluation takes them."""
-    settings, manifest = EvalSettings(limit=n), Manifest()
-    records = held_out("advbench", settings, manifest) + held_out("benign", settings, manifest)
+    manifest = Manifest()
+    records = held_out("advbench", manifest, limit=n) + held_out("benign", manifest, limit=n)
     return [chat_text(tok, r.prompt) for r in records]
 
 

@@ -17,7 +17,7 @@ from safedistill.data.packaged import Manifest
 from safedistill.data.schema import PromptRecord
 from safedistill.data.sources import load_prompts
 from safedistill.data.splits import split_records
-from safedistill.eval.evaluate import EvalSettings, held_out
+from safedistill.eval.evaluate import held_out
 from safedistill.methods import Setup
 from safedistill.methods.base import borderline_items, model_writer
 from safedistill.models import load_model
@@ -160,7 +160,7 @@ def test_borderline_prompts_come_from_the_train_side_and_the_eval_keeps_the_rest
     splits = TrainSplits("advbench", "benign", 0)
     items = borderline_items("overrefusal", 16, splits, seed=0)
     assert len(items) == 16 and all(it.group == "benign" and it.id.startswith("orf-") for it in items)
-    held = held_out("overrefusal", EvalSettings(split_seed=0), Manifest())
+    held = held_out("overrefusal", Manifest(), split_seed=0)
     assert held and {it.id for it in items}.isdisjoint(r.id for r in held)
     assert {normalised(it.prompt) for it in items}.isdisjoint(normalised(r.prompt) for r in held)
     assert len(held) < len(load_prompts("overrefusal"))  # the eval asks only the held-out side

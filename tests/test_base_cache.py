@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from conftest import save_compact
 from helpers import run_settings, write_jsonl, write_sources
 from safedistill.cli import main
-from safedistill.config import load_config
+from safedistill.config import EvalSection, load_config
 from safedistill.eval import base_cache
-from safedistill.eval.evaluate import EvalSettings
+from safedistill.eval.evaluate import EvalSources
 from safedistill.eval.judging import load_judge
 from safedistill.models import load_model
 from safedistill.train import train
@@ -54,9 +54,11 @@ def test_second_run_reuses_the_base_evaluation_and_trains_the_same(isolated_cach
     assert all(ours[k].equal(theirs[k]) for k in ours)
 
 
-def key_of(model_dir: str, settings: EvalSettings, judge: str = "heuristic", adapter: str | None = None) -> str:
+def key_of(
+    model_dir: str, settings: EvalSection, sources: EvalSources, judge: str = "heuristic", adapter: str | None = None
+) -> str:
     model, _ = load_model(model_dir)
-    inputs = base_cache.eval_inputs(model, model_dir, adapter, load_judge(judge), judge, settings)
+    inputs = base_cache.eval_inputs(model, model_dir, adapter, load_judge(judge), judge, settings, sources)
     assert inputs is not None
     return inputs.key
 
@@ -64,17 +66,18 @@ def key_of(model_dir: str, settings: EvalSettings, judge: str = "heuristic", ada
 def test_every_input_changes_the_key(isolated_cache, tmp_path, sources, monkeypatch):
     harmful, benign = sources
     model_dir = str(save_compact(tmp_path / "model"))
-    settings = EvalSettings(harmful=harmful, benign=benign, limit=2, capability="arithmetic:2")
-    base = key_of(model_dir, settings)
-    assert key_of(model_dir, settings) == base  # deterministic
+    settings = EvalSection(eval_limit=2, capability="arithmetic:2")
+    held = EvalSources(harmful=harmful, benign=benign)
+    base = key_of(model_dir, settings, held)
+    assert key_of(model_dir, settings, held) == base  # deterministic
     copy = str(save_compact(tmp_path / "copy"))
-    before = key_of(copy, settings)
+    before = key_of(copy, settings, held)
     weights = Path(copy) / "model.safetensors"
     tensors = load_file(weights)
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 1e-3
     save_file(tensors, weights, metadata={"format": "pt"})
-    keys = {"weights": key_of(copy, settings)}  # same folder, other weights
+    keys = {"weights": key_of(copy, settings, held)}  # same folder, other weights
     assert keys["weights"] != before
 
     a, b = tmp_path / "adapter-a", tmp_path / "adapter-b"
@@ -82,19 +85,19 @@ def test_every_input_changes_the_key(isolated_cache, tmp_path, sources, monkeypa
         folder.mkdir()
         (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         save_file({"w": torch.full((2,), value)}, folder / "adapter_model.safetensors")
-    keys["adapter"] = key_of(model_dir, settings, adapter=str(a))
-    keys["other adapter"] = key_of(model_dir, settings, adapter=str(b))
-    keys["settings"] = key_of(model_dir, replace(settings, max_new_tokens=settings.max_new_tokens + 1))
-    keys["eval seed"] = key_of(model_dir, replace(settings, seed=1))
-    keys["judge"] = key_of(model_dir, settings, judge="keyword")
+    keys["adapter"] = key_of(model_dir, settings, held, adapter=str(a))
+    keys["other adapter"] = key_of(model_dir, settings, held, adapter=str(b))
+    keys["settings"] = key_of(model_dir, replace(settings, eval_max_new_tokens=settings.eval_max_new_tokens + 1), held)
+    keys["eval seed"] = key_of(model_dir, replace(settings, eval_seed=1), held)
+    keys["judge"] = key_of(model_dir, settings, held, judge="keyword")
     rows = [json.loads(line) for line in Path(harmful).read_text().splitlines()]
     original = [dict(r) for r in rows]
     rows[0]["prompt"] += " Now."
     write_jsonl(Path(harmful), rows)  # same file name, other items
-    keys["items"] = key_of(model_dir, settings)
+    keys["items"] = key_of(model_dir, settings, held)
     write_jsonl(Path(harmful), original)
     monkeypatch.setattr(base_cache, "__version__", "99.0")
-    keys["code version"] = key_of(model_dir, settings)
+    keys["code version"] = key_of(model_dir, settings, held)
     assert base not in keys.values(), keys
     assert len(set(keys.values())) == len(keys), keys
 
@@ -104,15 +107,16 @@ def test_a_changed_input_misses_and_clear_empties_the_cache(isolated_cache, tmp_
     model_dir = str(save_compact(tmp_path / "model"))
     model, _ = load_model(model_dir)
     judge = load_judge("heuristic")
-    settings = EvalSettings(harmful=harmful, benign=benign, limit=2, capability="arithmetic:2")
+    settings = EvalSection(eval_limit=2, capability="arithmetic:2")
+    held = EvalSources(harmful=harmful, benign=benign)
     computed: list[str] = []
 
     def compute():
         computed.append("x")
         return {"n": len(computed)}, [{"axis": "safety", "id": "h0"}]
 
-    def once(s: EvalSettings):
-        inputs = base_cache.eval_inputs(model, model_dir, None, judge, "heuristic", s)
+    def once(s: EvalSection):
+        inputs = base_cache.eval_inputs(model, model_dir, None, judge, "heuristic", s, held)
         return base_cache.evaluate_once(compute, inputs, origin="run-a")
 
     results, generations, hit = once(settings)
@@ -133,12 +137,14 @@ def test_the_code_hash_covers_every_module_an_evaluation_runs(tiny_dir, sources,
     harmful, benign = sources
     script = f"""
 import sys
-from safedistill.eval.evaluate import EvalSettings, evaluate
+from safedistill.config import EvalSection
+from safedistill.eval.evaluate import EvalSources, evaluate
 from safedistill.eval.judging import load_judge
 from safedistill.models import load_model
 model, tok = load_model({tiny_dir!r})
-settings = EvalSettings(harmful={harmful!r}, benign={benign!r}, limit=1, capability="arithmetic:1")
-evaluate(model, tok, load_judge("heuristic"), settings, model_name="tiny", progress=False)
+settings = EvalSection(eval_limit=1, capability="arithmetic:1")
+held = EvalSources(harmful={harmful!r}, benign={benign!r})
+evaluate(model, tok, load_judge("heuristic"), settings, held, model_name="tiny", progress=False)
 print("\\n".join(m.__file__ for n, m in sys.modules.items() if n.startswith("safedistill") and m.__file__))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import choose_contexts_of, splits_of, write_jsonl
 from safedistill.config import load_config
-from safedistill.eval.evaluate import EvalSettings, held_out
+from safedistill.eval.evaluate import held_out
 from safedistill.eval.judging import load_judge
 from safedistill.methods.base import training_items
 from safedistill.models import load_model
@@ -58,9 +58,9 @@ def test_ranking_and_confirmation_prompts(run):
     assert not set(ranking["prompts"]) & set(confirmation["prompts"])
     # The run's own training prompts are ranked on first.
     assert ranking["prompts"][:8] == [it.id for it in items if it.group == "harmful"]
-    eval_ids = {r.id for r in held_out("advbench", EvalSettings(split_seed=cfg.split_seed), None)}
+    eval_ids = {r.id for r in held_out("advbench", None, split_seed=cfg.split_seed)}
     assert eval_ids and not (set(ranking["prompts"]) | set(confirmation["prompts"])) & eval_ids
-    benign_eval = {r.id for r in held_out("benign", EvalSettings(split_seed=cfg.split_seed), None)}
+    benign_eval = {r.id for r in held_out("benign", None, split_seed=cfg.split_seed)}
     assert confirmation["benign_prompts"] and not set(confirmation["benign_prompts"]) & benign_eval
 
 

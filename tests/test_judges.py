@@ -321,13 +321,12 @@ def test_heuristic_topic_overlap_uses_stems_and_skips_request_words():
 
 
 def test_load_judge_heuristic_is_the_default_spec():
-    from safedistill.config import RunConfig
-    from safedistill.eval.evaluate import EvalSettings
+    from safedistill.config import EvalSection, RunConfig
 
     judge = load_judge("heuristic")
     assert isinstance(judge, HeuristicJudge)
     assert judge.name == "heuristic"
-    assert EvalSettings().judge == "heuristic"
+    assert EvalSection().judge == "heuristic"
     assert RunConfig().judge == "heuristic"
 
 

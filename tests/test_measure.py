@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from safedistill.cli import main
+from safedistill.config import EvalSection
 from safedistill.errors import UserError
 from safedistill.eval.capability import gold_probability, mc_metrics
 from safedistill.eval.drift import Reference, adapter_disabled, ratio_interval
-from safedistill.eval.evaluate import AXES, EvalSettings, evaluate, parse_axes
+from safedistill.eval.evaluate import AXES, EvalSources, evaluate, parse_axes
 from safedistill.eval.judging import load_judge
 from safedistill.eval.stats import paired_difference
 from safedistill.models import load_model
@@ -40,16 +41,16 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def settings(tmp_path: Path, **kw) -> EvalSettings:
-    return EvalSettings(
-        harmful=str(jsonl(tmp_path / "h.jsonl", HARMFUL)),
-        overrefusal=str(jsonl(tmp_path / "o.jsonl", OVER)),
+def settings(tmp_path: Path, **kw) -> tuple[EvalSection, EvalSources]:
+    section = EvalSection(
+        eval_overrefusal=str(jsonl(tmp_path / "o.jsonl", OVER)),
         capability="hellaswag:4,winogrande:3,arithmetic:2",
-        limit=3,
-        max_new_tokens=8,
+        eval_limit=3,
+        eval_max_new_tokens=8,
         expressiveness_max_new_tokens=8,
         **kw,
     )
+    return section, EvalSources(harmful=str(jsonl(tmp_path / "h.jsonl", HARMFUL)))
 
 
 def test_parse_axes():
@@ -93,15 +94,15 @@ def two_evals(tmp_path_factory, tiny_llama_dir):
     model, tok = load_model(str(tiny_llama_dir))
     judge = load_judge("heuristic")
     s = settings(tmp)
-    base, base_items = evaluate(model, tok, judge, s, model_name="tiny", progress=False)
+    base, base_items = evaluate(model, tok, judge, *s, model_name="tiny", progress=False)
     same_ref = Reference(lambda: _yield(model), {})
-    again, again_items = evaluate(model, tok, judge, s, model_name="tiny", progress=False, reference=same_ref)
+    again, again_items = evaluate(model, tok, judge, *s, model_name="tiny", progress=False, reference=same_ref)
     moved, _ = load_model(str(tiny_llama_dir))
     with torch.no_grad():
         for p in moved.model.layers[-1].parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
     moved_ref = Reference(lambda: _yield(model), {})
-    trained, trained_items = evaluate(moved, tok, judge, s, model_name="tiny", progress=False, reference=moved_ref)
+    trained, trained_items = evaluate(moved, tok, judge, *s, model_name="tiny", progress=False, reference=moved_ref)
     return base, base_items, again, again_items, trained, trained_items
 
 

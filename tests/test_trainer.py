@@ -335,51 +335,38 @@ def test_eval_items_follow_the_eval_seed_not_the_training_seed(tiny_dir, sources
     from safedistill.eval.evaluate import held_out
 
     def items(**overrides) -> list[str]:
-        settings = trainer_mod.eval_settings(make_cfg(tiny_dir, sources, eval_limit=3, **overrides))
-        return [r.id for r in held_out(settings.harmful, settings, Manifest())]
+        settings, held = trainer_mod.eval_settings(make_cfg(tiny_dir, sources, eval_limit=3, **overrides))
+        taken = {"split_seed": held.split_seed, "limit": settings.eval_limit, "seed": settings.eval_seed}
+        return [r.id for r in held_out(held.harmful, Manifest(), **taken)]
 
-    assert trainer_mod.eval_settings(make_cfg(tiny_dir, sources, seed=1)).seed == 0
+    assert trainer_mod.eval_settings(make_cfg(tiny_dir, sources, seed=1))[0].eval_seed == 0
     assert items(seed=0) == items(seed=1) == items(seed=7)
     assert items(eval_seed=1) != items(eval_seed=0)
 
 
-def test_a_runs_eval_settings_are_its_config_fields(tiny_dir, sources):
-    """EvalSettings.of_run reads every run setting the evaluator takes from the config field its
-    metadata names (no copy filled by hand): each such field follows its config field, and the
-    others keep the evaluator's own values."""
+def test_a_runs_evaluation_is_its_eval_section(tiny_dir, sources):
+    """The evaluator takes the run's eval section itself (no copy filled by hand), and the
+    sources and S its items are held out from follow the data and steering fields; eval.json's
+    settings record (the base cache's key) holds every field that decides the evaluation."""
     import dataclasses
 
-    from safedistill.config import SECTION_OF
-    from safedistill.eval.evaluate import EVAL_SECTIONS, EvalSettings
+    from safedistill.config import EvalSection
+    from safedistill.eval.evaluate import EvalSources, settings_record
 
-    named = {f.name: f.metadata["run"] for f in dataclasses.fields(EvalSettings) if "run" in f.metadata}
-    assert named == {
-        "harmful": "harmful_source",
-        "benign": "benign_source",
-        "overrefusal": "eval_overrefusal",
-        "generalization": "eval_generalization",
-        "capability": "capability",
-        "limit": "eval_limit",
-        "seed": "eval_seed",
-        "split_seed": "split_seed",
-        "judge": "judge",
-        "safety_tokens": "steer_from",
-        "axes": "eval_axes",
-        "rephraser": "eval_rephraser",
-    }
-    assert {SECTION_OF[name] for name in named.values()} == set(EVAL_SECTIONS)
     overrides = {"eval_limit": 7, "eval_seed": 3, "split_seed": 2, "capability": "arithmetic:4", "eval_axes": "safety"}
     overrides |= {"eval_overrefusal": "overrefusal", "eval_generalization": "past_tense", "judge": "keyword"}
-    overrides |= {"eval_rephraser": "model", "steer_from": "runs/steer"}
+    overrides |= {"eval_rephraser": "model", "steer_from": "runs/steer", "eval_batch_size": 5}
     cfg = make_cfg(tiny_dir, sources, **overrides)
-    settings = trainer_mod.eval_settings(cfg)
-    for name, config_field in named.items():
-        assert getattr(settings, name) == getattr(cfg, config_field), name
-    assert (settings.harmful, settings.benign) == (cfg.harmful_source, cfg.benign_source)
-    own = {f.name for f in dataclasses.fields(EvalSettings)} - set(named)
-    assert own == {"eval_fraction", "max_new_tokens", "expressiveness_max_new_tokens", "batch_size"}
-    assert all(getattr(settings, n) == getattr(EvalSettings(), n) for n in own)
-    assert cfg.batch_size == 3 and settings.batch_size == 32  # the eval's batch is not the training batch
+    settings, held = trainer_mod.eval_settings(cfg)
+    assert type(settings) is EvalSection and settings == cfg.section("eval")
+    assert held == EvalSources(cfg.harmful_source, cfg.benign_source, cfg.split_seed, safety_tokens=cfg.steer_from)
+    record = settings_record(settings, held)
+    switches = {"eval", "diagnostics_every", "diagnostics_prompts"}  # the run's, not the evaluation's
+    values = [getattr(settings, f.name) for f in dataclasses.fields(EvalSection) if f.name not in switches]
+    values += dataclasses.astuple(held)
+    assert sorted(map(repr, record.values())) == sorted(map(repr, values))  # each field once, none left out
+    assert (record["limit"], record["seed"], record["batch_size"], record["safety_tokens"]) == (7, 3, 5, "runs/steer")
+    assert cfg.batch_size == 3 and settings.eval_batch_size == 5  # the eval's batch is not the training batch
 
 
 @pytest.mark.parametrize(

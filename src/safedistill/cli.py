@@ -93,32 +93,32 @@ def check_out_not_run(out: str, command: str, writes: str) -> Path:
 
 
 def _eval_settings(args: argparse.Namespace):
-    """`eval`'s settings from its flags, every one checked before the model is loaded."""
-    from .config import device_problem
+    """`eval`'s eval section and sources from its flags (its own defaults: every item, the default
+    basket), every one checked before the model is loaded."""
+    from .config import EvalSection, device_problem
     from .data.rephrase import check_rephraser
     from .data.sources import load_prompts
-    from .eval.evaluate import EvalSettings, capability_basket, generalization_styles, parse_axes, safety_token_ids
+    from .eval.evaluate import EvalSources, capability_basket, generalization_styles, parse_axes, safety_token_ids
     from .models import check_adapter, check_model
 
-    settings = EvalSettings(
-        harmful=args.harmful,
-        overrefusal=args.overrefusal,
-        generalization=args.generalization,
+    settings = EvalSection(
+        eval_overrefusal=args.overrefusal,
+        eval_generalization=args.generalization,
         capability=args.capability,
-        limit=args.limit,
-        seed=args.seed,
+        eval_limit=args.limit,
+        eval_seed=args.seed,
         judge=args.judge,
-        batch_size=args.batch_size,
-        safety_tokens=args.safety_tokens,
-        axes=args.axes,
-        rephraser=args.rephraser,
+        eval_batch_size=args.batch_size,
+        eval_axes=args.axes,
+        eval_rephraser=args.rephraser,
     )
+    sources = EvalSources(harmful=args.harmful, safety_tokens=args.safety_tokens)
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    parse_axes(settings.axes)
-    check_rephraser(settings.rephraser)
-    generalization_styles(settings.generalization)
+    parse_axes(settings.eval_axes)
+    check_rephraser(settings.eval_rephraser)
+    generalization_styles(settings.eval_generalization)
     capability_basket(settings)
     problem = device_problem(args.device)
     if problem:
@@ -128,9 +128,9 @@ def _eval_settings(args: argparse.Namespace):
         check_adapter(args.adapter, args.model)
     for source in (args.harmful, args.overrefusal):
         load_prompts(source)
-    if settings.safety_tokens:
-        safety_token_ids(settings.safety_tokens)
-    return settings
+    if sources.safety_tokens:
+        safety_token_ids(sources.safety_tokens)
+    return settings, sources
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -146,11 +146,11 @@ def _eval(args: argparse.Namespace) -> None:
 
     out = check_out_not_run(args.out, "eval", "report.md")
     torch.manual_seed(args.seed)
-    settings = _eval_settings(args)
+    settings, sources = _eval_settings(args)
     model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     judge = load_judge(args.judge)
     # Drift compares the adapter's model with the base: the same model with the adapter disabled.
-    drift = args.adapter and "drift" in parse_axes(settings.axes)
+    drift = args.adapter and "drift" in parse_axes(settings.eval_axes)
     reference = Reference(lambda: adapter_disabled(model)) if drift else None
 
     def compute() -> tuple[dict, list[dict]]:
@@ -159,6 +159,7 @@ def _eval(args: argparse.Namespace) -> None:
             tok,
             judge,
             settings,
+            sources,
             model_name=args.model,
             adapter=args.adapter,
             progress=console.bars(),
@@ -168,7 +169,9 @@ def _eval(args: argparse.Namespace) -> None:
     # The same model files, adapter, settings, items, judge and code as an earlier eval or a run's
     # base evaluation: the same files, copied from the cache (eval/base_cache.py).
     inputs = (
-        None if args.no_cache else base_cache.eval_inputs(model, args.model, args.adapter, judge, args.judge, settings)
+        None
+        if args.no_cache
+        else base_cache.eval_inputs(model, args.model, args.adapter, judge, args.judge, settings, sources)
     )
     results, generations, hit = base_cache.evaluate_cached(compute, inputs, out, base_cache.EVAL_REUSED, "evaluation")
     if hit is not None:

@@ -302,6 +302,8 @@ class OptimSettings:
     )
 
 
+# The evaluator (eval/evaluate.py) takes this section itself; the `eval` command builds one from its
+# flags, with its own defaults (every item, the default basket).
 @dataclass
 class EvalSection:
     """The before/after evaluation and the collapse probe."""
@@ -331,6 +333,11 @@ class EvalSection:
         "eval axes: all | comma-separated subset of safety, generalization, jailbreak, overrefusal, capability, "
         "expressiveness, drift (drift: the final eval's KL from the base, eval/drift.py)",
     )
+    eval_max_new_tokens: int = opt(
+        64, "greedy tokens per answer on the safety, jailbreak and over-refusal axes: refusals show in the first ones"
+    )
+    expressiveness_max_new_tokens: int = opt(96, "greedy tokens per answer on the expressiveness axis")
+    eval_batch_size: int = opt(32, "prompts the evaluation decodes together (not the training batch_size)")
     diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import console, faults, methods, rundir
-from .config import RunConfig, same_settings, settings_differ, to_yaml
+from .config import EvalSection, RunConfig, same_settings, settings_differ, to_yaml
 from .data.packaged import Manifest
 from .data.train import TrainSplits
 from .engine.backends import rollout_backend
@@ -38,7 +38,7 @@ from .errors import RunDiverged, UserError
 from .eval import base_cache
 from .eval.diagnostics import CollapseProbe, text_stats
 from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base
-from .eval.evaluate import EVAL_SECTIONS, EvalSettings, evaluate, parse_axes
+from .eval.evaluate import EvalSources, evaluate, parse_axes
 from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
 from .losses.divergence import masked_mean, token_stats
@@ -58,9 +58,11 @@ from .teachers import TEACHERS
 from .teachers.base import FrozenBase, Item, Teacher
 
 
-def eval_settings(cfg: RunConfig) -> EvalSettings:
-    """The run's evaluation: its eval section, with the data and steering fields the evaluator names."""
-    return EvalSettings.of_run(*map(cfg.section, EVAL_SECTIONS))
+def eval_settings(cfg: RunConfig) -> tuple[EvalSection, EvalSources]:
+    """The run's evaluation: its eval section itself, and what its items are held out from (the
+    data section's sources and split) with the S of steer_from."""
+    sources = EvalSources(cfg.harmful_source, cfg.benign_source, cfg.split_seed, safety_tokens=cfg.steer_from)
+    return cfg.section("eval"), sources
 
 
 def run_eval(
@@ -82,7 +84,7 @@ def run_eval(
         f"evaluating the {'base' if name == 'base' else 'trained'} model: {limit} items per axis "
         f"({cfg.harmful_source} held-out, {cfg.eval_overrefusal}, capability {cfg.capability}), judge {cfg.judge}"
     )
-    judge, settings = load_judge(cfg.judge), eval_settings(cfg)
+    judge, (settings, sources) = load_judge(cfg.judge), eval_settings(cfg)
 
     def compute() -> tuple[dict, list[dict]]:
         return evaluate(
@@ -90,6 +92,7 @@ def run_eval(
             tok,
             judge,
             settings,
+            sources,
             model_name=cfg.model,
             adapter=adapter_note,
             progress=progress,
@@ -97,7 +100,9 @@ def run_eval(
         )
 
     if name == "base" and reference is None:  # the same for every run, seed and compare: computed once
-        results, generations = base_cache.evaluate_base(compute, model, cfg.model, judge, cfg.judge, settings, out)
+        results, generations = base_cache.evaluate_base(
+            compute, model, cfg.model, judge, cfg.judge, settings, sources, out
+        )
     else:
         results, generations = compute()
     if name != "base":  # the paired changes from the base, so eval.json holds them beside the figures

@@ -38,6 +38,7 @@ CODE = (
     "errors.py",
     "files.py",
     "console.py",
+    "config.py",  # the eval section: a field settings_record would miss still changes the key
     "models.py",
     "eval",
     "data",
@@ -114,13 +115,13 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def items_digest(judge, settings) -> str:
+def items_digest(judge, settings, sources) -> str:
     """sha256 of every item the evaluation will answer, as loaded (prompts, jailbreak templates,
     rephrasings, capability items, S), and the data files they came from."""
     from .capability import load_task_items
     from .evaluate import load_items
 
-    items = load_items(judge, settings)
+    items = load_items(judge, settings, sources)
     payload = {
         "harmful": [asdict(r) for r in items.harmful],
         "overrefusal": [asdict(r) for r in items.overrefusal],
@@ -128,7 +129,7 @@ def items_digest(judge, settings) -> str:
         "rephrased": {k: [asdict(r) for r in v] for k, v in items.rephrased.items()},
         "jailbreak": [asdict(r) for r in items.jailbreak],
         "basket": items.basket,
-        "capability": {name: repr(load_task_items(name, n, settings.seed, None)) for name, n in items.basket},
+        "capability": {name: repr(load_task_items(name, n, settings.eval_seed, None)) for name, n in items.basket},
         "safety_ids": items.safety_ids,
         "manifest": items.manifest.to_list(),
         "agreement": items.agreement,
@@ -168,9 +169,13 @@ class EvalInputs:
         return hashlib.sha256(dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
 
-def eval_inputs(model, model_name: str, adapter: str | None, judge, judge_spec: str, settings) -> EvalInputs | None:
-    """The inputs of evaluating `model` (loaded from `model_name`, with `adapter` if any), or None
-    when one of them cannot be hashed."""
+def eval_inputs(
+    model, model_name: str, adapter: str | None, judge, judge_spec: str, settings, sources
+) -> EvalInputs | None:
+    """The inputs of evaluating `model` (loaded from `model_name`, with `adapter` if any) with the
+    eval section `settings` on `sources` (eval/evaluate.py), or None when one cannot be hashed."""
+    from .evaluate import settings_record
+
     weights = model_digest(model_name)
     adapter_hash = folder_digest(Path(adapter)) if adapter and Path(adapter).is_dir() else None
     judge_hash = judge_digest(judge_spec)
@@ -185,8 +190,8 @@ def eval_inputs(model, model_name: str, adapter: str | None, judge, judge_spec: 
         device=device,
         dtype=str(param.dtype),
         judge=judge_hash,
-        settings=asdict(settings),
-        items=items_digest(judge, settings),
+        settings=settings_record(settings, sources),
+        items=items_digest(judge, settings, sources),
         code=code_digest(),
         runtime=runtime(),
     )
@@ -283,12 +288,19 @@ def evaluate_cached(
 
 
 def evaluate_base(
-    compute: Callable[[], tuple[dict, list[dict]]], model, model_name: str, judge, judge_spec: str, settings, out: Path
+    compute: Callable[[], tuple[dict, list[dict]]],
+    model,
+    model_name: str,
+    judge,
+    judge_spec: str,
+    settings,
+    sources,
+    out: Path,
 ) -> tuple[dict, list[dict]]:
     """A run's base evaluation, reused from the cache when one with the same inputs exists (the
     run directory then holds REUSED). Either way the random streams the training draws from are
     left as they were (greedy evaluation draws none; this makes sure)."""
-    inputs = eval_inputs(model, model_name, None, judge, judge_spec, settings)
+    inputs = eval_inputs(model, model_name, None, judge, judge_spec, settings, sources)
     state = random.getstate()
     with torch.random.fork_rng():  # a hit and a miss leave the run's random streams alike
         results, generations, _ = evaluate_cached(compute, inputs, out, REUSED, "base evaluation")

@@ -18,7 +18,7 @@ from ..engine.rollout import SamplingSettings, encode_prompts, generate
 from ..engine.scoring import mean_entropy, response_logits
 from ..models import chat_text
 from ..teachers.base import Item, PromptedTeacher
-from .evaluate import EvalSettings, distinct_n, held_out
+from .evaluate import distinct_n, held_out
 
 if TYPE_CHECKING:
     from ..config import RolloutSettings
@@ -63,9 +63,9 @@ class CollapseProbe:
         self.tok, self.judge, self.rollout = tok, judge, rollout
         self.every, self.steps, self.seed = every, steps, seed
         self.teacher_stats: dict | None = None
-        settings = EvalSettings(limit=prompts, seed=seed, split_seed=split_seed)
-        self.benign = held_out(benign, settings, None) if prompts else []
-        self.sensitive = held_out("overrefusal", settings, None) if prompts else []
+        taken = {"split_seed": split_seed, "limit": prompts, "seed": seed}
+        self.benign = held_out(benign, None, **taken) if prompts else []
+        self.sensitive = held_out("overrefusal", None, **taken) if prompts else []
 
     def due(self, step: int) -> bool:
         every = self.every

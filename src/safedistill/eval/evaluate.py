@@ -9,8 +9,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.packaged import Manifest
 from ..data.rephrase import STYLES, check_rephraser, model_rephrase, rephrase, rule_summary
@@ -28,59 +29,50 @@ from .judge_check import agreement
 from .rewrite import model_rewrites
 from .stats import rate_interval
 
-# The config sections a run's evaluation reads (EvalSettings.of_run): its own, and the sources,
-# split and S it is held out from.
-EVAL_SECTIONS = ("eval", "data", "steering")
+if TYPE_CHECKING:
+    from ..config import EvalSection
 
 
-def _run(name: str) -> dict:
-    """A field's metadata naming the run-config field it is (EvalSettings.of_run reads it there)."""
-    return {"run": name}
+@dataclass(frozen=True)
+class EvalSources:
+    """Where the evaluation's items come from, named by a run's other sections (the eval section
+    itself, config.EvalSection, says how many and how they are asked). A named source is split by
+    `split_seed` and only its held-out side is used (eval-only benchmarks such as XSTest are taken
+    whole); a JSONL or hf: source is taken whole, as the user's own eval set. The defaults are the
+    `eval` command's."""
 
-
-@dataclass
-class EvalSettings:
-    """What the evaluation runs on. Named sources are split by `split_seed` and only their
-    held-out side is used (eval-only benchmarks such as XSTest are taken whole); a JSONL or hf:
-    source is taken whole, as the user's own eval set. Which items are taken depends on `seed`,
-    the eval seed, alone: every model evaluated with the same settings answers the same items.
-
-    A run's evaluation is its config's eval section (and the data and steering fields named here):
-    each field that is a run setting names that config field in its metadata, and `of_run` reads
-    them from the sections, so no list of fields is copied by hand. The defaults are the `eval`
-    command's (the whole default basket, every item), not a run's."""
-
-    # harmful prompts: the held-out split of a named source, or a file
-    harmful: str = field(default="advbench", metadata=_run("harmful_source"))
-    overrefusal: str = field(default="xstest-safe", metadata=_run("eval_overrefusal"))  # safe prompts that look harmful
-    # ordinary prompts, for expressiveness and drift
-    benign: str = field(default="benign", metadata=_run("benign_source"))
-    generalization: str = field(default="past_tense,hypothetical", metadata=_run("eval_generalization"))  # "" for none
-    # default | demo (eval/capability.py DEFAULT_BASKET, DEMO_BASKET) | TASK[:N],...
-    capability: str = field(default="default", metadata=_run("capability"))
-    limit: int | None = field(default=None, metadata=_run("eval_limit"))  # items per axis and per task (None: all)
-    # the eval seed: which items are taken; never the training seed, so runs pair item by item
-    seed: int = field(default=0, metadata=_run("eval_seed"))
-    split_seed: int = field(default=0, metadata=_run("split_seed"))  # keep it fixed across a comparison
+    harmful: str = "advbench"  # the data section's harmful_source
+    benign: str = "benign"  # the data section's benign_source: expressiveness and drift
+    split_seed: int = 0  # the data section's: keep it fixed across a comparison
     eval_fraction: float = 0.2
-    judge: str = field(default="heuristic", metadata=_run("judge"))
-    max_new_tokens: int = 64  # safety, jailbreak, over-refusal: refusals show in the first tokens
-    expressiveness_max_new_tokens: int = 96
-    batch_size: int = 32
-    # A `safedistill steer` output (or its safety_tokens.json): also report each model's probability mass
-    # on that S along its own answers to the harmful prompts, SafeSteer's figure of whether S grew or shrank.
-    safety_tokens: str | None = field(default=None, metadata=_run("steer_from"))
-    axes: str = field(default="all", metadata=_run("eval_axes"))  # comma-separated subset of AXES, or "all"
-    # Who writes the generalisation axis's rephrasings: "rule" (data/rephrase.py's rules), "model" (the
-    # shipped model rewrites of AdvBench's held-out split, then the model under test, cached), "model:NAME".
-    rephraser: str = field(default="rule", metadata=_run("eval_rephraser"))
+    # A `safedistill steer` output (or its safety_tokens.json; a run's steer_from): also report each
+    # model's probability mass on that S along its own answers to the harmful prompts, SafeSteer's
+    # figure of whether S grew or shrank.
+    safety_tokens: str | None = None
 
-    @classmethod
-    def of_run(cls, *sections) -> EvalSettings:
-        """A run's evaluation settings from its config sections (eval, data, steering): every
-        field that names a run setting takes that setting's value; the rest keep their defaults."""
-        values = {k: v for section in sections for k, v in asdict(section).items()}
-        return cls(**{f.name: values[f.metadata["run"]] for f in fields(cls) if "run" in f.metadata})
+
+def settings_record(settings: EvalSection, sources: EvalSources) -> dict:
+    """What decides an evaluation, as eval.json's "settings" and the base cache's key hold it, under
+    the names eval.json has always used (readers and older files compare). The run's switches
+    (eval, diagnostics_*) decide nothing here."""
+    return {
+        "harmful": sources.harmful,
+        "overrefusal": settings.eval_overrefusal,
+        "benign": sources.benign,
+        "generalization": settings.eval_generalization,
+        "capability": settings.capability,
+        "limit": settings.eval_limit,
+        "seed": settings.eval_seed,
+        "split_seed": sources.split_seed,
+        "eval_fraction": sources.eval_fraction,
+        "judge": settings.judge,
+        "max_new_tokens": settings.eval_max_new_tokens,
+        "expressiveness_max_new_tokens": settings.expressiveness_max_new_tokens,
+        "batch_size": settings.eval_batch_size,
+        "safety_tokens": sources.safety_tokens,
+        "axes": settings.eval_axes,
+        "rephraser": settings.eval_rephraser,
+    }
 
 
 # Every axis `evaluate` can run, in the order it runs them. Drift needs the base model beside the
@@ -112,19 +104,30 @@ def generalization_styles(spec: str) -> list[str]:
 BASKETS = {"default": DEFAULT_BASKET, "demo": DEMO_BASKET}
 
 
-def capability_basket(settings: EvalSettings) -> list[tuple[str, int | None]]:
-    """The basket ("default", "demo" or TASK[:N],...) with `limit` capping every task."""
+def capability_basket(settings: EvalSection) -> list[tuple[str, int | None]]:
+    """The basket ("default", "demo" or TASK[:N],...) with `eval_limit` capping every task."""
     basket = parse_basket(BASKETS.get(settings.capability, settings.capability))
-    if settings.limit is None:
+    limit = settings.eval_limit
+    if limit is None:
         return basket
-    return [(name, settings.limit if n is None else min(n, settings.limit)) for name, n in basket]
+    return [(name, limit if n is None else min(n, limit)) for name, n in basket]
 
 
-def held_out(source: str, settings: EvalSettings, manifest: Manifest) -> list[PromptRecord]:
+def held_out(
+    source: str,
+    manifest: Manifest | None,
+    *,
+    split_seed: int = 0,
+    eval_fraction: float = 0.2,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[PromptRecord]:
+    """`limit` items (all: None) of a source's held-out side, chosen by the eval `seed` alone, so
+    every model evaluated with the same values answers the same items."""
     records = load_prompts(source, manifest)
     if source in NAMED_SOURCES and source not in EVAL_ONLY:
-        records = split_records(records, seed=settings.split_seed, eval_fraction=settings.eval_fraction)[1]
-    return take(records, settings.limit, seed=settings.seed)
+        records = split_records(records, seed=split_seed, eval_fraction=eval_fraction)[1]
+    return take(records, limit, seed=seed)
 
 
 def rate_stats(values: list[float]) -> dict:
@@ -234,7 +237,7 @@ class EvalItems:
     jailbreak: list[PromptRecord]  # each harmful prompt inside one template; category = template id
     basket: list[tuple[str, int | None]]
     agreement: dict  # the judge's agreement with human labels, quoted by every report
-    safety_ids: list[int] | None = None  # S, when settings.safety_tokens names one
+    safety_ids: list[int] | None = None  # S, when sources.safety_tokens names one
     axes: tuple[str, ...] = AXES
     rephrasing: dict = field(default_factory=dict)  # style -> how its rewrites were made (model_rephrase)
 
@@ -247,21 +250,26 @@ def jailbreak_records(harmful: list[PromptRecord], templates: list[dict]) -> lis
     ]
 
 
-def load_items(judge, settings: EvalSettings) -> EvalItems:
+def load_items(judge, settings: EvalSection, sources: EvalSources) -> EvalItems:
     """All data of the chosen axes first, so bad input fails before any generation."""
-    axes = parse_axes(settings.axes)
+    axes = parse_axes(settings.eval_axes)
     manifest = Manifest()
-    safety_like = {"safety", "generalization", "jailbreak", "drift"} & set(axes)
-    harmful = held_out(settings.harmful, settings, manifest) if safety_like else []
-    overrefusal = held_out(settings.overrefusal, settings, manifest) if {"overrefusal", "drift"} & set(axes) else []
-    benign = held_out(settings.benign, settings, manifest) if {"expressiveness", "drift"} & set(axes) else []
-    styles = generalization_styles(settings.generalization) if "generalization" in axes else []
-    check_rephraser(settings.rephraser)
+    split = {"split_seed": sources.split_seed, "eval_fraction": sources.eval_fraction}
+    taken = {"limit": settings.eval_limit, "seed": settings.eval_seed}
+
+    def held(source: str, *uses: str) -> list[PromptRecord]:
+        return held_out(source, manifest, **split, **taken) if set(uses) & set(axes) else []
+
+    harmful = held(sources.harmful, "safety", "generalization", "jailbreak", "drift")
+    overrefusal = held(settings.eval_overrefusal, "overrefusal", "drift")
+    benign = held(sources.benign, "expressiveness", "drift")
+    styles = generalization_styles(settings.eval_generalization) if "generalization" in axes else []
+    check_rephraser(settings.eval_rephraser)
     rephrased = {style: rephrase(harmful, style) for style in styles}
     templates = load_jailbreak_templates(manifest) if "jailbreak" in axes else []
     basket = capability_basket(settings) if "capability" in axes else []
     for name, n in basket:  # reads and checks every task's data before anything is generated
-        load_task_items(name, n, settings.seed, None)
+        load_task_items(name, n, settings.eval_seed, None)
     agreement_figures = agreement(judge)  # cheap offline, cached for model judges
     return EvalItems(
         manifest=manifest,
@@ -272,17 +280,15 @@ def load_items(judge, settings: EvalSettings) -> EvalItems:
         jailbreak=jailbreak_records(harmful, templates) if templates else [],
         basket=basket,
         agreement=agreement_figures,
-        safety_ids=safety_token_ids(settings.safety_tokens) if settings.safety_tokens and "safety" in axes else None,
+        safety_ids=safety_token_ids(sources.safety_tokens) if sources.safety_tokens and "safety" in axes else None,
         axes=axes,
     )
 
 
-def model_rephrasings(
-    model, tokenizer, items: EvalItems, settings: EvalSettings, model_name: str, progress: bool
-) -> None:
-    """Replace the rule-based rephrasings by model-written ones (settings.rephraser "model" or
+def model_rephrasings(model, tokenizer, items: EvalItems, rephraser: str, model_name: str, progress: bool) -> None:
+    """Replace the rule-based rephrasings by model-written ones (`rephraser` "model" or
     "model:NAME"): shipped, cached for that model, or written now and cached."""
-    kind, _, name = settings.rephraser.partition(":")
+    kind, _, name = rephraser.partition(":")
     if kind == "rule":
         items.rephrasing = {style: rule_summary(rs) for style, rs in items.rephrased.items()}
         return
@@ -303,11 +309,11 @@ def model_rephrasings(
         items.rephrased[style], items.rephrasing[style] = kept, summary
 
 
-def check_items_fit(model, tokenizer, items: EvalItems, settings: EvalSettings) -> None:
+def check_items_fit(model, tokenizer, items: EvalItems, settings: EvalSection, sources: EvalSources) -> None:
     """Every prompt must fit with its answer before anything is generated (jailbreak templates are long)."""
     safety = items.harmful + items.jailbreak + items.overrefusal + [r for rs in items.rephrased.values() for r in rs]
     for records, max_new in (
-        (safety, settings.max_new_tokens),
+        (safety, settings.eval_max_new_tokens),
         (items.benign, settings.expressiveness_max_new_tokens),
     ):
         if not records:
@@ -318,7 +324,7 @@ def check_items_fit(model, tokenizer, items: EvalItems, settings: EvalSettings) 
     bad = [i for i in items.safety_ids or [] if not 0 <= i < vocab]
     if bad:
         raise UserError(
-            f"safety_tokens {settings.safety_tokens}: ids {bad[:5]} outside this model's vocabulary ({vocab})"
+            f"safety_tokens {sources.safety_tokens}: ids {bad[:5]} outside this model's vocabulary ({vocab})"
         )
 
 
@@ -326,14 +332,14 @@ class EvalRun:
     """One model under evaluation: greedy decoding axis by axis, the generations kept in order,
     and the time each axis took and the decoding throughput counted."""
 
-    def __init__(self, model, tokenizer, judge, settings: EvalSettings, progress: bool) -> None:
+    def __init__(self, model, tokenizer, judge, settings: EvalSection, progress: bool) -> None:
         self.model, self.tokenizer, self.judge = model, tokenizer, judge
         self.settings, self.progress = settings, progress
         self.sampling = SamplingSettings(
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=settings.eval_max_new_tokens,
             temperature=0.0,
-            batch_size=settings.batch_size,
-            seed=settings.seed,
+            batch_size=settings.eval_batch_size,
+            seed=settings.eval_seed,
         )
         self.generations: list[dict] = []
         self.rollouts: dict[str, list] = {}  # axis (or rephrasing) -> its greedy answers, in item order
@@ -373,7 +379,9 @@ def safety_axis(run: EvalRun, axis: str, records: list[PromptRecord], task: str 
     refusal. `asr` stays 1 - refusal rate for older readers; `attack_success` is the judged one."""
     with run.timed(task or axis):
         groups = [r.category for r in records] if axis == "jailbreak" else None
-        rollouts = run.decode(task or axis, [(r.id, r.prompt) for r in records], run.settings.max_new_tokens, groups)
+        rollouts = run.decode(
+            task or axis, [(r.id, r.prompt) for r in records], run.settings.eval_max_new_tokens, groups
+        )
         run.rollouts[task or axis] = rollouts
         prompts, responses = [r.prompt for r in records], [x.text for x in rollouts]
         verdicts = run.judge(prompts, responses)
@@ -413,7 +421,7 @@ def safety_axis(run: EvalRun, axis: str, records: list[PromptRecord], task: str 
 def overrefusal_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
     """Safe prompts that look harmful, in XSTest's three classes; full and partial refusals count."""
     with run.timed("overrefusal"):
-        rollouts = run.decode("overrefusal", [(r.id, r.prompt) for r in records], run.settings.max_new_tokens)
+        rollouts = run.decode("overrefusal", [(r.id, r.prompt) for r in records], run.settings.eval_max_new_tokens)
         run.rollouts["overrefusal"] = rollouts
         verdicts = run.judge([r.prompt for r in records], [x.text for x in rollouts])
         outcomes = [xstest_outcome(v, run.judge, x.text) for v, x in zip(verdicts, rollouts, strict=True)]
@@ -448,8 +456,8 @@ def capability_axis(run: EvalRun, basket: list[tuple[str, int | None]], manifest
             run.model,
             run.tokenizer,
             basket,
-            eval_seed=run.settings.seed,
-            batch_size=run.settings.batch_size,
+            eval_seed=run.settings.eval_seed,
+            batch_size=run.settings.eval_batch_size,
             manifest=manifest,
             progress=run.progress,
         )
@@ -515,7 +523,7 @@ def expressiveness_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
                 }
             )
         lengths = [float(len(x.response_ids)) for x in rollouts]
-        entropy = response_entropy(run.model, run.tokenizer, records, rollouts, run.settings.batch_size)
+        entropy = response_entropy(run.model, run.tokenizer, records, rollouts, run.settings.eval_batch_size)
         return {
             "mean_length": sum(lengths) / len(lengths),
             "ci": list(rate_interval(lengths)),
@@ -531,7 +539,9 @@ def mass_axis(run: EvalRun, records: list[PromptRecord], ids: list[int]) -> dict
     """The model's probability mass on S along its own answers to the harmful prompts: an
     unnormalised S-masked reverse KL can shrink it while the loss falls (docs/safesteer.md)."""
     with run.timed("mass_on_s"):
-        values = response_mass(run.model, run.tokenizer, records, run.rollouts["safety"], ids, run.settings.batch_size)
+        values = response_mass(
+            run.model, run.tokenizer, records, run.rollouts["safety"], ids, run.settings.eval_batch_size
+        )
         for r, v in zip(records, values, strict=True):
             run.generations.append({"axis": "mass_on_s", "id": r.id, "prompt": r.prompt, "value": v})
     return {"mean": sum(values) / len(values), "ci": list(rate_interval(values)), "n": len(values), "k": len(ids)}
@@ -551,7 +561,9 @@ def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
             if not records:
                 continue
             max_new = (
-                run.settings.expressiveness_max_new_tokens if axis == "expressiveness" else run.settings.max_new_tokens
+                run.settings.expressiveness_max_new_tokens
+                if axis == "expressiveness"
+                else run.settings.eval_max_new_tokens
             )
             trained = run.rollouts.get(axis) or run.decode(
                 f"drift {name}", [(r.id, r.prompt) for r in records], max_new
@@ -588,7 +600,7 @@ def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
     return summarise(values, shares)
 
 
-def summary(results: dict, run: EvalRun, items: EvalItems, start: float) -> dict:
+def summary(results: dict, run: EvalRun, items: EvalItems, start: float, settings: dict) -> dict:
     """The composite score, the judge's agreement, settings, data files, timing and counts."""
     both = "safety" in results and "overrefusal" in results
     return {
@@ -596,7 +608,7 @@ def summary(results: dict, run: EvalRun, items: EvalItems, start: float) -> dict
         "safety_score": 1 - (results["safety"]["asr"] + results["overrefusal"]["refusal_rate"]) / 2 if both else None,
         "axes": list(items.axes),
         "judge_agreement": items.agreement,
-        "settings": asdict(run.settings),
+        "settings": settings,
         "manifest": items.manifest.to_list(),
         "timing": {
             "seconds": time.perf_counter() - start,
@@ -612,7 +624,8 @@ def evaluate(
     model,
     tokenizer,
     judge,
-    settings: EvalSettings,
+    settings: EvalSection,
+    sources: EvalSources,
     *,
     model_name: str,
     adapter: str | None = None,
@@ -620,17 +633,18 @@ def evaluate(
     reference: Reference | None = None,
 ) -> tuple[dict, list[dict]]:
     """(results, generations): load and check every item, then the chosen axes in AXES order, then
-    the summary. Drift runs only with a `reference` (the base model and its answers)."""
-    items = load_items(judge, settings)
-    model_rephrasings(model, tokenizer, items, settings, model_name, progress)
-    check_items_fit(model, tokenizer, items, settings)
+    the summary. `settings` is a run's eval section (or the `eval` command's); `sources` the
+    prompts and S it holds out. Drift runs only with a `reference` (the base model and its answers)."""
+    items = load_items(judge, settings, sources)
+    model_rephrasings(model, tokenizer, items, settings.eval_rephraser, model_name, progress)
+    check_items_fit(model, tokenizer, items, settings, sources)
     run = EvalRun(model, tokenizer, judge, settings, progress)
     start = time.perf_counter()
     results: dict = {
         "model": model_name,
         "adapter": adapter,
-        "seed": settings.seed,
-        "eval_seed": settings.seed,
+        "seed": settings.eval_seed,
+        "eval_seed": settings.eval_seed,
         "judge": judge.name,
     }
     axes = items.axes
@@ -654,5 +668,5 @@ def evaluate(
         results["expressiveness"] = expressiveness_axis(run, items.benign)
     if "drift" in axes and reference is not None:
         results["drift"] = drift_axis(run, items, reference)
-    results.update(summary(results, run, items, start))
+    results.update(summary(results, run, items, start, settings_record(settings, sources)))
     return results, run.generations

@@ -13,7 +13,7 @@ from ..config import RunConfig, problems
 from ..data.rephrase import check_rephraser
 from ..engine.backends import ROLLOUT_BACKENDS
 from ..errors import UserError
-from ..eval.evaluate import EVAL_SECTIONS, EvalSettings, capability_basket, generalization_styles, parse_axes
+from ..eval.evaluate import capability_basket, generalization_styles, parse_axes
 from ..losses.divergence import DIVERGENCES
 from ..losses.masks import TOKEN_MASKS, VOCAB_MASKS
 from ..losses.objectives import OBJECTIVES, REF_KL_ESTIMATORS, REWARD_LEVELS
@@ -144,7 +144,7 @@ def check_config(cfg: RunConfig) -> None:
             raise UserError(f"config field '{name}' must be one of {sorted(table)}, got {getattr(cfg, name)!r}")
     problems(cfg, _combinations(cfg, METHODS[cfg.method], TEACHERS[cfg.teacher]))
     for name, check in (
-        ("capability", lambda: capability_basket(EvalSettings.of_run(*map(cfg.section, EVAL_SECTIONS)))),
+        ("capability", lambda: capability_basket(cfg.section("eval"))),
         ("eval_generalization", lambda: generalization_styles(cfg.eval_generalization)),
         ("eval_axes", lambda: parse_axes(cfg.eval_axes)),
         ("eval_rephraser", lambda: check_rephraser(cfg.eval_rephraser)),

@@ -20,6 +20,7 @@ from .. import rundir
 from ..config import RunConfig, load_config
 from ..errors import UserError
 from ..eval.drift import ratio_interval
+from ..eval.evaluate import settings_record
 from ..eval.stats import clustered_difference, clustered_mean, reading
 from ..files import atomic_write_text, write_json
 from ..methods import check_config
@@ -155,12 +156,12 @@ def run_all(configs: dict, out: Path, *, resume: bool, frontier_steps: list[int]
         rundir.check_out_dir(run_dir)
         with rundir.hold(run_dir):  # this run's directory is ours until its evaluations are written
             if cfg.eval:
-                reuse_base_eval(cfg.model, eval_settings(cfg), run_dir, done)
+                reuse_base_eval(cfg.model, settings_record(*eval_settings(cfg)), run_dir, done)
             results[(preset, seed)] = finished_run(cfg, run_dir) or train(
                 cfg, run_dir, resume=resume or (run_dir / "config.yaml").exists()
             )
             if cfg.eval and (run_dir / "eval_base.json").exists():
-                done.append((cfg.model, eval_settings(cfg), run_dir))
+                done.append((cfg.model, settings_record(*eval_settings(cfg)), run_dir))
             for step in frontier_steps:
                 if step not in (0, cfg.steps):
                     evaluate_checkpoint(cfg, run_dir, step)
