@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import run_settings, write_sources
 from safedistill.cli import build_parser, main
 from safedistill.errors import UserError
 from safedistill.eval.judging import load_judge
@@ -523,3 +524,23 @@ def test_progress_bars_stay_off_when_stderr_is_no_terminal():
         assert console.bars() is False
     finally:
         console.set_quiet(False)
+
+
+def test_a_run_called_as_compare_calls_it_draws_no_bars_into_a_log(tiny_dir, tmp_path, capfd):
+    """compare calls train() with its default progress=True; stderr that is no terminal gets step
+    lines, never carriage-return redraws of the rollout and step bars."""
+    from safedistill import console
+    from safedistill.config import load_config
+    from safedistill.train import train
+
+    cfg = load_config(
+        "opsa", overrides=run_settings(tiny_dir, write_sources(tmp_path / "data"), steps=2, save_every=2, top_k=64)
+    )
+    try:
+        console.set_quiet(False, tty=False)
+        capfd.readouterr()
+        train(cfg, tmp_path / "run")
+        err = capfd.readouterr().err
+    finally:
+        console.set_quiet(False)
+    assert "step 2/2" in err and "\r" not in err and "it/s" not in err

@@ -569,7 +569,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = T
     procs.check(cfg.batch_size)
     if not procs.is_main:
         console.set_quiet(True)  # process 0 speaks for all; warnings still show
-    progress = progress and procs.is_main and not console.quiet()
+    # bars(), not quiet(): compare calls train() with the default, and a log file gets lines, not redraws
+    progress = progress and procs.is_main and console.bars()
     preflight(cfg)
     try:
         with claim_out(out, cfg, resume) if procs.is_main else nullcontext():
