@@ -79,3 +79,19 @@ def test_convert_gguf_keeps_weights_and_global_rng(tmp_path):
         weights["model.layers.0.mlp.down_proj.weight"], torch.from_numpy(tensors["blk.0.ffn_down.weight"])
     )
     assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_conversion_draws_its_bar_only_on_a_terminal(tmp_path, capfd):
+    """transformers' de-quantizing bar is a plain tqdm: a log file (no terminal) gets no redraws."""
+    from safedistill import console
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    try:
+        for tty, out in ((False, "quiet"), (True, "shown")):
+            console.set_quiet(False, tty=tty)
+            capfd.readouterr()
+            convert_gguf(tmp_path / "tiny.gguf", tmp_path / out)
+            err = capfd.readouterr().err
+            assert ("de-quantizing GGUF tensors" in err) is tty, err[-300:]
+    finally:
+        console.set_quiet(False)

@@ -146,9 +146,17 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     save_pretrained, so its de-quantized state dict is copied into a fresh model of the same
     config. Building that model draws initial weights from torch's global RNG; the conversion runs
     under fork_rng so that a run which converts first samples exactly like a later run."""
+    from unittest.mock import patch
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with torch.random.fork_rng(devices=[]):
+    from . import console
+
+    # transformers draws its de-quantizing bar with a plain tqdm, deaf to its own progress setting:
+    # without this a log file (stderr no terminal) or --quiet gets ~20 carriage-return redraws.
+    quiet_bar = functools.partial(gguf_utils.tqdm, disable=not console.bars())
+    with torch.random.fork_rng(devices=[]), patch.object(gguf_utils, "tqdm", quiet_bar):
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
