@@ -27,6 +27,7 @@ from safedistill.eval.stats import ALPHA, Z_POWER, Z, bootstrap_p, clustered_dif
 from safedistill.report.report import read_items
 
 Maps = dict[str, float]
+DRIFT_TASKS = ("benign/base", "xstest/base", "harmful/base")  # KL(trained || base) along the base's answers
 N_BOOT = 10000
 
 
@@ -180,6 +181,13 @@ def summary(out: Path, order: Sequence[str] = ()) -> dict:
             for x, y in ((b, a), (a, b)) if "robust" in a else ((b, a),):
                 key = f"{x} - {y}"
                 result["between"][key] = {"safety_score": score_change(models[y], models[x])}
+                for task in DRIFT_TASKS:
+                    result["between"][key][f"drift/{task}"] = clustered_difference(
+                        [
+                            (axis_map(models[y][s], "drift", task=task), axis_map(models[x][s], "drift", task=task))
+                            for s in common
+                        ]
+                    )
                 for st in all_styles:
                     result["between"][key][f"gap/{st}"] = clustered_difference(
                         [(per_item_gap(models[y][s], st), per_item_gap(models[x][s], st)) for s in common]
@@ -240,6 +248,21 @@ def markdown(r: dict) -> str:
                 f"| {name} | {k.split('/', 1)[1]} | {fmt(g.get('mean_b'), True)} | {fmt(g.get('mean_a'), True)} | "
                 f"{fmt(g.get('diff'), True)} [{fmt(g.get('lo'), True)}, {fmt(g.get('hi'), True)}] | {g.get('n')} | "
                 f"{fmt(g.get('mde'))} | {verdict(g.get('lo'), g.get('hi'))} |"
+            )
+    drift_rows = [(n, k, g) for n, d in r["between"].items() for k, g in d.items() if k.startswith("drift/")]
+    if any(g.get("n") for _, _, g in drift_rows):
+        lines += [
+            "",
+            "Drift X - drift Y: per-token KL(model || base) along the base's answers, paired by item.",
+            "",
+            "| X - Y | prompt set | X | Y | difference [95% CI] | n | reading |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, k, g in drift_rows:
+            lines.append(
+                f"| {name} | {k.split('/')[1]} | {g.get('mean_b', 0):.4f} | {g.get('mean_a', 0):.4f} | "
+                f"{g.get('diff', 0):+.4f} [{g.get('lo', 0):+.4f}, {g.get('hi', 0):+.4f}] | {g.get('n')} | "
+                f"{verdict(g.get('lo'), g.get('hi'))} |"
             )
     return "\n".join(lines)
 
