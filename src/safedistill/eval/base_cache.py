@@ -223,14 +223,23 @@ def lookup(inputs: EvalInputs) -> Cached | None:
 def store(inputs: EvalInputs, results: dict, generations: list[dict], origin: str) -> Path:
     """Write an entry whole or not at all: built in a temporary folder, then renamed into place
     (a concurrent writer of the same key loses the race harmlessly)."""
-    root = entries_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / inputs.key
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{inputs.key}."))
-    try:
+
+    def write(tmp: Path) -> None:
         write_jsonl(tmp / "generations.jsonl", generations)
         write_json(tmp / "eval.json", results)
         write_json(tmp / "inputs.json", {"inputs": asdict(inputs), "origin": origin})
+
+    return _publish(entries_dir(), inputs.key, write)
+
+
+def _publish(root: Path, key: str, write: Callable[[Path], None]) -> Path:
+    """`root/key`, written by `write` into a temporary folder beside it and renamed into place: an
+    entry is whole or absent, and a failed write (disk full) leaves no half entry."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / key
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+    try:
+        write(tmp)
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -400,15 +409,10 @@ def search_once(compute: Callable[[], dict], inputs: dict | None, out: Path) -> 
         pass
     result = compute()
     note.unlink(missing_ok=True)
-    root = searches_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
-    try:
+
+    def write(tmp: Path) -> None:
         write_json(tmp / "result.json", result)
         write_json(tmp / "inputs.json", {"inputs": inputs, "origin": str(Path(out).resolve())})
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    _publish(searches_dir(), key, write)
     return result
