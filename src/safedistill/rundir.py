@@ -25,7 +25,7 @@ from .errors import UserError
 MARKER = ".safedistill-run"
 
 # What a run writes before its first step, besides its method's preparation (the METHODS rows'
-# files, methods.prepared_files; augment.jsonl is the recipe's, for every method); a run that
+# files, methods.prepared_files; augment.jsonl and harmful_filter.jsonl are the recipe's, for every method); a run that
 # never got there may be replaced (these, and only these, are deleted then).
 BEFORE_FIRST_STEP = (
     "eval_base.json",
@@ -33,6 +33,7 @@ BEFORE_FIRST_STEP = (
     "eval_base_reused.json",  # eval/base_cache.REUSED: where a reused base evaluation came from
     "manifest.json",
     "augment.jsonl",
+    "harmful_filter.jsonl",  # methods/base.complied_filter: the harmful prompts scored, for any method
     "checkpoints",
 )
 # Everything else a run (or `compare` in a run) writes: the step log, the trained model and

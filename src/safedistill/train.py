@@ -41,7 +41,7 @@ from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base
 from .eval.evaluate import EvalSources, evaluate, parse_axes
 from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
-from .losses.divergence import masked_mean, token_stats
+from .losses.divergence import masked_mean, peak_mass, token_stats
 from .losses.masks import TOKEN_MASKS
 from .losses.objectives import OBJECTIVES, Scored, sampling_temperature, tempered, token_logprobs
 from .models import (
@@ -276,6 +276,8 @@ class OnPolicyStep:
         loss_mask = self.token_mask(s.mask, stats["reverse_kl"], self.losses)
         if s.vocab_ids is not None:
             extra["student_mass_on_s"] = float(masked_mean(stats["mass_on_ids"], s.mask))
+            extra["teacher_mass_on_s"] = float(masked_mean(stats["teacher_mass_on_ids"], s.mask))
+            extra.update(peak_mass(stats["mass_on_ids"], stats["teacher_mass_on_ids"], s.mask))
         return masked_mean(per_token, loss_mask), loss_mask, stats, extra
 
     def keep(self, micro: int, s: Scored, loss_mask: torch.Tensor) -> None:
@@ -347,7 +349,7 @@ def preflight(cfg: RunConfig) -> None:
     nothing (model and judge names, at once when offline; sources that may not be trained on;
     context ids), then the data sources, which may fetch a benchmark wheel. A failure leaves no
     directory behind."""
-    from .data.sources import check_trainable, load_prompts
+    from .data.sources import check_trainable, chosen_templates, load_jailbreak_templates, load_prompts
     from .eval.judging import GUARD_KINDS, OFFLINE_JUDGES
     from .models import check_hub_name, check_loading, check_model
 
@@ -380,6 +382,8 @@ def preflight(cfg: RunConfig) -> None:
             load_prompts(getattr(cfg, field))
         except UserError as e:
             raise UserError(f"config field '{field}': {e}") from None
+    if cfg.jailbreak_share > 0:  # unknown template ids fail here, not after the base evaluation
+        chosen_templates(load_jailbreak_templates(), cfg.jailbreak_templates)
 
 
 def sections_of(cfg: RunConfig, method: methods.Method) -> dict:

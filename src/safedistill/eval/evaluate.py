@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..data.packaged import Manifest
 from ..data.rephrase import STYLES, check_rephraser, model_rephrase, rephrase, rule_summary
 from ..data.schema import PromptRecord
-from ..data.sources import EVAL_ONLY, NAMED_SOURCES, load_jailbreak_templates, load_prompts
+from ..data.sources import EVAL_ONLY, NAMED_SOURCES, jailbreak_wrapped, load_jailbreak_templates, load_prompts
 from ..data.splits import split_records, take
 from ..engine.rollout import SamplingSettings, check_fits, encode_prompts, generate
 from ..engine.scoring import response_logits
@@ -244,10 +244,7 @@ class EvalItems:
 
 def jailbreak_records(harmful: list[PromptRecord], templates: list[dict]) -> list[PromptRecord]:
     """Each harmful prompt wrapped in one jailbreak template, the templates taken in turn."""
-    return [
-        PromptRecord(f"{r.id}+{t['id']}", f"{t['template']}\n\n{r.prompt}", t["id"], "jailbreak")
-        for r, t in ((r, templates[i % len(templates)]) for i, r in enumerate(harmful))
-    ]
+    return [jailbreak_wrapped(r, templates[i % len(templates)]) for i, r in enumerate(harmful)]
 
 
 def load_items(judge, settings: EvalSection, sources: EvalSources) -> EvalItems:

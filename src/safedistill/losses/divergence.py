@@ -91,7 +91,8 @@ def token_stats(
 ) -> dict[str, torch.Tensor]:
     """What a step logs per response position ([B, T] float32 each), a few rows at a time:
     reverse_kl, student_entropy, teacher_entropy, token_kl (log p_S - log p_T of the sampled
-    token) and, with vocab_ids, the student's total probability on them (mass_on_ids)."""
+    token) and, with vocab_ids, the student's and the teacher's total probability on them
+    (mass_on_ids, teacher_mass_on_ids)."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ"
@@ -100,7 +101,7 @@ def token_stats(
     s2, t2 = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     tok = tokens.reshape(-1, 1).to(s2.device)
     names = ["reverse_kl", "student_entropy", "teacher_entropy", "token_kl"] + (
-        ["mass_on_ids"] if vocab_ids is not None else []
+        ["mass_on_ids", "teacher_mass_on_ids"] if vocab_ids is not None else []
     )
     out = {n: torch.empty(s2.size(0), dtype=torch.float32, device=s2.device) for n in names}
     tiny = torch.finfo(torch.float32).min
@@ -112,9 +113,30 @@ def token_stats(
         out["student_entropy"][c] = -(p * ls).sum(-1)
         if vocab_ids is not None:
             out["mass_on_ids"][c] = p.index_select(-1, vocab_ids.to(p.device)).sum(-1)
+            out["teacher_mass_on_ids"][c] = lt.exp().index_select(-1, vocab_ids.to(lt.device)).sum(-1)
         out["reverse_kl"][c] = (p * ls.sub_(lt)).sum(-1)
         out["teacher_entropy"][c] = -(lt.exp().mul_(lt)).sum(-1)
     return {n: v.view(shape) for n, v in out.items()}
+
+
+def peak_mass(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mass on S where it matters: per response ([B, T] masses, mask of real positions), the
+    position where the TEACHER puts the most mass on S, and there the student's mass; averaged over
+    the responses that have a position. A mean over all positions dilutes the few where a steered
+    teacher starts to refuse ("I'm sorry" at the first tokens), so the issue asks for these."""
+    real = mask.bool()
+    rows = real.any(-1)
+    if not bool(rows.any()):
+        return {}
+    neg = torch.tensor(float("-inf"), device=teacher.device)
+    t_max, where = torch.where(real, teacher.float(), neg).max(-1)
+    s_at = student.float().gather(-1, where[:, None]).squeeze(-1)
+    s_max = torch.where(real, student.float(), neg).max(-1).values
+    return {
+        "teacher_mass_on_s_max": float(t_max[rows].mean()),
+        "student_mass_on_s_at_teacher_max": float(s_at[rows].mean()),
+        "student_mass_on_s_max": float(s_max[rows].mean()),
+    }
 
 
 def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:

@@ -17,20 +17,27 @@ from pathlib import Path
 import torch
 
 from ..config import AugmentSettings, DataSettings, SteeringSettings, TeacherSettings
-from ..data.augment import FRAMES, SHOTS, evaluation_items, parse_styles, rewrites, rewritten
+from ..data.augment import FRAMES, SHOTS, choose, evaluation_items, parse_styles, rewrites, rewritten
 from ..data.packaged import Manifest
 from ..data.rephrase import STYLES as REPHRASE_STYLES
 from ..data.rephrase import clean_model_rewrite
 from ..data.schema import Demonstration, PromptRecord
-from ..data.sources import check_trainable
+from ..data.sources import check_trainable, chosen_templates, jailbreak_wrapped, load_jailbreak_templates
 from ..data.splits import take
 from ..data.train import TrainSplits
 from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
 from ..eval.rewrite import rephrase_with_model
+from ..files import write_jsonl
 from ..losses.masks import VOCAB_MASKS
 from ..models import chat_text, load_model
-from ..searches.steering import SteeringSearch, prepare_steering
+from ..searches.steering import (
+    SteeringSearch,
+    last_logprobs,
+    prepare_steering,
+    refusal_score,
+    refusal_token_ids,
+)
 from ..teachers.base import Item
 
 
@@ -60,8 +67,15 @@ class Prepared:
         return self.targets if self.targets is not None else self.items
 
 
-def training_items(data: DataSettings, splits: TrainSplits, seed: int) -> list[Item]:
-    """Harmful and benign prompts from the TRAIN side of the split the evaluation holds out."""
+def training_items(
+    data: DataSettings,
+    splits: TrainSplits,
+    seed: int,
+    complies: Callable[[list[PromptRecord]], list[bool]] | None = None,
+) -> list[Item]:
+    """Harmful and benign prompts from the TRAIN side of the split the evaluation holds out; the
+    harmful side shaped by `jailbreak_share` and, with `complies` (harmful_filter: complied), only
+    the prompts the base model does not refuse."""
     items = []
     n_benign = (
         data.n_benign
@@ -74,7 +88,15 @@ def training_items(data: DataSettings, splits: TrainSplits, seed: int) -> list[I
     ):
         if n <= 0:
             continue
-        picked = take(splits.of(source), n, seed=seed)
+        if group == "harmful" and (complies is not None or data.jailbreak_share > 0):
+            templates = (
+                chosen_templates(load_jailbreak_templates(), data.jailbreak_templates) if data.jailbreak_share else []
+            )
+            picked = harmful_pool(
+                splits.of(source), n, seed, templates=templates, share=data.jailbreak_share, complies=complies
+            )
+        else:
+            picked = take(splits.of(source), n, seed=seed)
         if len(picked) < n:
             print(f"note: {source} has only {len(picked)} training prompts (asked for {n})", file=sys.stderr)
         items += [Item(r.id, r.prompt, group) for r in picked]
@@ -82,6 +104,67 @@ def training_items(data: DataSettings, splits: TrainSplits, seed: int) -> list[I
         items += borderline_items(data.borderline_source, data.n_borderline, splits, seed=seed)
     if not items:
         raise UserError("no training prompts")
+    return items
+
+
+def harmful_pool(
+    records: list[PromptRecord],
+    n: int,
+    seed: int,
+    *,
+    templates: list[dict] = (),
+    share: float = 0.0,
+    complies: Callable[[list[PromptRecord]], list[bool]] | None = None,
+    chunk: int = 16,
+) -> list[PromptRecord]:
+    """The harmful train side in the seeded order `take` uses, a `share` of it (picked by a seeded
+    hash of the id, `templates` taken in turn) wrapped in a jailbreak template; with `complies`,
+    scored a chunk at a time in that order and kept where the model complies, until n are kept (so
+    a model that refuses most pays for a few chunks, not the whole split)."""
+    ordered = take(records, None, seed=seed)
+    if share > 0:
+        wrap = choose([r.id for r in ordered], [t["id"] for t in templates], share, seed)
+        by_id = {t["id"]: t for t in templates}
+        ordered = [jailbreak_wrapped(r, by_id[wrap[r.id]]) if r.id in wrap else r for r in ordered]
+    if complies is None:
+        return ordered[:n]
+    kept: list[PromptRecord] = []
+    for start in range(0, len(ordered), chunk):
+        part = ordered[start : start + chunk]
+        kept += [r for r, ok in zip(part, complies(part), strict=True) if ok]
+        if len(kept) >= n:
+            break
+    return kept[:n]
+
+
+def complied_filter(s: Setup) -> Callable[[list[PromptRecord]], list[bool]]:
+    """harmful_filter: complied. Whether the base model does not refuse each prompt: its refusal
+    score (the log-odds of refusal openings at the first answer position, as the refusal-direction
+    pipeline's filter_data scores) below 0. Every scored prompt and its score is written to
+    harmful_filter.jsonl in the run directory, which says what was kept and why."""
+    ref_ids = refusal_token_ids(s.tok)
+    path = Path(s.out) / "harmful_filter.jsonl"
+    rows: list[dict] = []
+
+    def complies(records: list[PromptRecord]) -> list[bool]:
+        scores = refusal_score(last_logprobs(s.model, s.tok, [r.prompt for r in records], batch_size=4), ref_ids)
+        rows.extend(
+            {"id": r.id, "refusal_score": round(float(v), 4), "kept": bool(v < 0)}
+            for r, v in zip(records, scores, strict=True)
+        )
+        write_jsonl(path, rows)
+        return [bool(v < 0) for v in scores]
+
+    return complies
+
+
+def method_items(data: DataSettings, s: Setup) -> list[Item]:
+    """training_items with the run's model as the compliance filter when harmful_filter asks for it."""
+    complies = complied_filter(s) if data.harmful_filter == "complied" else None
+    items = training_items(data, s.splits, s.seed, complies)
+    if complies is not None:
+        n = sum(it.group == "harmful" for it in items)
+        print(f"harmful_filter complied: {n} harmful training prompts the base model does not refuse", file=sys.stderr)
     return items
 
 

@@ -8,7 +8,7 @@ from ..config import CopsdSettings, DataSettings, OptimSettings, RolloutSettings
 from ..methods.cross_sft import CrossSFT, calibrated_model
 from ..teachers.constitution import load_constitution
 from ..teachers.context import check_context, load_contexts
-from .base import Prepared, Setup, training_items
+from .base import Prepared, Setup, method_items
 
 
 def preflight(teacher: TeacherSettings, copsd: CopsdSettings, **_sections) -> None:
@@ -25,7 +25,7 @@ def prepare(
     rollout: RolloutSettings,
     optim: OptimSettings,
 ) -> Prepared:
-    items = training_items(data, s.splits, s.seed)
+    items = method_items(data, s)
     constitution = load_constitution(copsd.constitution)
     calibrated = None
     if copsd.cold_start == "cross_sft":

@@ -6,11 +6,11 @@ from __future__ import annotations
 from ..config import DataSettings, RolloutSettings, TeacherSettings
 from ..methods.targets import generated_targets
 from ..searches.context import choose_contexts
-from .base import Prepared, Setup, training_items
+from .base import Prepared, Setup, method_items
 
 
 def prepare(s: Setup, data: DataSettings, teacher: TeacherSettings, rollout: RolloutSettings) -> Prepared:
-    items = training_items(data, s.splits, s.seed)
+    items = method_items(data, s)
     contexts = choose_contexts(
         teacher, s.splits, s.model, s.tok, s.judge, items, s.out, seed=s.seed, progress=s.progress
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from ..config import DataSettings, TeacherSettings
 from ..searches.context import choose_contexts
-from .base import Prepared, Setup, training_items
+from .base import Prepared, Setup, method_items
 
 
 def prepare(s: Setup, data: DataSettings, teacher: TeacherSettings) -> Prepared:
-    items = training_items(data, s.splits, s.seed)
+    items = method_items(data, s)
     contexts = choose_contexts(
         teacher, s.splits, s.model, s.tok, s.judge, items, s.out, seed=s.seed, progress=s.progress
     )

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from ..config import DataSettings, SteeringSettings, TeacherSettings
 from ..searches.steering import prepare_steering
-from .base import Prepared, Setup, steering_search, training_items
+from .base import Prepared, Setup, method_items, steering_search
 
 
 def prepare(s: Setup, data: DataSettings, teacher: TeacherSettings, steering: SteeringSettings) -> Prepared:
-    items = training_items(data, s.splits, s.seed)
+    items = method_items(data, s)
     found = prepare_steering(steering_search(s, steering, teacher), s.model, s.tok, s.judge, s.out, progress=s.progress)
     return Prepared(items=items, teacher=found["steering"], vocab_ids=found["vocab_ids"])
