@@ -335,6 +335,47 @@ def test_axes_in_config_and_cli_name_the_same_axes(capsys):
     assert ",".join(AXES) in capsys.readouterr().out.replace("\n", "").replace(" ", "")
 
 
+def test_drift_of_a_merged_lora_model_unmerges_once(tmp_path, tiny_llama_dir):
+    # The final evaluation decodes with the LoRA weights merged; its drift axis unmerges them once
+    # (Reference.hold), not once per batch, merges them back after, and gives the KLs the model
+    # gives unmerged (different float rounding only).
+    with torch.random.fork_rng():  # the tests after this one draw LoRA inits from the global stream
+        _merged_lora_drift(tmp_path, tiny_llama_dir)
+
+
+def _merged_lora_drift(tmp_path, tiny_llama_dir):
+    from safedistill.eval.drift import unmerged
+    from safedistill.models import LoraSettings, add_lora
+
+    model, tok = load_model(str(tiny_llama_dir))
+    model = add_lora(model, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    model.eval()
+    judge = load_judge("heuristic")
+    section, sources = settings(tmp_path, eval_axes="overrefusal,expressiveness,drift")
+    ref = Reference(lambda: adapter_disabled(model), hold=lambda: unmerged(model))
+    plain, _ = evaluate(model, tok, judge, section, sources, model_name="tiny", progress=False, reference=ref)
+    model.merge_adapter()
+    calls = []
+    real = model.unmerge_adapter
+
+    def counted():
+        calls.append(1)
+        real()
+
+    model.unmerge_adapter = counted
+    merged, _ = evaluate(model, tok, judge, section, sources, model_name="tiny", progress=False, reference=ref)
+    assert len(calls) == 1  # per batch it was 2 x 3 sets here
+    assert any(getattr(m, "merged", False) for m in model.modules())  # merged again after
+    for name, sets in plain["drift"]["sets"].items():
+        for along, row in sets.items():
+            got = merged["drift"]["sets"][name][along]["mean"]
+            assert row["mean"] > 0 and got == pytest.approx(row["mean"], rel=1e-4), (name, along)
+
+
 def test_drift_batched_across_answer_sets_gives_the_one_row_numbers(tiny_llama_dir):
     # answer_kls sorts (set, item) rows by length and batches them; each item's KL and S share
     # must be the one it gets alone in its own forward, whatever the batch.

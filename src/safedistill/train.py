@@ -37,7 +37,7 @@ from .engine.sft import SFTStep
 from .errors import RunDiverged, UserError
 from .eval import base_cache
 from .eval.diagnostics import CollapseProbe, text_stats
-from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base
+from .eval.drift import Reference, adapter_disabled, answers_from, loaded_base, unmerged
 from .eval.evaluate import EvalSources, evaluate, parse_axes
 from .eval.judging import load_judge
 from .files import append_jsonl, atomic_write_text, read_log, write_json, write_jsonl
@@ -728,7 +728,7 @@ def drift_reference(cfg: RunConfig, out: Path, model) -> Reference:
 
     answers = answers_from(read_items(out / "generations_base.jsonl") or [])
     if cfg.lora:
-        return Reference(lambda: adapter_disabled(model), answers)
+        return Reference(lambda: adapter_disabled(model), answers, hold=lambda: unmerged(model))
     device = next(model.parameters()).device
     return Reference(loaded_base(lambda: load_model(cfg.model, device=device)[0]), answers)
 

@@ -18,7 +18,7 @@ sets, sorted by length (answer_kls).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,10 +40,13 @@ class Reference:
     """The base model for drift. `base()` is a context manager that yields it (for a LoRA model:
     the same model with its adapter disabled, see `adapter_disabled`; otherwise a loaded copy).
     `answers` maps (axis, id) to the base's own greedy answer text (generations_base.jsonl); an
-    item without one is answered by the base here."""
+    item without one is answered by the base here. `hold()` is entered once around the whole drift
+    axis (for a model with merged LoRA weights: `unmerged`, so that `base()` is a flag, not an
+    unmerge and a merge of every adapted weight per batch)."""
 
     base: Callable[[], AbstractContextManager]
     answers: dict[tuple[str, str], str] = field(default_factory=dict)
+    hold: Callable[[], AbstractContextManager] = nullcontext
 
 
 @contextmanager
@@ -55,6 +58,24 @@ def adapter_disabled(model) -> Iterator:
     try:
         with model.disable_adapter():
             yield model
+    finally:
+        if merged:
+            model.merge_adapter()
+
+
+@contextmanager
+def unmerged(model) -> Iterator:
+    """A PEFT model whose LoRA weights are merged (the final evaluation decodes merged) with them
+    unmerged for the duration and merged back after. Inside, the trained model runs the base
+    weights plus the adapter's own path and its base is the adapter switched off, so the drift
+    axis's per-batch switches cost nothing: entered per batch, adapter_disabled unmerged and
+    re-merged every adapted weight (~100M values on the default model) twice per batch, 24 times
+    in make demo's final evaluation, and each round trip rounded the weights again."""
+    merged = any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "unmerge"))
+    if merged:
+        model.unmerge_adapter()
+    try:
+        yield model
     finally:
         if merged:
             model.merge_adapter()

@@ -552,7 +552,7 @@ def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
     sets = {"expressiveness": items.benign, "overrefusal": items.overrefusal, "safety": items.harmful}
     values: dict[str, dict[str, list[float]]] = {}
     shares = None
-    with run.timed("drift"):
+    with run.timed("drift"), reference.hold():
         for name, axis in DRIFT_SETS.items():
             records = sets[axis]
             if not records:
