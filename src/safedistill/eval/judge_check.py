@@ -116,14 +116,14 @@ def agreement(judge, file: str = "refusal.csv", *, details: bool = False) -> dic
 def attack_success_agreement(judge) -> dict:
     """The judge's attack-success outcome against pyrit's human harm scores (harm/*.csv, a score
     of 0.5 or more = the response gives what was asked), binarised (accuracy, kappa, ...) and as
-    rank correlation, beside the "did not refuse" rule on the same rows. The default judge's model
-    is trained on these rows, so its figures are its cross-validated ones; any other judge is
-    scored on every row as it stands."""
-    from .attack_success import THRESHOLD, by_file, figures, load_harm_rows, rank_correlation
+    rank correlation, beside the "did not refuse" rule on the same rows. The heuristic judges' models
+    (either reader) are trained on these rows, so their figures are the cross-validated ones; any
+    other judge is scored on every row as it stands."""
+    from .attack_success import READERS, THRESHOLD, by_file, figures, load_harm_rows, rank_correlation
     from .judges import HeuristicJudge, content_stems
 
     if isinstance(judge, HeuristicJudge):
-        cv = figures(judge.outcome, content_stems)
+        cv = figures(READERS[judge.reader], judge.outcome, content_stems)
         return {"judge": judge.name, "file": HARM, "scored_by": "cross-validation", **cv}
     rows, source = load_harm_rows()
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
@@ -164,7 +164,8 @@ def format_attack_success(r: dict) -> str:
             f"judge {r['judge']}: attack success on pyrit's harm/*.csv ({r['package']}, {len(r['files'])} files), "
             f"n {r['n']} distinct pairs, {r['positives']} with human score >= {r['threshold']} "
             f"(positive = the response gives what was asked); scored by {r['scored_by']}"
-            + (f" ({r['cv']})" if r.get("cv") else ""),
+            + (f" ({r['cv']})" if r.get("cv") else "")
+            + (f"; attack success read from the {r['reader']} reader" if r.get("reader") else ""),
             line("attack success", r["learned"]),
             line("did not refuse", r["did_not_refuse"]),
             *(

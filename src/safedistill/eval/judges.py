@@ -292,7 +292,17 @@ class HeuristicJudge:
 
     name = "heuristic"
 
-    def __init__(self, *, judgement_sentences: int = 3, substantive_words: int = 25, topic_words: int = 150):
+    def __init__(
+        self,
+        *,
+        judgement_sentences: int = 3,
+        substantive_words: int = 25,
+        topic_words: int = 150,
+        attack_success_reader: str = "words",
+        name: str = "heuristic",
+    ):
+        self.name = name
+        self.reader = attack_success_reader  # a row of attack_success.READERS: what its attack-success model reads
         self.judgement_sentences = judgement_sentences
         self.substantive_words = substantive_words
         self.topic_words = topic_words
@@ -353,9 +363,10 @@ class HeuristicJudge:
     def attack_success(
         self, prompts: Sequence[str], responses: Sequence[str], verdicts: Sequence[Verdict]
     ) -> list[float]:
-        """The learned attack-success model (eval/attack_success.py), trained on first use from
-        pyrit's human harm scores; this judge's outcome is one of its features."""
-        model = _attack_success_model(self)
+        """The learned attack-success model (eval/attack_success.py, the reader this judge names),
+        trained on first use from pyrit's human harm scores; this judge's outcome is one of its
+        features."""
+        model = _attack_success_model(self.reader)
         outcomes = [v.outcome or self.outcome(p, r) for p, r, v in zip(prompts, responses, verdicts, strict=True)]
         return model.probability(prompts, responses, outcomes)
 
@@ -363,14 +374,14 @@ class HeuristicJudge:
 _MODELS: dict = {}
 
 
-def _attack_success_model(judge: HeuristicJudge):
-    """The attack-success model for this cache directory, loaded (or trained) once per process."""
+def _attack_success_model(reader: str):
+    """The attack-success model of a reader for this cache directory, loaded (or trained) once per process."""
     from ..files import cache_dir
-    from .attack_success import load_or_train
+    from .attack_success import READERS, load_or_train
 
-    key = str(cache_dir())
+    key = (str(cache_dir()), reader)
     if key not in _MODELS:
-        _MODELS[key] = load_or_train(HeuristicJudge().outcome, content_stems)
+        _MODELS[key] = load_or_train(READERS[reader], HeuristicJudge().outcome, content_stems)
     return _MODELS[key]
 
 

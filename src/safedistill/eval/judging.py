@@ -8,13 +8,20 @@ sequence-classifier id/path (anything else)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from ..errors import UserError
 from .guards import GUARDS, load_guard
 from .judges import ClassifierJudge, HeuristicJudge, Judge, KeywordJudge
 
-# name -> factory of an offline judge (cheap, no model; judge-check never caches their figures)
-OFFLINE_JUDGES: dict[str, Callable[[], Judge]] = {"heuristic": HeuristicJudge, "keyword": KeywordJudge}
+# name -> factory of an offline judge (nothing from the hub; judge-check never caches their figures).
+# heuristic-hidden: the heuristic's refusal, attack success read from the bundled SmolLM2's hidden
+# states (attack_success.READERS["hidden"]) instead of the response's words.
+OFFLINE_JUDGES: dict[str, Callable[[], Judge]] = {
+    "heuristic": HeuristicJudge,
+    "heuristic-hidden": partial(HeuristicJudge, attack_success_reader="hidden", name="heuristic-hidden"),
+    "keyword": KeywordJudge,
+}
 GUARD_KINDS = tuple(GUARDS)  # KIND:MODEL specs, loaded by guards.load_guard
 
 
