@@ -194,3 +194,19 @@ def test_sampling_takes_the_generation_configs_top_k_as_hf_generate_does(tiny):
             greedy.append(int(logits.argmax()))
     assert samples == [greedy[len(prompt) :]] * 3
     assert model.generation_config.repetition_penalty in (None, 1.0)
+
+
+def test_an_unset_top_k_is_hfs_default_50_as_the_authors_transformers_4_had_it(tiny):
+    # transformers 5 leaves unset generation fields None; the authors' transformers 4 call sampled
+    # with top-k 50 there, and a model's own value (0 = off included) wins
+    from safedistill.searches.steering import generation_defaults
+
+    model, _ = tiny
+    saved = (model.generation_config.top_k, model.generation_config.repetition_penalty)
+    try:
+        model.generation_config.top_k, model.generation_config.repetition_penalty = None, None
+        assert generation_defaults(model) == {"top_k": 50, "repetition_penalty": 1.0}
+        model.generation_config.top_k, model.generation_config.repetition_penalty = 0, 1.05
+        assert generation_defaults(model) == {"top_k": 0, "repetition_penalty": 1.05}
+    finally:
+        model.generation_config.top_k, model.generation_config.repetition_penalty = saved

@@ -456,11 +456,15 @@ def banned_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
 def generation_defaults(model) -> dict:
     """What HF `generate(do_sample=True, temperature=1, top_p=1)` adds from the model's generation
     config, as the authors' sampling call leaves them: top-k (HF's default 50) and the repetition
-    penalty (1.0 unless the model sets one, e.g. Qwen2.5's 1.05)."""
+    penalty (1.0 unless the model sets one, e.g. Qwen2.5's 1.05). transformers 5 leaves an unset
+    field None rather than the default: None means the transformers 4 default the authors ran with."""
     config = getattr(model, "generation_config", None)
-    top_k = getattr(config, "top_k", 50)
-    penalty = getattr(config, "repetition_penalty", 1.0)
-    return {"top_k": int(top_k) if top_k else 0, "repetition_penalty": float(penalty or 1.0)}
+    top_k = getattr(config, "top_k", None)
+    penalty = getattr(config, "repetition_penalty", None)
+    return {
+        "top_k": 50 if top_k is None else int(top_k),
+        "repetition_penalty": 1.0 if penalty is None else float(penalty),
+    }
 
 
 def forced_samples(
