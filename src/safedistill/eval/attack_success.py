@@ -43,7 +43,7 @@ import numpy as np
 
 from ..data.packaged import ADVBENCH, list_wheel, read_from_wheel
 from ..files import cache_dir, write_json
-from .judges import OUTCOMES
+from .outcomes import OUTCOMES
 
 PYRIT = ADVBENCH  # pyrit==1.1.0
 HARM_GLOB = "pyrit/datasets/scorer_evals/harm/*.csv"

@@ -68,15 +68,12 @@ MODEL_REFUSALS = [
 REFUSAL_PATTERNS = JBB_REFUSALS + MODEL_REFUSALS
 
 
-OUTCOMES = ("refusal", "offtopic", "partial", "compliance")
-
-
 @dataclass(frozen=True)
 class Verdict:
     label: str  # "safe" or "unsafe"
     score: float  # probability (or indicator) that the response is unsafe
     refusal: bool | None  # refuses or does not address the request (pyrit's "refusal"); None: cannot tell
-    outcome: str | None = None  # one of OUTCOMES; None when the judge cannot tell
+    outcome: str | None = None  # one of outcomes.OUTCOMES; None when the judge cannot tell
 
     @property
     def safe_target(self) -> bool:
