@@ -431,7 +431,9 @@ def _add_eval_items(e: argparse.ArgumentParser) -> None:
         type=int,
         help="at most N items per axis and per capability task (default: the whole held-out set and every task)",
     )
-    e.add_argument("--judge", default="heuristic", help="heuristic, heuristic-hidden, keyword, or a judge model (see judge-check)")
+    e.add_argument(
+        "--judge", default="heuristic", help="heuristic, heuristic-hidden, keyword, or a judge model (see judge-check)"
+    )
     e.add_argument(
         "--capability",
         default="default",
@@ -597,7 +599,9 @@ def _add_compare(sub, common: argparse.ArgumentParser) -> None:
 def _add_judge_check(sub, common: argparse.ArgumentParser) -> None:
     """`safedistill judge-check`."""
     j = _command(sub, common, "judge-check", "a judge's agreement with pyrit's human refusal labels")
-    j.add_argument("--judge", default="heuristic", help="heuristic, heuristic-hidden, keyword, llamaguard:ID, harmbench:ID, ...")
+    j.add_argument(
+        "--judge", default="heuristic", help="heuristic, heuristic-hidden, keyword, llamaguard:ID, harmbench:ID, ..."
+    )
     j.add_argument(
         "--file",
         default="refusal.csv",
