@@ -384,7 +384,11 @@ def test_drift_batched_across_answer_sets_gives_the_one_row_numbers(tiny_llama_d
     from safedistill.models import LoraSettings, add_lora
 
     model, tok = load_model(str(tiny_llama_dir))
-    model = add_lora(model, LoraSettings(r=4, alpha=8))
+    # lora_A's initial values come from the global generator: seed it, so the values compared
+    # below do not depend on what earlier tests drew
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = add_lora(model, LoraSettings(r=4, alpha=8))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -403,9 +407,12 @@ def test_drift_batched_across_answer_sets_gives_the_one_row_numbers(tiny_llama_d
     for along in answers:
         pairs = zip(records, answers[along], strict=True)
         alone = [answer_kl(model, ref, tok, [r], [a], s, batch_size=1) for r, a in pairs]
-        assert together[along] == pytest.approx([k[0][0] for k in alone], rel=1e-4, abs=1e-7)
+        # abs 1e-6: a row's logits move by ~1e-7 with its batch's composition (SDPA splits rows
+        # between threads), and the KL is a difference of log-probabilities of order 1; a batching
+        # bug (rows mixed, padding attended) moves it by 1e-3 or more
+        assert together[along] == pytest.approx([k[0][0] for k in alone], rel=1e-4, abs=1e-6)
         if along == "base":
-            assert shares["base"] == pytest.approx([k[1][0] for k in alone], rel=1e-4, abs=1e-7)
+            assert shares["base"] == pytest.approx([k[1][0] for k in alone], rel=1e-4, abs=1e-6)
     # against the textbook sum_v p_t(v) (log p_t(v) - log p_b(v)), per token, for one row
     from safedistill.engine.rollout import encode_prompts
     from safedistill.eval.drift import _logits
