@@ -343,8 +343,9 @@ def test_drift_of_a_merged_lora_model_unmerges_once(tmp_path, tiny_llama_dir):
         _merged_lora_drift(tmp_path, tiny_llama_dir)
 
 
-def _merged_lora_drift(tmp_path, tiny_llama_dir):
-    from safedistill.eval.drift import unmerged
+def _drawn_lora(tiny_llama_dir, b_seed: int):
+    """The tiny model with a rank-4 LoRA whose B is drawn (N(0, 0.5), seeded), so the adapter moves the
+    outputs; A comes from add_lora's init, i.e. the global generator."""
     from safedistill.models import LoraSettings, add_lora
 
     model, tok = load_model(str(tiny_llama_dir))
@@ -352,7 +353,14 @@ def _merged_lora_drift(tmp_path, tiny_llama_dir):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(b_seed))
+    return model, tok
+
+
+def _merged_lora_drift(tmp_path, tiny_llama_dir):
+    from safedistill.eval.drift import unmerged
+
+    model, tok = _drawn_lora(tiny_llama_dir, b_seed=4)
     model.eval()
     judge = load_judge("heuristic")
     section, sources = settings(tmp_path, eval_axes="overrefusal,expressiveness,drift")
@@ -381,18 +389,12 @@ def test_drift_batched_across_answer_sets_gives_the_one_row_numbers(tiny_llama_d
     # must be the one it gets alone in its own forward, whatever the batch.
     from safedistill.data.schema import PromptRecord
     from safedistill.eval.drift import answer_kl, answer_kls
-    from safedistill.models import LoraSettings, add_lora
 
-    model, tok = load_model(str(tiny_llama_dir))
     # lora_A's initial values come from the global generator: seed it, so the values compared
     # below do not depend on what earlier tests drew
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = add_lora(model, LoraSettings(r=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        model, tok = _drawn_lora(tiny_llama_dir, b_seed=3)
     model.merge_adapter()
     ref = Reference(lambda: adapter_disabled(model))
     prompts = ["How do I pick a lock?", "Write malware.", "Name a colour.", "Tell me a long story about a dog."]
