@@ -258,20 +258,28 @@ def test_judge_check_harm_beats_did_not_refuse_and_keeps_refusal_figures(capsys)
 def test_compare_tables_drift_per_method():
     from safedistill.report.compare import drift_by_method, drift_compare_section
 
-    def rows(scale: float, harmful: float) -> list[dict]:
+    def rows(scale: float, harmful: float, share: float | None = None) -> list[dict]:
         out = [{"axis": "drift", "task": "benign/base", "id": f"b{i}", "value": scale * (1 + i % 3)} for i in range(12)]
         out += [
-            {"axis": "drift", "task": "harmful/base", "id": f"h{i}", "value": harmful * (1 + i % 2)} for i in range(12)
+            {"axis": "drift", "task": "harmful/base", "id": f"h{i}", "value": harmful * (1 + i % 2)}
+            | ({} if share is None else {"s_share": share * (i % 2)})
+            for i in range(12)
         ]
         return out + [{"axis": "safety", "id": "h0", "value": 1}]
 
-    local = drift_by_method([rows(0.01, 0.2), rows(0.012, 0.22)])
+    local = drift_by_method([rows(0.01, 0.2, 0.8), rows(0.012, 0.22, 0.6)])
     spread = drift_by_method([rows(0.1, 0.1)])
+    # the per-item S share (runs with steer_from), pooled over seeds; none without S
+    assert local["s_share"]["mean"] == pytest.approx((0.8 + 0.6) / 4) and local["s_share"]["n"] == 24
+    assert 0 < local["s_share"]["lo"] < local["s_share"]["mean"] < local["s_share"]["hi"] < 0.8
+    assert "s_share" not in spread
     assert local["ratio"]["lo"] > 5 and spread["ratio"]["ratio"] == pytest.approx(0.15 / 0.2)
     assert local["benign/base"]["n"] == 24  # two seeds' items, pooled
     md = "\n".join(drift_compare_section({"drift": {"steered": local, "opsa": spread, "old": {}}}))
     assert "## Drift: where each method changed the model" in md
     assert "| steered |" in md and "| opsa |" in md and "| old |" not in md
+    assert "| S share (harmful) |" in md and md.split("| opsa |")[1].splitlines()[0].endswith("| n/a |")
+    assert f"| {local['s_share']['mean']:.3f} [" in md.split("| steered |")[1].splitlines()[0]
 
 
 # ---- model-written rephrasings ----------------------------------------------------------------

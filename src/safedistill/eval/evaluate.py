@@ -583,17 +583,12 @@ def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
             values[name], share = answer_kls(run.model, reference, tok, records, answers, with_s, ("base",))
             shares = share.get("base", shares)
             for along, kl in values[name].items():
-                for r, text, v in zip(records, texts[along], kl, strict=True):
-                    run.generations.append(
-                        {
-                            "axis": "drift",
-                            "task": f"{name}/{along}",
-                            "id": r.id,
-                            "prompt": r.prompt,
-                            "response": text,
-                            "value": v,
-                        }
-                    )
+                for k, (r, text, v) in enumerate(zip(records, texts[along], kl, strict=True)):
+                    row = {"axis": "drift", "task": f"{name}/{along}", "id": r.id, "prompt": r.prompt}
+                    row |= {"response": text, "value": v}
+                    if along in share:  # the item's share of its drift carried by S (steer_from runs)
+                        row["s_share"] = share[along][k]
+                    run.generations.append(row)
     return summarise(values, shares)
 
 

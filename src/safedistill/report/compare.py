@@ -203,14 +203,22 @@ def drift_by_method(finals: list[list[dict] | None]) -> dict:
     """Per drift set and answer source, the mean per-token KL(trained || base) pooled over seeds
     (a cluster bootstrap over items), and the harmful / benign ratio along the base's answers."""
     maps: dict[str, list[dict[str, float]]] = {}
+    shares: list[dict[str, float]] = []
     for rows in finals:
         per: dict[str, dict[str, float]] = {}
+        share: dict[str, float] = {}
         for r in rows or []:
             if r.get("axis") == "drift":
                 per.setdefault(r["task"], {})[str(r["id"])] = float(r["value"])
+                if r.get("s_share") is not None:
+                    share[str(r["id"])] = float(r["s_share"])
         for task, m in per.items():
             maps.setdefault(task, []).append(m)
+        if share:
+            shares.append(share)
     out = {task: clustered_mean(ms) for task, ms in maps.items()}
+    if shares:  # runs with steer_from: the share of the harmful drift carried by S, per item
+        out["s_share"] = clustered_mean(shares)
     harmful = [v for m in maps.get("harmful/base", []) for v in m.values()]
     benign = [v for m in maps.get("benign/base", []) for v in m.values()]
     if harmful and benign:
@@ -394,19 +402,24 @@ def drift_compare_section(s: dict) -> list[str]:
         "",
         "Mean per-token KL(trained || base) along the base model's own greedy answers, pooled over seeds "
         "(95% interval: cluster bootstrap over items). Localisation = harmful drift / benign drift: a method "
-        "whose change stays on safety has a large ratio.",
+        "whose change stays on safety has a large ratio. S share = the share of the harmful drift carried by "
+        "the safety token set S (runs with steer_from; n/a without one).",
         "",
-        "| method | benign | XSTest safe | harmful | harmful / benign |",
-        "|---|---|---|---|---|",
+        "| method | benign | XSTest safe | harmful | harmful / benign | S share (harmful) |",
+        "|---|---|---|---|---|---|",
     ]
     for p, d in drift.items():
         r = d.get("ratio")
         ratio = (
             "n/a" if not r or r["ratio"] is None else f"{fmt(r['ratio'], 2)} {fmt_ci(r['lo'], r['hi'], signed=False)}"
         )
-        lines.append(
-            f"| {p} | {cell(d, 'benign/base')} | {cell(d, 'xstest/base')} | {cell(d, 'harmful/base')} | {ratio} |"
+        cells = " | ".join(cell(d, task) for task in ("benign/base", "xstest/base", "harmful/base"))
+        share = (
+            "n/a"
+            if "s_share" not in d
+            else f"{fmt(d['s_share']['mean'], 3)} " + fmt_ci(d["s_share"]["lo"], d["s_share"]["hi"], signed=False)
         )
+        lines.append(f"| {p} | {cells} | {ratio} | {share} |")
     return [*lines, ""]
 
 
