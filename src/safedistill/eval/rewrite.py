@@ -3,11 +3,11 @@
 The prompts, the cleaning of an answer and the checks that drop a copy live in data/rephrase.py,
 which imports no model code; generating with a model is this layer's: the eval's model-written
 generalisation axis (`model_rewrites`, cached by data/rephrase.model_rephrase) and the training
-augment (`rephrase_with_model`, falling back to the rule) both ask through here."""
+augment (methods/base.model_writer: the same call with its own styles' prompts, falling back to a
+rule or a fixed frame where every attempt was dropped) both ask through here."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from ..data.rephrase import (
@@ -18,8 +18,6 @@ from ..data.rephrase import (
     clean_model_rewrite,
     in_style,
     is_example_copy,
-    rephrase_text,
-    rephrased_record,
     word_overlap,
 )
 from ..data.schema import PromptRecord
@@ -28,42 +26,13 @@ from ..errors import UserError
 from ..models import chat_text
 
 
-def rephrase_with_model(
-    model,
-    tokenizer,
-    records: Sequence[PromptRecord],
-    style: str,
-    *,
-    max_new_tokens: int = 96,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> list[PromptRecord]:
-    """Rewrites by `model` (greedy) with the paper's few-shot prompt. An output that is empty, only
-    repeats the request, or keeps under half of the request's content words (a small model often
-    answers "What's the request?") falls back to the rule. `meta["rephrased_by"]` says which made
-    each."""
-    if style not in STYLES:
-        raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
-    records = list(records)
-    texts = [chat_text(tokenizer, MODEL_PROMPTS[style].format(request=r.prompt)) for r in records]
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    outs, _ = generate(model, tokenizer, texts, settings, desc=f"rephrasing ({style})", progress=progress)
-    result = []
-    for r, o in zip(records, outs, strict=True):
-        text, by = clean_model_rewrite(o.text, r.prompt), "model"
-        if not text:
-            text, by = rephrase_text(r.prompt, style), "rule"
-        new = rephrased_record(r, text, style)
-        result.append(dataclasses.replace(new, meta={**new.meta, "rephrased_by": by}))
-    return result
-
-
 def model_rewrites(
     model,
     tokenizer,
     records: Sequence[PromptRecord],
     style: str,
     *,
+    prompt: str | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 16,
     seed: int = 0,
@@ -77,13 +46,16 @@ def model_rewrites(
     in the style (data/rephrase.in_style) is dropped, never
     replaced by the rule, so the model-written axis holds only model-written items. With
     `attempts` > 1, a dropped item is asked again, sampled at `temperature` (seed + attempt), as
-    the paper draws several reformulations per request; the first kept one counts."""
-    if style not in STYLES:
+    the paper draws several reformulations per request; the first kept one counts. `prompt`: a
+    few-shot template in the same format ({request}; examples labelled 'Reformulated request: "'),
+    for a style the eval does not ask (data/augment.SHOTS); default the paper's for `style`."""
+    if prompt is None and style not in STYLES:
         raise UserError(f"rephrase style {style!r} unknown (known: {', '.join(STYLES)})")
+    template = prompt or MODEL_PROMPTS[style]
     records = list(records)
     # The answer is opened with the examples' own label, so a small model continues the pattern
-    # instead of repeating the request (Qwen2.5-0.5B copied every request without it).
-    texts = [chat_text(tokenizer, MODEL_PROMPTS[style].format(request=r.prompt)) + ANSWER_OPENING for r in records]
+    # instead of repeating the request (Qwen2.5-0.5B copied every request without it) or refusing.
+    texts = [chat_text(tokenizer, template.format(request=r.prompt)) + ANSWER_OPENING for r in records]
     rows: list[dict] = [{} for _ in records]
     for attempt in range(attempts):
         todo = [i for i, row in enumerate(rows) if not row or row["dropped"]]
@@ -99,18 +71,18 @@ def model_rewrites(
             model, tokenizer, [texts[i] for i in todo], settings, desc=f"rephrasing ({style})", progress=progress
         )
         for i, o in zip(todo, outs, strict=True):
-            rows[i] = {**_rewrite_row(records[i], style, o.text), "attempt": attempt}
+            rows[i] = {**_rewrite_row(records[i], style, o.text, template), "attempt": attempt}
     return rows
 
 
-def _rewrite_row(r: PromptRecord, style: str, raw: str) -> dict:
+def _rewrite_row(r: PromptRecord, style: str, raw: str, template: str | None = None) -> dict:
     """One model answer, cleaned and checked (model_rewrites)."""
     text = clean_model_rewrite(raw, r.prompt)
     overlap = word_overlap(text, r.prompt) if text else None
     dropped = "" if text else ("copy or lost the request" if raw.strip() else "empty")
     if text and overlap is not None and overlap >= COPY_OVERLAP:
         dropped = "copy"
-    elif text and is_example_copy(text):
+    elif text and is_example_copy(text, template):
         dropped = "copy of a prompt example"
     elif text and not in_style(text, style):
         dropped = "not in the style"

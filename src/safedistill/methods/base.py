@@ -19,18 +19,16 @@ import torch
 from ..config import AugmentSettings, DataSettings, SteeringSettings, TeacherSettings
 from ..data.augment import FRAMES, SHOTS, choose, evaluation_items, parse_styles, rewrites, rewritten
 from ..data.packaged import Manifest
-from ..data.rephrase import STYLES as REPHRASE_STYLES
-from ..data.rephrase import clean_model_rewrite
+from ..data.rephrase import rephrase_text
 from ..data.schema import Demonstration, PromptRecord
 from ..data.sources import check_trainable, chosen_templates, jailbreak_wrapped, load_jailbreak_templates
 from ..data.splits import take
 from ..data.train import TrainSplits
-from ..engine.rollout import SamplingSettings, generate
 from ..errors import UserError
-from ..eval.rewrite import rephrase_with_model
+from ..eval.rewrite import model_rewrites
 from ..files import write_jsonl
 from ..losses.masks import VOCAB_MASKS
-from ..models import chat_text, load_model
+from ..models import load_model
 from ..searches.steering import (
     SteeringSearch,
     last_logprobs,
@@ -210,10 +208,12 @@ def augment_prepared(section: AugmentSettings, setup: Setup, prepared: Prepared)
 
 
 def model_writer(name: str | None, setup: Setup) -> Callable[[list[PromptRecord], str], list[tuple[str, str]]]:
-    """(records, style) -> one (rewrite, made by) per record, written greedily by model `name` (the
-    base model when None, loaded on first use): the eval's few-shot prompts for past_tense and
-    hypothetical (its rule when the answer is unusable), data/augment.SHOTS for the other styles (a
-    fixed frame of the style when the answer is unusable)."""
+    """(records, style) -> one (rewrite, made by) per record, written by model `name` (the base model
+    when None, loaded on first use) exactly as the eval's model-written axis asks
+    (eval/rewrite.model_rewrites: the few-shot prompt, the answer opened with its label, the same
+    filters, a dropped item asked again sampled, seeded by the run's seed); the eval's prompts for
+    past_tense and hypothetical, data/augment.SHOTS for the other styles. Where every attempt was
+    dropped: the eval's rule (past_tense, hypothetical) or a fixed frame of the style."""
 
     @functools.cache
     def loaded():
@@ -223,19 +223,32 @@ def model_writer(name: str | None, setup: Setup) -> Callable[[list[PromptRecord]
 
     def write(records: list[PromptRecord], style: str) -> list[tuple[str, str]]:
         model, tok = loaded()
-        if style in REPHRASE_STYLES:
-            done = rephrase_with_model(model, tok, records, style, progress=setup.progress)
-            return [(r.prompt, r.meta.get("rephrased_by", "model")) for r in done]
-        texts = [chat_text(tok, SHOTS[style].format(request=r.prompt)) for r in records]
-        settings = SamplingSettings(max_new_tokens=96, temperature=0.0, batch_size=16)
-        outs, _ = generate(model, tok, texts, settings, desc=f"augment ({style})", progress=setup.progress)
-        cleaned = [clean_model_rewrite(o.text, r.prompt) for r, o in zip(records, outs, strict=True)]
+        rows = model_rewrites(
+            model,
+            tok,
+            records,
+            style,
+            prompt=SHOTS.get(style),
+            attempts=AUGMENT_ATTEMPTS,
+            seed=setup.seed,
+            progress=setup.progress,
+        )
         return [
-            (text, "model") if text else (FRAMES[style].format(request=r.prompt), "frame")
-            for r, text in zip(records, cleaned, strict=True)
+            (row["rewrite"], "model") if row["rewrite"] else _fallback(r.prompt, style)
+            for r, row in zip(records, rows, strict=True)
         ]
 
     return write
+
+
+AUGMENT_ATTEMPTS = 3  # as the shipped eval rewrites: greedy, then up to 2 sampled attempts
+
+
+def _fallback(prompt: str, style: str) -> tuple[str, str]:
+    """A rewrite no model attempt passed the filters for: the eval's rule, or the style's frame."""
+    if style in FRAMES:
+        return FRAMES[style].format(request=prompt), "frame"
+    return rephrase_text(prompt, style), "rule"
 
 
 def steering_search(s: Setup, steering: SteeringSettings, teacher: TeacherSettings) -> SteeringSearch:
