@@ -95,3 +95,37 @@ def test_conversion_draws_its_bar_only_on_a_terminal(tmp_path, capfd):
             assert ("de-quantizing GGUF tensors" in err) is tty, err[-300:]
     finally:
         console.set_quiet(False)
+
+
+def test_conversion_reads_the_gguf_once_and_writes_the_same_files(tmp_path, monkeypatch):
+    """transformers parses the file for the tokenizer, the config and the weights, and builds
+    gguf's tensor-name table per submodule: one conversion makes each once (the slow part of a
+    first run's conversion), and its files are byte for byte those of a conversion without that."""
+    import contextlib
+
+    from safedistill import models
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    made = {"readers": 0, "tables": 0}
+    real_reader, real_table = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def counted_reader(*args, **kwargs):
+        made["readers"] += 1
+        return real_reader(*args, **kwargs)
+
+    def counted_table(*args):
+        made["tables"] += 1
+        return real_table(*args)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted_reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counted_table)
+    convert_gguf(tmp_path / "tiny.gguf", tmp_path / "once")
+    assert made == {"readers": 1, "tables": 1}
+
+    monkeypatch.setattr(models, "_gguf_read_once", contextlib.nullcontext)
+    convert_gguf(tmp_path / "tiny.gguf", tmp_path / "each")
+    assert made["readers"] >= 3 and made["tables"] > 2, made  # what the once-only reading saves
+    files = sorted(p.name for p in (tmp_path / "each").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "once").iterdir())
+    for name in files:
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "each" / name).read_bytes(), name
