@@ -16,7 +16,7 @@ from .judges import ClassifierJudge, HeuristicJudge, Judge, KeywordJudge
 
 # name -> factory of an offline judge (nothing from the hub; judge-check never caches their figures).
 # heuristic-hidden: the heuristic's refusal, attack success read from the bundled SmolLM2's hidden
-# states (attack_success.READERS["hidden"]) instead of the response's words.
+# states by an MLP (attack_success.READERS["hidden"]) instead of from the response's words.
 OFFLINE_JUDGES: dict[str, Callable[[], Judge]] = {
     "heuristic": HeuristicJudge,
     "heuristic-hidden": partial(HeuristicJudge, attack_success_reader="hidden", name="heuristic-hidden"),
