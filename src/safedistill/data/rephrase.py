@@ -620,7 +620,10 @@ _STYLE_MARKERS = {
         r"\b(research\w*|paper|thesis|study|studies|academic\w*|scholar\w*|analy\w*|report)\b", re.I
     ),
     "role": re.compile(
-        r"\b(you are|you're|act as|acting as|play\w*|role\w*|character|pretend\w*|imagine|as an? \w+|scene)\b", re.I
+        # "as a chemist" names a role; "as an accident" does not: only a person's noun after "as a(n)"
+        r"\b(you are|you're|act as|acting as|play\w*|role\w*|character|pretend\w*|imagine|scene"
+        r"|as an? (?:expert|professional|specialist|\w+(?:er|or|ist|ian)))\b",
+        re.I,
     ),
 }
 
