@@ -71,18 +71,19 @@ def model_rewrites(
             model, tokenizer, [texts[i] for i in todo], settings, desc=f"rephrasing ({style})", progress=progress
         )
         for i, o in zip(todo, outs, strict=True):
-            rows[i] = {**_rewrite_row(records[i], style, o.text, template), "attempt": attempt}
+            rows[i] = {**_rewrite_row(records[i], style, o.text, prompt), "attempt": attempt}
     return rows
 
 
-def _rewrite_row(r: PromptRecord, style: str, raw: str, template: str | None = None) -> dict:
-    """One model answer, cleaned and checked (model_rewrites)."""
+def _rewrite_row(r: PromptRecord, style: str, raw: str, prompt: str | None) -> dict:
+    """One model answer, cleaned and checked (model_rewrites); `prompt` None: the eval's styles, whose
+    example copies are looked for in both of the paper's prompts, as before."""
     text = clean_model_rewrite(raw, r.prompt)
     overlap = word_overlap(text, r.prompt) if text else None
     dropped = "" if text else ("copy or lost the request" if raw.strip() else "empty")
     if text and overlap is not None and overlap >= COPY_OVERLAP:
         dropped = "copy"
-    elif text and is_example_copy(text, template):
+    elif text and is_example_copy(text, prompt):
         dropped = "copy of a prompt example"
     elif text and not in_style(text, style):
         dropped = "not in the style"
