@@ -149,12 +149,54 @@ def test_on_policy_items_are_rewritten_from_the_train_side_only(tiny, tiny_dir, 
     _, held = split_records(load_prompts(cfg.harmful_source), seed=cfg.split_seed)
     assert set(rows).isdisjoint(r.id for r in held)
     for it in rewritten:
-        assert it.prompt == rows[it.id.split("~")[0]]["rewrite"]
+        row = rows[it.id.split("~")[0]]
+        assert it.prompt == row["rewrite"]
+        assert it.teacher_prompt == row["original"] != it.prompt  # augment_teacher=original, the default
+    assert all(it.teacher_prompt is None for it in prepared.items if it not in rewritten)
     assert any(e.source == "augment" and e.file == "augment.jsonl" for e in manifest.entries)
     assert all(it.group == "benign" and "~" not in it.id for it in prepared.items if it not in harmful)
     plain = cfg_of(tiny_dir, sources)
     off = prepare(plain, setup_of(plain, model, tok, Manifest(), tmp_path / "off"))
     assert not any("~" in it.id for it in off.items) and not (tmp_path / "off" / "augment.jsonl").exists()
+
+
+def test_the_teacher_reads_the_original_of_a_rewrite_or_the_rewrite_itself(tiny, tiny_dir, sources, tmp_path):
+    from safedistill.models import chat_text
+    from safedistill.teachers.constitution import ConstitutionTeacher
+    from safedistill.teachers.context import ContextTeacher
+
+    model, tok = tiny
+    items = {}
+    for reads in ("original", "rewrite"):
+        cfg = cfg_of(tiny_dir, sources, augment="past_tense", augment_share=1.0, augment_teacher=reads)
+        prepared = prepare(cfg, setup_of(cfg, model, tok, Manifest(), tmp_path / reads))
+        items[reads] = [it for it in prepared.items if "~" in it.id]
+    assert [it.prompt for it in items["original"]] == [it.prompt for it in items["rewrite"]]
+    context = ContextTeacher(None, tok, {"harmful": "Refuse harmful requests."})
+    constitution = ConstitutionTeacher(None, tok, "Be safe.")
+    for orig, rew in zip(items["original"], items["rewrite"], strict=True):
+        assert rew.teacher_prompt is None and rew.teacher_view == rew.prompt
+        assert context.prompt_text(orig) == chat_text(tok, orig.teacher_prompt, system="Refuse harmful requests.")
+        assert orig.prompt not in context.prompt_text(orig) and rew.prompt in context.prompt_text(rew)
+        assert orig.teacher_prompt in constitution.prompt_text(orig) and orig.prompt not in constitution.prompt_text(
+            orig
+        )
+
+
+def test_an_augmented_run_saved_before_augment_teacher_existed_resumes_only_as_rewrite():
+    import yaml
+
+    from safedistill.config import same_settings, to_yaml
+
+    robust = load_config("opsa-robust")
+    saved = yaml.safe_load(to_yaml(robust))
+    del saved["augment_teacher"]  # its teacher read the rewrite
+    assert robust.augment_teacher == "original" and not same_settings(yaml.safe_dump(saved), robust)
+    assert same_settings(yaml.safe_dump(saved), load_config("opsa-robust", overrides=["augment_teacher=rewrite"]))
+    plain = load_config("opsa")  # augment off: the field changes nothing
+    saved = yaml.safe_load(to_yaml(plain))
+    del saved["augment_teacher"]
+    assert same_settings(yaml.safe_dump(saved), plain)
 
 
 def test_sft_targets_keep_their_response_and_benign_demonstrations_stay(tiny, tiny_dir, sources, tmp_path):

@@ -140,6 +140,13 @@ class AugmentSettings:
         None,
         "the model that writes the rewrites: null = the model being trained (before training), or a model id/alias",
     )
+    augment_teacher: Literal["original", "rewrite"] = opt(
+        "original",
+        "what the on-policy teacher reads for a rewritten prompt: original = the train prompt it was rewritten "
+        "from (privileged, like the context: the teacher scores the student's answer to the rewrite as it would "
+        "an answer to the plain request, which it refuses far more often), rewrite = the student's prompt. "
+        "SFT-style targets are written on the original either way",
+    )
 
 
 @dataclass
@@ -466,6 +473,8 @@ ADDED = {
     "cross_sft_harmful_share": (None, lambda saved: saved.get("cold_start") == "cross_sft"),
     # Weights loaded in float32 before `dtype` existed; auto means bf16 only on a CUDA device with bf16.
     "dtype": ("fp32", lambda saved: _auto_dtype_is_bf16(saved.get("device") or "auto")),
+    # the teacher read the rewrite itself before augment_teacher existed
+    "augment_teacher": ("rewrite", lambda saved: bool(saved.get("augment"))),
 }
 
 

@@ -155,14 +155,21 @@ def _read(path: Path) -> dict[tuple, dict]:
     return out
 
 
-def rewritten(items: list, rows: dict[str, dict]) -> list:
+def rewritten(items: list, rows: dict[str, dict], *, teacher_reads: str = "rewrite") -> list:
     """`items` (Items or Demonstrations) with the chosen ones' prompt replaced by their rewrite and
-    their id marked with the style (so no cache keyed by id mixes the two prompts)."""
+    their id marked with the style (so no cache keyed by id mixes the two prompts). With
+    teacher_reads="original" an Item keeps its original as `teacher_prompt`: the teacher with a
+    safety context refuses plain requests far more often than their past-tense or fictional rewrites
+    (docs/opsa.md), so scoring on the rewrite would distil compliance on exactly the prompts the
+    augment is for. A Demonstration's response was written for the original already."""
     out = []
     for it in items:
         row = rows.get(it.id)
         if row is None or row.get("rewrite") is None:
             out.append(it)
-        else:
-            out.append(dataclasses.replace(it, id=f"{it.id}~{row['style']}", prompt=row["rewrite"]))
+            continue
+        changed = {"id": f"{it.id}~{row['style']}", "prompt": row["rewrite"]}
+        if teacher_reads == "original" and hasattr(it, "teacher_prompt"):
+            changed["teacher_prompt"] = it.prompt
+        out.append(dataclasses.replace(it, **changed))
     return out

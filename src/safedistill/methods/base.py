@@ -204,7 +204,7 @@ def augment_prepared(section: AugmentSettings, setup: Setup, prepared: Prepared)
         )
     if prepared.targets is not None:
         return dataclasses.replace(prepared, targets=rewritten(prepared.targets, rows))
-    return dataclasses.replace(prepared, items=rewritten(prepared.items, rows))
+    return dataclasses.replace(prepared, items=rewritten(prepared.items, rows, teacher_reads=section.augment_teacher))
 
 
 def model_writer(name: str | None, setup: Setup) -> Callable[[list[PromptRecord], str], list[tuple[str, str]]]:

@@ -26,11 +26,18 @@ from ..engine.scoring import common_prefix, prefix_kv, response_logits
 
 @dataclass(frozen=True)
 class Item:
-    """One training prompt; `group` picks the teacher's context (harmful or benign side)."""
+    """One training prompt; `group` picks the teacher's context (harmful or benign side).
+    `teacher_prompt`, when set, is the request the teacher reads instead of `prompt` (augment_teacher
+    = original: a rewritten prompt's train original, privileged like the context)."""
 
     id: str
     prompt: str
     group: str
+    teacher_prompt: str | None = None
+
+    @property
+    def teacher_view(self) -> str:
+        return self.prompt if self.teacher_prompt is None else self.teacher_prompt
 
 
 class Weights(Protocol):

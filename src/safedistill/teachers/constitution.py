@@ -43,7 +43,7 @@ class ConstitutionTeacher(PrefixTeacher):
         self.constitution = constitution
 
     def prompt_text(self, item: Item) -> str:
-        return chat_text(self.tokenizer, wrap(self.constitution, item.prompt))
+        return chat_text(self.tokenizer, wrap(self.constitution, item.teacher_view))
 
 
 def constitution_teacher(base, tokenizer, *, constitution: str, calibrated=None) -> ConstitutionTeacher:

@@ -30,7 +30,7 @@ class ContextTeacher(PrefixTeacher):
         self.contexts = contexts
 
     def prompt_text(self, item: Item) -> str:
-        return chat_text(self.tokenizer, item.prompt, system=self.contexts.get(item.group))
+        return chat_text(self.tokenizer, item.teacher_view, system=self.contexts.get(item.group))
 
 
 def load_contexts(spec: str = "builtin") -> list[dict]:

@@ -91,7 +91,8 @@ def ablate(model, direction: torch.Tensor) -> Iterator:
 
 class SteeringTeacher:
     """Base model with `scale * vector` added at one layer's input (activation steering). It sees
-    the same prompt as the student; only the hidden states differ."""
+    the same prompt as the student (a rewritten prompt's original with augment_teacher=original);
+    only the hidden states differ."""
 
     def __init__(self, base, tokenizer, *, layer: int, vector: torch.Tensor, scale: float = 1.0):
         self.base, self.tokenizer, self.reference = base, tokenizer, base
@@ -99,7 +100,7 @@ class SteeringTeacher:
 
     @torch.no_grad()
     def logits(self, student, items: Sequence[Item], responses: Sequence[Sequence[int]]) -> torch.Tensor:
-        prompts = encode_prompts(self.tokenizer, [chat_text(self.tokenizer, it.prompt) for it in items])
+        prompts = encode_prompts(self.tokenizer, [chat_text(self.tokenizer, it.teacher_view) for it in items])
         with self.base.weights(student) as model, steer(model, self.layer, self.vector, self.scale):
             logits, _ = response_logits(model, prompts, responses, pad_id=self.tokenizer.pad_token_id)
         return logits
