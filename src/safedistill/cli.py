@@ -458,7 +458,7 @@ def _add_eval_items(e: argparse.ArgumentParser) -> None:
         default="xstest-safe",
         help="xstest-safe (XSTest's 250), overrefusal (built-in) or a JSONL path",
     )
-    e.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    e.add_argument("--batch-size", type=int, default=128, help="prompts decoded together")
     axes = "safety,generalization,jailbreak,overrefusal,capability,expressiveness,drift"  # eval/evaluate.py AXES
     e.add_argument("--axes", default="all", help=f"all, or a subset of {axes} (drift needs --adapter)")
     e.add_argument("--rephraser", default="rule", help="rule, model (shipped rewrites, then --model) or model:NAME")

@@ -360,7 +360,10 @@ class EvalSection:
         64, "greedy tokens per answer on the safety, jailbreak and over-refusal axes: refusals show in the first ones"
     )
     expressiveness_max_new_tokens: int = opt(96, "greedy tokens per answer on the expressiveness axis")
-    eval_batch_size: int = opt(32, "prompts the evaluation decodes together (not the training batch_size)")
+    eval_batch_size: int = opt(
+        128,
+        "prompts the evaluation decodes together (not the training batch_size; capability scores at most 32 at once)",
+    )
     diagnostics_every: int = opt(4, "collapse probe (student and teacher samples) every N steps; 0: never")
     diagnostics_prompts: int = opt(4, "held-out benign and benign-sensitive prompts per probe (each)")
 
@@ -439,9 +442,10 @@ PLUG_FIELDS = (
 )
 # Fields older run directories saved that no longer exist, with the value that means "unused".
 RETIRED = {"extra": {}}
-# How a run is spread over processes, not what it computes (N processes compute what one does):
-# a run may resume, or be reused, with other values.
-PLACEMENT = ("parallel", "process_timeout")
+# How a run is spread over processes or batches, not what it computes (N processes compute what one
+# does; a row's greedy answer is the same in a batch of 32 or 128, up to float rounding): a run may
+# resume, or be reused, with other values.
+PLACEMENT = ("parallel", "process_timeout", "eval_batch_size")
 # Before `method` existed a run's method followed from (trainer, teacher) for on-policy runs and
 # (trainer, targets) for SFT runs; a run directory saved then ran the method this rule names.
 INFERRED_METHOD = {

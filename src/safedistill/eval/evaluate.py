@@ -340,6 +340,7 @@ class EvalRun:
         )
         self.generations: list[dict] = []
         self.rollouts: dict[str, list] = {}  # axis (or rephrasing) -> its greedy answers, in item order
+        self.ready: dict[str, tuple[list[str], int, list]] = {}  # decoded ahead: key -> (ids, max_new, rollouts)
         self.seconds: dict[str, float] = {}
         self.new_tokens, self.decode_seconds = 0, 0.0
 
@@ -349,10 +350,37 @@ class EvalRun:
         yield
         self.seconds[axis] = time.perf_counter() - began
 
+    def prefetch(self, requests: list[tuple[str, list[PromptRecord]]], max_new: int) -> None:
+        """Decode the prompts of several axes, (key, records) each, that share an answer length in
+        one generation call ahead of the axes that read them (`decode` hands them out). On this
+        2-core CPU a decode step of the default model costs 162 ms at 32 rows and 395 ms at 128
+        (docs/performance.md, round 6): four axes of 30 rows decoded one by one took ~1.6x the
+        time of their 120 rows together. Greedy answers; a row's numbers may round differently in
+        another batch (docs/performance.md, round 4), which make demo's answers do not show."""
+        requests = [(key, records) for key, records in requests if records]
+        if len(requests) < 2:
+            return
+        with self.timed("decode " + ",".join(key for key, _ in requests)):
+            rows = [(key, r) for key, records in requests for r in records]
+            rollouts = self._generate(
+                [(r.id, r.prompt) for _, r in rows], max_new, None, "decoding " + ", ".join(k for k, _ in requests)
+            )
+        at = 0
+        for key, records in requests:
+            self.ready[key] = ([r.id for r in records], max_new, rollouts[at : at + len(records)])
+            at += len(records)
+
     def decode(self, axis: str, items: list[tuple[str, str]], max_new: int, groups: list[str] | None = None) -> list:
-        """Generations in item order. Items of one group (a jailbreak template) share a long
-        prefix, computed once per group; rows of all groups decode together in full batches
-        (one batch of 5 per template took six times the decode steps)."""
+        """Generations in item order (decoded ahead by `prefetch`, or here). Items of one group (a
+        jailbreak template) share a long prefix, computed once per group; rows of all groups
+        decode together in full batches (one batch of 5 per template took six times the decode
+        steps)."""
+        ids, length, ready = self.ready.pop(axis, (None, None, None))
+        if ready is not None and groups is None and length == max_new and ids == [name for name, _ in items]:
+            return ready
+        return self._generate(items, max_new, groups, axis)
+
+    def _generate(self, items: list[tuple[str, str]], max_new: int, groups: list[str] | None, desc: str) -> list:
         s = SamplingSettings(**{**asdict(self.sampling), "max_new_tokens": max_new})
         texts = [chat_text(self.tokenizer, prompt) for _, prompt in items]
         rollouts, stats = generate(
@@ -362,7 +390,7 @@ class EvalRun:
             s,
             names=[name for name, _ in items],
             groups=groups,
-            desc=axis,
+            desc=desc,
             progress=self.progress,
         )
         self.new_tokens += stats.new_tokens
@@ -446,6 +474,11 @@ def overrefusal_axis(run: EvalRun, records: list[PromptRecord]) -> dict:
         }
 
 
+# Most rows the capability tasks score together: their forwards keep [rows, tokens, vocabulary]
+# log-probabilities, and this is the batch they were scored in before eval_batch_size went to 128.
+CAPABILITY_BATCH = 32
+
+
 def capability_axis(run: EvalRun, basket: list[tuple[str, int | None]], manifest: Manifest) -> dict:
     """The capability basket: per-task scores with intervals and the chance-corrected index."""
     with run.timed("capability"):
@@ -454,7 +487,7 @@ def capability_axis(run: EvalRun, basket: list[tuple[str, int | None]], manifest
             run.tokenizer,
             basket,
             eval_seed=run.settings.eval_seed,
-            batch_size=run.settings.eval_batch_size,
+            batch_size=min(run.settings.eval_batch_size, CAPABILITY_BATCH),
             manifest=manifest,
             progress=run.progress,
         )
@@ -592,6 +625,20 @@ def drift_axis(run: EvalRun, items: EvalItems, reference: Reference) -> dict:
     return summarise(values, shares)
 
 
+def plain_requests(items: EvalItems) -> list[tuple[str, list[PromptRecord]]]:
+    """The axes of eval_max_new_tokens whose prompts share no long prefix, as EvalRun.prefetch
+    takes them: the harmful prompts, their rephrasings and over-refusal. The jailbreak axis decodes
+    on its own (its templates' prefixes would widen every row of a shared batch), expressiveness
+    too (longer answers)."""
+    axes = items.axes
+    requests = [("safety", items.harmful)] if "safety" in axes else []
+    if "generalization" in axes:
+        requests += list(items.rephrased.items())
+    if "overrefusal" in axes:
+        requests.append(("overrefusal", items.overrefusal))
+    return requests
+
+
 def summary(results: dict, run: EvalRun, items: EvalItems, start: float, settings: dict) -> dict:
     """The composite score, the judge's agreement, settings, data files, timing and counts."""
     both = "safety" in results and "overrefusal" in results
@@ -640,6 +687,7 @@ def evaluate(
         "judge": judge.name,
     }
     axes = items.axes
+    run.prefetch(plain_requests(items), settings.eval_max_new_tokens)
     if "safety" in axes:
         results["safety"] = safety_axis(run, "safety", items.harmful)
         if items.safety_ids:

@@ -52,14 +52,15 @@ def flip_rates(
     contexts: Sequence[dict],
     *,
     max_new_tokens: int = 40,
-    batch_size: int = 64,
+    batch_size: int = 128,
     progress: bool = True,
     desc: str = "flip rate",
 ) -> list[dict]:
     """Per harmful-side context: flip rate and the rest, best first (flip rate, then less benign
     refusal, then id). Every context's harmful and benign prompts are one batched generation call:
     each context's prefix is computed once and rows of several contexts share a batch (one call
-    of 24 rows per context decoded a third of the rows per weight read that a batch of 64 does);
+    of 24 rows per context decoded a third of the rows per weight read that a batch of 64 does;
+    on the 2-core CPU a decode step of 128 rows costs 1.75x one of 64, docs/performance.md round 6);
     with no benign prompts, benign_refusal_rate is None."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
 
