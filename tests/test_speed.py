@@ -210,3 +210,14 @@ def test_plain_eval_axes_decode_in_one_call_with_the_same_answers(tmp_path, tiny
     assert calls == [3] + [3] * len(styles) + [1]
     assert [r["response"] for r in rows] == [r["response"] for r in one_by_one]
     assert rows == one_by_one
+
+
+def test_a_run_saved_with_another_eval_batch_is_the_same_run():
+    """eval_batch_size decides how rows are batched, not what is computed: a run directory saved with
+    the old 32 resumes and is reused under the new default, while a real setting still differs."""
+    from safedistill.config import settings_differ, to_yaml
+
+    saved = to_yaml(load_config("opsa", overrides=["eval_batch_size=32"]))
+    assert load_config("opsa").eval_batch_size == 128
+    assert settings_differ(saved, load_config("opsa")) == []
+    assert settings_differ(saved, load_config("opsa", overrides=["eval_max_new_tokens=32"])) == ["eval_max_new_tokens"]

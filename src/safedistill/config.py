@@ -837,7 +837,7 @@ def settings_differ(saved_yaml: str, c: RunConfig) -> list[str]:
     """The fields where a run directory's saved config.yaml and `c` disagree. A field the saved
     file lacks was added after that run was written: it agrees when `c` keeps its default (or, for
     a field in ADDED, the behaviour that run had); a retired field agrees at its unused value;
-    `base` is lineage and PLACEMENT how processes share the work, not settings."""
+    `base` is lineage and PLACEMENT how processes and batches share the work, not settings."""
     saved = yaml.safe_load(saved_yaml) or {}
     current = dataclasses.asdict(c)
     defaults = dataclasses.asdict(RunConfig())
